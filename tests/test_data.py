@@ -1,0 +1,499 @@
+"""Tests for app.data: sources, partitions, server/client split and DataSpec."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.data import (
+    CIFAR10_CLASSES,
+    DATASETS,
+    GRID_MEANS,
+    GRID_STD,
+    PARTITIONS,
+    RING_MEANS,
+    RING_STD,
+    SERVER_DATA,
+    ArrayDataset,
+    DataError,
+    DataSpec,
+    client_dataset,
+    load_dataset,
+    mode_means,
+    partition_indices,
+    partition_summary,
+    server_dataset,
+    split_server_clients,
+    test_dataset,
+)
+
+CIFAR_ZIP = Path("/work/shared/data/cifar10_jpeg.zip")
+
+
+def _assert_partition_of(parts, n):
+    """Every index 0..n-1 appears in exactly one part."""
+    allidx = np.concatenate(parts)
+    assert allidx.size == n
+    assert np.array_equal(np.sort(allidx), np.arange(n))
+
+
+def _assert_sorted_int64(parts):
+    for p in parts:
+        assert p.dtype == np.int64
+        assert np.all(np.diff(p) > 0)
+
+
+# ---------------------------------------------------------------------------
+# constants and the container
+# ---------------------------------------------------------------------------
+
+
+def test_public_constants():
+    assert DATASETS == ("digits", "ring", "grid", "mnist", "cifar10", "imagefolder")
+    assert PARTITIONS == ("iid", "fraction", "dirichlet", "classes", "full")
+    assert SERVER_DATA == ("heldout", "full", "none")
+    assert issubclass(DataError, ValueError)
+
+
+def test_array_dataset_helpers():
+    ds = ArrayDataset(
+        x=torch.arange(12, dtype=torch.float32).reshape(6, 2),
+        y=torch.tensor([0, 1, 1, 2, 2, 2]),
+        num_classes=4,
+        name="toy",
+    )
+    assert len(ds) == 6 and not ds.is_image and ds.sample_shape == (2,)
+    assert ds.label_histogram().tolist() == [1, 2, 3, 0]
+    sub = ds.subset(np.array([5, 0]))
+    assert sub.y.tolist() == [2, 0] and sub.x[0].tolist() == [10.0, 11.0]
+    assert sub.name == "toy" and sub.num_classes == 4 and sub.skipped == 0
+    assert len(ds.subset(torch.tensor([True, False, True, False, False, False]))) == 2
+    assert "toy" in repr(ds)
+    with pytest.raises(ValueError):
+        ArrayDataset(x=torch.zeros(3, 2), y=torch.zeros(2, dtype=torch.int64),
+                     num_classes=1, name="bad")
+
+
+# ---------------------------------------------------------------------------
+# digits and the toy mixtures
+# ---------------------------------------------------------------------------
+
+
+def test_digits_shape_range_and_split():
+    train = load_dataset("digits")
+    test = load_dataset("digits", split="test")
+    assert train.is_image and train.sample_shape == (1, 16, 16)
+    assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
+    assert len(train) + len(test) == 1797
+    assert abs(len(test) / 1797 - 0.2) < 0.01
+    for ds in (train, test):
+        assert ds.x.min() >= -1.0 and ds.x.max() <= 1.0
+        assert ds.x.min() < -0.99 and ds.x.max() > 0.9  # spans the range
+        assert ds.num_classes == 10 and ds.name == "digits"
+    # stratified: every class keeps ~20 % in test
+    frac = test.label_histogram() / (train.label_histogram() + test.label_histogram())
+    assert np.all(np.abs(frac - 0.2) < 0.02)
+    # train and test hold different images (no row repeated across the split)
+    tr = {bytes(r.numpy().tobytes()) for r in train.x}
+    te = {bytes(r.numpy().tobytes()) for r in test.x}
+    assert len(tr & te) <= 2  # sklearn digits contain a few exact duplicates
+    # the split does not depend on the seed, and loads are cached
+    assert load_dataset("digits", seed=7) is train
+
+
+def test_digits_size_and_channels():
+    ds = load_dataset("digits", image_size=8, channels=3, split="test")
+    assert ds.sample_shape == (3, 8, 8)
+    assert torch.equal(ds.x[:, 0], ds.x[:, 2])
+
+
+def test_ring_modes_and_std():
+    ds = load_dataset("ring", seed=3)
+    assert len(ds) == 8000 and ds.sample_shape == (2,) and ds.num_classes == 8
+    assert ds.label_histogram().tolist() == [1000] * 8
+    means, std = mode_means("ring")
+    assert std == RING_STD == 0.02 and torch.equal(means, RING_MEANS)
+    assert torch.unique(means, dim=0).shape[0] == 8
+    assert torch.allclose(means.norm(dim=1), torch.full((8,), 2.0), atol=1e-6)
+    angles = torch.atan2(means[:, 1], means[:, 0]) % (2 * np.pi)
+    assert torch.allclose(torch.sort(angles).values,
+                          torch.arange(8) * (2 * np.pi / 8), atol=1e-5)
+    for k in range(8):
+        pts = ds.x[ds.y == k]
+        assert torch.allclose(pts.mean(0), means[k], atol=0.005)
+        assert abs(float(pts.std(0).mean()) - 0.02) < 0.002
+    test = load_dataset("ring", split="test", seed=3)
+    assert len(test) == 2000
+    assert not torch.equal(test.x[:10], ds.x[:10])
+    # the seed changes the draw; the same seed repeats it
+    assert not torch.equal(load_dataset("ring", seed=4).x, ds.x)
+
+
+def test_grid_modes():
+    ds = load_dataset("grid")
+    assert len(ds) == 25000 and ds.num_classes == 25
+    assert len(load_dataset("grid", split="test")) == 2500
+    means, std = mode_means("grid")
+    assert std == GRID_STD == 0.05 and torch.equal(means, GRID_MEANS)
+    assert set(means[:, 0].tolist()) == {-4.0, -2.0, 0.0, 2.0, 4.0}
+    assert torch.unique(means, dim=0).shape[0] == 25
+    err = (ds.x - means[ds.y]).std()
+    assert abs(float(err) - 0.05) < 0.003
+    with pytest.raises(DataError):
+        mode_means("digits")
+
+
+def test_unknown_dataset_and_bad_args():
+    with pytest.raises(DataError, match="nope"):
+        load_dataset("nope")
+    with pytest.raises(DataError, match="split"):
+        load_dataset("digits", split="valid")
+    with pytest.raises(DataError, match="channels"):
+        load_dataset("digits", channels=2)
+
+
+# ---------------------------------------------------------------------------
+# partitions
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_labels():
+    return load_dataset("digits").y.numpy()
+
+
+def test_iid_covers_everything_once(digit_labels):
+    parts = partition_indices(digit_labels, 7, "iid", seed=1)
+    assert len(parts) == 7
+    _assert_partition_of(parts, digit_labels.size)
+    _assert_sorted_int64(parts)
+    sizes = [p.size for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert not np.array_equal(parts[0], np.arange(parts[0].size))  # shuffled
+
+
+def test_full_gives_everyone_everything(digit_labels):
+    parts = partition_indices(digit_labels, 3, "full")
+    for p in parts:
+        assert np.array_equal(p, np.arange(digit_labels.size))
+
+
+def test_classes_partition(digit_labels):
+    parts = partition_indices(digit_labels, 5, "classes", classes_per_client=2)
+    _assert_sorted_int64(parts)
+    for i, p in enumerate(parts):
+        assert set(np.unique(digit_labels[p]).tolist()) == {2 * i, 2 * i + 1}
+    _assert_partition_of(parts, digit_labels.size)  # disjoint, nothing lost
+
+    # overlapping ownership: 10 clients, 2 classes each -> each class has 2 owners
+    parts = partition_indices(digit_labels, 10, "classes", classes_per_client=2)
+    for i, p in enumerate(parts):
+        assert set(np.unique(digit_labels[p]).tolist()) == {(2 * i) % 10, (2 * i + 1) % 10}
+    _assert_partition_of(parts, digit_labels.size)
+    c0 = [np.sum(digit_labels[p] == 0) for p in (parts[0], parts[5])]
+    assert abs(c0[0] - c0[1]) <= 1
+
+
+def test_fraction_partition(digit_labels):
+    labels = digit_labels[:1430]
+    n = labels.size
+    parts = partition_indices(labels, 10, "fraction", fraction=0.1, seed=2)
+    _assert_sorted_int64(parts)
+    assert [p.size for p in parts] == [round(0.1 * n)] * 10
+    allidx = np.concatenate(parts)
+    assert np.unique(allidx).size == allidx.size  # disjoint
+    # round(0.1 * 1437) * 10 > 1437: still disjoint, each capped at n // 10
+    parts = partition_indices(digit_labels, 10, "fraction", fraction=0.1, seed=2)
+    assert [p.size for p in parts] == [digit_labels.size // 10] * 10
+    allidx = np.concatenate(parts)
+    assert np.unique(allidx).size == allidx.size
+    # too large to be disjoint: independent draws of the right size
+    n = digit_labels.size
+    parts = partition_indices(digit_labels, 4, "fraction", fraction=0.5, seed=2)
+    assert all(p.size == round(0.5 * n) for p in parts)
+    assert all(np.unique(p).size == p.size for p in parts)
+    assert np.intersect1d(parts[0], parts[1]).size > 0
+    # 1:100
+    parts = partition_indices(digit_labels, 3, "fraction", fraction=0.01)
+    assert [p.size for p in parts] == [round(0.01 * n)] * 3
+
+
+def test_dirichlet_covers_everything_once(digit_labels):
+    parts = partition_indices(digit_labels, 4, "dirichlet", dirichlet_alpha=0.3, seed=5)
+    assert len(parts) == 4
+    _assert_partition_of(parts, digit_labels.size)
+    _assert_sorted_int64(parts)
+    again = partition_indices(digit_labels, 4, "dirichlet", dirichlet_alpha=0.3, seed=5)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(num_partitions=2, method="bogus"), "bogus"),
+        (dict(num_partitions=0, method="iid"), "num_partitions"),
+        (dict(num_partitions=2, method="fraction", fraction=0.0), "fraction"),
+        (dict(num_partitions=2, method="fraction", fraction=1.5), "fraction"),
+        (dict(num_partitions=2, method="classes", classes_per_client=0), "classes_per_client"),
+        (dict(num_partitions=2, method="classes", classes_per_client=11), "classes_per_client"),
+        (dict(num_partitions=2, method="dirichlet", dirichlet_alpha=0.0), "dirichlet_alpha"),
+    ],
+)
+def test_partition_argument_errors(digit_labels, kwargs, word):
+    with pytest.raises(DataError, match=word):
+        partition_indices(digit_labels, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# server / client split
+# ---------------------------------------------------------------------------
+
+
+def test_heldout_split_is_stratified_and_disjoint(digit_labels):
+    server, pool = split_server_clients(digit_labels, "heldout", server_share=0.3, seed=1)
+    assert np.intersect1d(server, pool).size == 0
+    assert np.array_equal(np.sort(np.concatenate([server, pool])),
+                          np.arange(digit_labels.size))
+    for c in range(10):
+        total = np.sum(digit_labels == c)
+        assert abs(np.sum(digit_labels[server] == c) - 0.3 * total) <= 1
+
+
+def test_full_and_none_server_data(digit_labels):
+    n = digit_labels.size
+    server, pool = split_server_clients(digit_labels, "full")
+    assert np.array_equal(server, np.arange(n)) and np.array_equal(pool, np.arange(n))
+    server, pool = split_server_clients(digit_labels, "none")
+    assert server.size == 0 and server.dtype == np.int64
+    assert np.array_equal(pool, np.arange(n))
+    with pytest.raises(DataError, match="server_data"):
+        split_server_clients(digit_labels, "half")
+
+
+# ---------------------------------------------------------------------------
+# DataSpec level
+# ---------------------------------------------------------------------------
+
+
+def _row_keys(ds):
+    return {r.numpy().tobytes() for r in ds.x}
+
+
+def test_default_spec_server_and_clients_are_disjoint():
+    spec = DataSpec()
+    train = load_dataset("digits")
+    server = server_dataset(spec)
+    clients = [client_dataset(spec, i, 5) for i in range(5)]
+    assert abs(len(server) - 0.5 * len(train)) <= 10
+    assert len(server) + sum(len(c) for c in clients) == len(train)
+    for i, c in enumerate(clients):
+        assert set(np.unique(c.y.numpy()).tolist()) == {2 * i, 2 * i + 1}
+        assert c.sample_shape == (1, 16, 16)
+    # exact row bookkeeping: count each training row and check that the
+    # server and clients together use every occurrence exactly once
+    from collections import Counter
+
+    have = Counter(r.numpy().tobytes() for r in train.x)
+    used = Counter()
+    for part in [server, *clients]:
+        used.update(r.numpy().tobytes() for r in part.x)
+    assert used == have
+    assert len(_row_keys(server) & _row_keys(clients[0])) <= 2  # known duplicates
+    # cached: the same object comes back
+    assert client_dataset(spec, 1, 5) is clients[1]
+    assert server_dataset(spec) is server
+    test = test_dataset(spec)
+    assert len(test) == 360
+
+
+def test_spec_full_server_and_fraction_clients():
+    spec = DataSpec(dataset="ring", partition="fraction", fraction=0.1, server_data="full")
+    server = server_dataset(spec)
+    assert len(server) == 8000
+    clients = [client_dataset(spec, i, 10) for i in range(10)]
+    assert all(len(c) == 800 for c in clients)
+    summary = partition_summary(spec, 10)
+    assert [s["size"] for s in summary] == [800] * 10
+    assert summary[0]["partition"] == 0 and len(summary[0]["histogram"]) == 8
+    assert sum(summary[3]["histogram"]) == 800
+
+
+def test_spec_none_server_and_partition_errors():
+    spec = DataSpec(dataset="ring", partition="iid", server_data="none")
+    assert len(server_dataset(spec)) == 0
+    assert sum(len(client_dataset(spec, i, 3)) for i in range(3)) == 8000
+    with pytest.raises(DataError, match="partition_id"):
+        client_dataset(spec, 3, 3)
+    with pytest.raises(DataError, match="partition_id"):
+        client_dataset(spec, -1, 3)
+
+
+def test_partition_summary_classes():
+    summary = partition_summary(DataSpec(), 5)
+    assert [s["classes"] for s in summary] == [[2 * i, 2 * i + 1] for i in range(5)]
+    assert all(s["size"] == sum(s["histogram"]) for s in summary)
+
+
+# ---------------------------------------------------------------------------
+# image folders, zips, MNIST and CIFAR-10 layouts
+# ---------------------------------------------------------------------------
+
+
+def _write_tree(root: Path, classes, per_class, size=(20, 12), corrupt=False):
+    """Images whose red channel encodes the class index."""
+    root.mkdir(parents=True, exist_ok=True)
+    for ci, cls in enumerate(classes):
+        d = root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for j in range(per_class):
+            colour = (ci * 60, 100, 200)
+            Image.new("RGB", size, colour).save(d / f"{j:03d}.png")
+    if corrupt:
+        (root / classes[0] / "broken.jpg").write_bytes(b"not an image at all")
+    (root / "README.txt").write_text("ignored")
+
+
+def _zip_tree(src: Path, archive: Path, top: str = ""):
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src).as_posix()
+            name = f"{top}/{rel}" if top else rel
+            if path.is_dir():
+                zf.writestr(name + "/", "")
+            else:
+                zf.write(path, name)
+
+
+def test_imagefolder_tree_and_zip(tmp_path):
+    tree = tmp_path / "pets"
+    _write_tree(tree, ["cat", "dog", "emu"], per_class=3, corrupt=True)
+    ds = load_dataset(f"imagefolder:{tree}")
+    assert ds.sample_shape == (3, 32, 32) and ds.num_classes == 3
+    assert ds.skipped == 1 and len(ds) == 9
+    assert ds.label_histogram().tolist() == [3, 3, 3]
+    assert ds.x.min() >= -1 and ds.x.max() <= 1
+    # red channel identifies the class folder (sorted name order)
+    red = ((ds.x[:, 0, 0, 0] + 1) * 127.5).round()
+    assert torch.allclose(red, ds.y.float() * 60, atol=1)
+
+    grey = load_dataset(f"imagefolder:{tree}", channels=1, image_size=8)
+    assert grey.sample_shape == (1, 8, 8)
+
+    archive = tmp_path / "pets.zip"
+    _zip_tree(tree, archive, top="pets")
+    zds = load_dataset(f"imagefolder:{archive}")
+    assert zds.skipped == 1 and len(zds) == 9
+    assert torch.equal(zds.y, ds.y) and torch.allclose(zds.x, ds.x)
+    # no train/test subfolders: only a train split
+    with pytest.raises(DataError, match="test"):
+        load_dataset(f"imagefolder:{archive}", split="test")
+    # the location may also come from data_dir
+    assert len(load_dataset("imagefolder", data_dir=str(tree))) == 9
+
+
+def test_imagefolder_with_splits(tmp_path):
+    root = tmp_path / "split"
+    _write_tree(root / "train", ["a", "b"], per_class=4)
+    _write_tree(root / "test", ["a", "b"], per_class=2)
+    archive = tmp_path / "split.zip"
+    _zip_tree(root, archive)
+    for src in (root, archive):
+        train = load_dataset(f"imagefolder:{src}")
+        test = load_dataset(f"imagefolder:{src}", split="test")
+        assert len(train) == 8 and len(test) == 4
+        assert test.label_histogram().tolist() == [2, 2]
+    spec = DataSpec(dataset=f"imagefolder:{root}", partition="iid", server_share=0.5)
+    assert len(server_dataset(spec)) == 4
+    assert len(test_dataset(spec)) == 4
+
+
+def test_imagefolder_errors_name_the_path(tmp_path):
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(DataError, match=str(missing)):
+        load_dataset(f"imagefolder:{missing}")
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(DataError, match=str(empty)):
+        load_dataset(f"imagefolder:{empty}")
+    bad = tmp_path / "all_bad"
+    (bad / "x").mkdir(parents=True)
+    (bad / "x" / "a.jpg").write_bytes(b"junk")
+    with pytest.raises(DataError, match=str(bad)):
+        load_dataset(f"imagefolder:{bad}")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (4, 4)).save(flat / "lonely.png")
+    with pytest.raises(DataError, match=str(flat)):
+        load_dataset(f"imagefolder:{flat}")
+
+
+def test_cifar10_layouts_from_small_copies(tmp_path):
+    root = tmp_path / "c10"
+    _write_tree(root / "cifar10" / "train", list(CIFAR10_CLASSES), per_class=2, size=(32, 32))
+    _write_tree(root / "cifar10" / "test", list(CIFAR10_CLASSES), per_class=1, size=(32, 32))
+    archive = tmp_path / "c10.zip"
+    _zip_tree(root, archive)
+    for src in (archive, root / "cifar10"):
+        train = load_dataset("cifar10", data_dir=str(src))
+        assert train.sample_shape == (3, 32, 32) and len(train) == 20
+        assert train.label_histogram().tolist() == [2] * 10
+        assert len(load_dataset("cifar10", data_dir=str(src), split="test")) == 10
+    small = load_dataset("cifar10", data_dir=str(archive), image_size=16, limit_per_class=1)
+    assert small.sample_shape == (3, 16, 16) and len(small) == 10
+    # wrong class folders are refused
+    other = tmp_path / "other"
+    _write_tree(other / "train", ["a", "b"], per_class=1)
+    _write_tree(other / "test", ["a", "b"], per_class=1)
+    with pytest.raises(DataError, match="CIFAR-10"):
+        load_dataset("cifar10", data_dir=str(other))
+    with pytest.raises(DataError, match="nowhere"):
+        load_dataset("cifar10", data_dir=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.skipif(not CIFAR_ZIP.is_file(), reason="shared CIFAR-10 zip not present")
+def test_cifar10_shared_zip():
+    with zipfile.ZipFile(CIFAR_ZIP) as zf:
+        names = [n for n in zf.namelist() if n.endswith(".jpg")]
+    assert len(names) == 60000
+    assert {n.split("/")[2] for n in names} == set(CIFAR10_CLASSES)
+    ds = load_dataset("cifar10", data_dir=str(CIFAR_ZIP), split="test", limit_per_class=4)
+    assert ds.sample_shape == (3, 32, 32) and ds.num_classes == 10
+    assert ds.label_histogram().tolist() == [4] * 10 and ds.skipped == 0
+    assert ds.x.min() >= -1 and ds.x.max() <= 1 and ds.x.std() > 0.1
+
+
+def _write_idx(path: Path, array: np.ndarray):
+    magic = 0x0800 | {1: 0x01, 3: 0x03}[array.ndim]
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_local_raw_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 3)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    ds = load_dataset("mnist", data_dir=str(tmp_path))
+    assert ds.sample_shape == (1, 32, 32) and len(ds) == 6
+    assert ds.y.tolist() == [0, 1, 2, 3, 4, 5]
+    assert ds.x.min() >= -1 and ds.x.max() <= 1
+    assert len(load_dataset("mnist", data_dir=str(tmp_path), split="test")) == 3
+
+
+def test_mnist_failure_is_a_data_error(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("offline")
+
+    monkeypatch.setattr(tvd, "MNIST", refuse)
+    with pytest.raises(DataError, match="MNIST/raw|MNIST"):
+        load_dataset("mnist", data_dir=str(tmp_path / "m"))
