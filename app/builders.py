@@ -1,0 +1,53 @@
+"""Networks and optimizers for a run, built the same way on the server and the clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from app.config import Config
+from models.factory import build_discriminator, build_generator
+from models.losses import make_optimizer
+
+# Native geometry of each dataset: (channels, side) for images, None for 2-D points.
+_DEFAULT_GEOMETRY = {"digits": (1, 16), "mnist": (1, 32), "cifar10": (3, 32), "imagefolder": (3, 32)}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What one sample looks like: an image (channels, side, side) or a 2-D point."""
+
+    kind: str           # "dcgan" or "mlp"
+    channels: int
+    image_size: int
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.image_size, self.image_size) if self.kind == "dcgan" else (2,)
+
+
+def geometry(cfg: Config) -> Geometry:
+    """Sample geometry and network family from the config alone (no data is loaded)."""
+    name = cfg.dataset.split(":", 1)[0]
+    if name in ("ring", "grid"):
+        return Geometry("mlp", 0, 0)
+    channels, side = _DEFAULT_GEOMETRY[name]
+    return Geometry("dcgan", cfg.channels or channels, cfg.image_size or side)
+
+
+def make_generator(cfg: Config) -> nn.Module:
+    g = geometry(cfg)
+    return build_generator(g.kind, latent_dim=cfg.latent_dim, channels=g.channels, image_size=g.image_size,
+                           features=cfg.gen_features)
+
+
+def make_discriminator(cfg: Config) -> nn.Module:
+    g = geometry(cfg)
+    return build_discriminator(g.kind, channels=g.channels, image_size=g.image_size,
+                               features=cfg.disc_features, loss=cfg.loss)
+
+
+def optimizer_for(cfg: Config, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return make_optimizer(cfg.loss, module.parameters(), lr, (cfg.adam_beta1, cfg.adam_beta2))

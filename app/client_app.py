@@ -1,0 +1,70 @@
+"""The ClientApp: one handler per action; the client's data and D_i stay here.
+
+Settings come from the run config (``flwr run``) or from the Config captured by
+:func:`make_client_app` (simulation scripts, where ``context.run_config`` is empty).
+In a deployment a SuperNode may point at its own private data with
+``--node-config "data-path='/path/to/folder-or-zip'"``; the path is never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from app.builders import make_discriminator
+from app.config import Config, config_from_context, resolve_device
+from app.data import ArrayDataset, client_dataset
+from strategies.privacygan import client_discriminate
+
+
+@lru_cache(maxsize=8)
+def _parsed(items: tuple) -> Config:
+    return config_from_context(dict(items))
+
+
+def _config(fixed: Config | None, context: Context) -> Config:
+    return fixed if fixed is not None else _parsed(tuple(sorted(context.run_config.items())))
+
+
+def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]:
+    """This node's private training data and its partition id (None in a deployment without one)."""
+    node = context.node_config
+    data_path = str(node.get("data-path", "") or "")
+    if data_path:
+        # A deployment node's own folder-per-class tree (or zip): all of it is this client's.
+        spec = dataclasses.replace(cfg.data_spec(), dataset=f"imagefolder:{data_path}", partition="full",
+                                   server_data="none")
+        pid = node.get("partition-id")
+        return client_dataset(spec, 0, 1), (int(pid) if pid is not None else None)
+    pid, n = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    return client_dataset(cfg.data_spec(), pid, n), pid
+
+
+def make_client_app(config: Config | None = None) -> ClientApp:
+    """A ClientApp; ``config`` fixes the settings (else they come from the run config)."""
+    app = ClientApp()
+
+    @app.train("discriminate")
+    def discriminate(msg: Message, context: Context) -> Message:
+        cfg = _config(config, context)
+        data, pid = local_data(cfg, context)
+        device = resolve_device(cfg.device)
+        x = data.x
+
+        def sample_real(batch: int, gen: torch.Generator) -> torch.Tensor:
+            return x[torch.randint(len(x), (batch,), generator=gen)]
+
+        reply = client_discriminate(
+            msg.content, context.state, sample_real=sample_real,
+            build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.client_disc_lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid)
+        return Message(content=reply, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,254 @@
+"""The run configuration: parsed once, typed, validated.
+
+Every knob of a run is a hyphenated key of ``[tool.flwr.app.config]`` in
+``pyproject.toml`` (the working defaults) and can be overridden with
+``flwr run . --run-config "key=value ..."`` or, in the simulation scripts, with a
+YAML experiment file and command-line flags. :func:`parse_config` turns that flat
+mapping into a frozen :class:`Config`; anything unknown or out of range raises
+:class:`ConfigError` naming the key, the value and what is allowed, so a bad
+setting stops the run before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from app.data import DATASETS, PARTITIONS, SERVER_DATA, DataSpec
+from models.losses import LOSS_KINDS
+from strategies.wire import FAKE_DTYPES, FEEDBACK_DTYPES
+
+STRATEGIES = ("privacygan",)
+MODELS = ("auto", "dcgan", "mlp")
+IMAGE_SIZES = (0, 16, 32, 64)
+INITS = ("teacher", "random")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config key holds a value the run cannot use."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Typed run configuration; field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    # --- what to run -----------------------------------------------------------
+    strategy: str = "privacygan"
+    num_rounds: int = 150
+    seed: int = 0
+    device: str = "auto"
+    # --- data (app/data.py) ----------------------------------------------------
+    dataset: str = "digits"
+    data_dir: str = ""
+    image_size: int = 0
+    channels: int = 0
+    partition: str = "classes"
+    classes_per_client: int = 2
+    fraction: float = 0.1
+    dirichlet_alpha: float = 0.5
+    server_data: str = "heldout"
+    server_share: float = 0.5
+    # --- models (models/) ------------------------------------------------------
+    model: str = "auto"
+    latent_dim: int = 100
+    gen_features: int = 32
+    disc_features: int = 32
+    loss: str = "bce"
+    batch_size: int = 64
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.999
+    # --- PrivacyGAN (SPEC 4.2) -------------------------------------------------
+    alpha: float = 0.5
+    teacher_steps: int = 1500
+    teacher_path: str = ""
+    teacher_gen_lr: float = 0.0002
+    teacher_disc_lr: float = 0.0002
+    student_init: str = "teacher"
+    client_d_init: str = "random"
+    server_gen_lr: float = 0.0002
+    client_disc_lr: float = 0.0002
+    client_disc_steps: int = 1
+    steps_per_round: int = 4
+    # --- federation mechanics (SPEC 4.1) ---------------------------------------
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    min_replies: int = 1
+    round_timeout: float = 300.0
+    node_wait_timeout: float = 120.0
+    fakes_dtype: str = "float32"
+    feedback_dtype: str = "float32"
+    # --- outputs (SPEC 7) ------------------------------------------------------
+    output_dir: str = "fedgan-output"
+    run_name: str = ""
+    sample_every: int = 25
+    samples_per_client: int = 16
+    checkpoint_every: int = 50
+
+    # ---------------------------------------------------------------------------
+    def data_spec(self) -> DataSpec:
+        """The data settings as app/data.py wants them."""
+        return DataSpec(
+            dataset=self.dataset,
+            data_dir=self.data_dir,
+            image_size=self.image_size,
+            channels=self.channels,
+            partition=self.partition,
+            classes_per_client=self.classes_per_client,
+            fraction=self.fraction,
+            dirichlet_alpha=self.dirichlet_alpha,
+            server_data=self.server_data,
+            server_share=self.server_share,
+            seed=self.seed,
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat hyphenated mapping (what ``context.run_config`` holds)."""
+        return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> "Config":
+        """A validated copy with some fields changed (snake_case names)."""
+        return parse_config({**self.to_run_config(), **{key_of(k): v for k, v in changes.items()}})
+
+
+def key_of(field_name: str) -> str:
+    """Run-config key of a dataclass field: ``server_gen_lr`` -> ``server-gen-lr``."""
+    return field_name.replace("_", "-")
+
+
+_FIELDS = {key_of(f.name): f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Convert ``value`` to the type of the field's default, or raise naming the key."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"run config '{key}' = {value!r}: expected a {kind.__name__}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"run config '{key}' = {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
+        )
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"run config '{key}' = {value!r} is not allowed; it must be {allowed}")
+
+
+def parse_config(raw: Mapping[str, Any] | None = None) -> Config:
+    """Parse a flat run-config mapping (hyphenated keys) into a validated Config.
+
+    Missing keys take the defaults; unknown keys, wrong types and values out of range
+    raise :class:`ConfigError` naming the key, the value and what is allowed.
+    """
+    raw = dict(raw or {})
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            close = difflib.get_close_matches(key, list(_FIELDS), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ConfigError(f"unknown run config key '{key}' (value {value!r}){hint}")
+        f = _FIELDS[key]
+        values[f.name] = _coerce(key, value, f.default)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first invalid setting of ``cfg``."""
+    k = key_of
+    _one_of(k("strategy"), cfg.strategy, STRATEGIES)
+    _one_of(k("device"), cfg.device, DEVICES)
+    name = cfg.dataset.split(":", 1)[0]
+    _one_of(k("dataset"), name, DATASETS)
+    if name == "imagefolder":
+        _check(":" in cfg.dataset and cfg.dataset.split(":", 1)[1] != "", k("dataset"), cfg.dataset,
+               "'imagefolder:<path to a folder-per-class tree or a zip of one>'")
+    _one_of(k("partition"), cfg.partition, PARTITIONS)
+    _one_of(k("server-data"), cfg.server_data, SERVER_DATA)
+    _one_of(k("image-size"), cfg.image_size, IMAGE_SIZES)
+    _one_of(k("channels"), cfg.channels, (0, 1, 3))
+    _one_of(k("model"), cfg.model, MODELS)
+    _one_of(k("loss"), cfg.loss, LOSS_KINDS)
+    _one_of(k("student-init"), cfg.student_init, INITS)
+    _one_of(k("client-d-init"), cfg.client_d_init, INITS)
+    _one_of(k("fakes-dtype"), cfg.fakes_dtype, FAKE_DTYPES)
+    _one_of(k("feedback-dtype"), cfg.feedback_dtype, FEEDBACK_DTYPES)
+    # JRLF weight (thesis Eq. 5.9): alpha + beta = 1 with alpha in (0, 1].
+    _check(0.0 < cfg.alpha <= 1.0, k("alpha"), cfg.alpha, "in (0, 1] (beta = 1 - alpha; 1 = plain federated GAN)")
+    _check(0.0 < cfg.fraction <= 1.0, k("fraction"), cfg.fraction, "in (0, 1] (0.1 = the thesis' 1:10, 0.01 = 1:100)")
+    _check(0.0 < cfg.fraction_train <= 1.0, k("fraction-train"), cfg.fraction_train, "in (0, 1]")
+    _check(0.0 < cfg.server_share < 1.0, k("server-share"), cfg.server_share, "in (0, 1)")
+    _check(cfg.dirichlet_alpha > 0, k("dirichlet-alpha"), cfg.dirichlet_alpha, "> 0")
+    _check(0.0 <= cfg.adam_beta1 < 1.0, k("adam-beta1"), cfg.adam_beta1, "in [0, 1)")
+    _check(0.0 <= cfg.adam_beta2 < 1.0, k("adam-beta2"), cfg.adam_beta2, "in [0, 1)")
+    for name_ in ("num_rounds", "latent_dim", "gen_features", "disc_features", "batch_size", "client_disc_steps",
+                  "steps_per_round", "min_nodes", "min_replies", "samples_per_client", "classes_per_client"):
+        _check(getattr(cfg, name_) >= 1, k(name_), getattr(cfg, name_), "an integer >= 1")
+    for name_ in ("teacher_steps", "sample_every", "checkpoint_every"):
+        _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), "an integer >= 0 (0 = never)")
+    for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "client_disc_lr",
+                  "round_timeout", "node_wait_timeout"):
+        _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
+    _check(cfg.min_replies <= cfg.min_nodes, k("min-replies"), cfg.min_replies,
+           f"<= min-nodes ({cfg.min_nodes})")
+    two_d = name in ("ring", "grid")
+    _check(not (two_d and cfg.model == "dcgan"), k("model"), cfg.model, "'mlp' or 'auto' for 2-D data")
+    _check(not (not two_d and cfg.model == "mlp"), k("model"), cfg.model, "'dcgan' or 'auto' for image data")
+    _check(not (two_d and cfg.fakes_dtype == "uint8"), k("fakes-dtype"), cfg.fakes_dtype,
+           "'float32' or 'float16' for 2-D data (uint8 quantizes images in [-1, 1])")
+    _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or cfg.alpha == 1.0, k("teacher-steps"),
+           cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1")
+    _check(cfg.server_data != "none" or cfg.teacher_path != "" or cfg.teacher_steps == 0, k("server-data"),
+           cfg.server_data, "'heldout' or 'full' when the server trains a teacher")
+
+
+def config_from_context(run_config: Mapping[str, Any]) -> Config:
+    """Parse ``context.run_config``; an empty mapping gives the defaults."""
+    return parse_config(dict(run_config))
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run config 'device' = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return name
+
+
+__all__ = ["Config", "ConfigError", "parse_config", "validate", "config_from_context", "key_of",
+           "resolve_device", "STRATEGIES"]

@@ -1,0 +1,172 @@
+"""The ServerApp: parses the run config once, prepares the run folder and the teacher,
+then hands the Grid to the strategy the config names.
+
+Settings come from the run config (``flwr run``) or from the Config captured by
+:func:`make_server_app` (simulation scripts, where ``context.run_config`` is empty).
+A run that fails raises, so Flower records it as failed; its folder's summary.md says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from app.builders import geometry, make_discriminator, make_generator, optimizer_for
+from app.config import Config, config_from_context, resolve_device
+from app.data import server_dataset
+from app.runs import Progress, RunFolder
+from strategies.base import log
+from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, train_teacher
+
+
+def say(text: str) -> None:
+    """A line for the person watching the run (stdout is what `flwr run --stream` shows)."""
+    print(f"[fedgan] {text}", flush=True)
+
+
+class RunRecorder:
+    """Writes what a strategy reports into the run folder and prints progress."""
+
+    def __init__(self, folder: RunFolder, total_rounds: int) -> None:
+        self.folder = folder
+        self.start = time.monotonic()
+        self._progress = Progress(total_rounds)
+
+    def log_round(self, record: dict) -> None:
+        self.folder.log_metrics({**record, "elapsed": time.monotonic() - self.start})
+
+    def log_comm(self, rows: list[dict]) -> None:
+        self.folder.log_comm(rows)
+
+    def save_samples(self, tag: str, rows: dict) -> None:
+        self.folder.save_samples(tag, rows)
+
+    def save_checkpoint(self, name: str, obj: object) -> None:
+        self.folder.save_checkpoint(name, obj)
+
+    def progress(self, rnd: int, metrics: dict) -> None:
+        self._progress.update(rnd, metrics)
+
+
+def _attach_log_file(folder: RunFolder) -> logging.Handler:
+    handler = logging.FileHandler(folder.path / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def prepare_teacher(cfg: Config, folder: RunFolder, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Teacher phase (SPEC 4.2 step 1): load ``teacher-path`` or train on the server's data."""
+    G, D = make_generator(cfg).to(device), make_discriminator(cfg).to(device)
+    if cfg.teacher_path:
+        path = Path(cfg.teacher_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"run config 'teacher-path' = {cfg.teacher_path!r}: no such file")
+        blob = torch.load(path, map_location=device, weights_only=False)
+        G.load_state_dict(blob["g"])
+        D.load_state_dict(blob["d"])
+        say(f"teacher loaded from {path}")
+        return G, D
+    if cfg.teacher_steps == 0:
+        say("no teacher phase (alpha = 1): students start from a random generator")
+        return G, D
+    data = server_dataset(cfg.data_spec())
+    if len(data) == 0:
+        raise ValueError(f"run config 'server-data' = {cfg.server_data!r} leaves the server no data for the teacher")
+    x = data.x
+    say(f"teacher phase: {cfg.teacher_steps} steps on the server's own {len(data)} samples")
+    progress = Progress(cfg.teacher_steps, label="teacher step")
+    every = max(1, cfg.teacher_steps // 10)
+
+    def on_step(step: int, stats: dict) -> None:
+        if step % every == 0 or step == cfg.teacher_steps:
+            progress.update(step, {"g_loss": stats["g_loss"], "d_loss": stats["d_loss"]})
+
+    train_teacher(G, D, lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], steps=cfg.teacher_steps,
+                  loss=cfg.loss, gen_lr=cfg.teacher_gen_lr, disc_lr=cfg.teacher_disc_lr,
+                  betas=(cfg.adam_beta1, cfg.adam_beta2), batch_size=cfg.batch_size, seed=cfg.seed,
+                  on_step=on_step)
+    folder.save_checkpoint("teacher.pt", {"g": G.state_dict(), "d": D.state_dict(), "config": cfg.to_run_config()})
+    return G, D
+
+
+def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
+    fields = PrivacyGANSettings.__dataclass_fields__
+    return PrivacyGANSettings(**{k: getattr(cfg, k) for k in fields})
+
+
+def run(grid: Grid, cfg: Config) -> Path:
+    """Run one strategy end to end; returns the run folder. Raises if the run fails."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    folder = RunFolder.create(cfg.output_dir, cfg.strategy, cfg.dataset, cfg.to_run_config(), run_name=cfg.run_name)
+    handler = _attach_log_file(folder)
+    say(f"run folder: {folder.path}")
+    say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} alpha={cfg.alpha} "
+        f"rounds={cfg.num_rounds} steps-per-round={cfg.steps_per_round} device={device}")
+    started = time.monotonic()
+    try:
+        teacher_g, teacher_d = prepare_teacher(cfg, folder, device)
+        recorder = RunRecorder(folder, cfg.num_rounds)
+        strategy = PrivacyGAN(
+            privacygan_settings(cfg), teacher_g=teacher_g, teacher_d=teacher_d,
+            make_generator=lambda: make_generator(cfg),
+            make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
+            recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape)
+        result = strategy.run(grid)
+        folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
+        folder.write_summary(_summary(cfg, result, time.monotonic() - started, status="success"))
+    except BaseException as exc:
+        folder.write_summary(_summary(cfg, {}, time.monotonic() - started, status="failed",
+                                      error="".join(traceback.format_exception_only(type(exc), exc)).strip()))
+        say(f"run FAILED: {exc}")
+        say(f"results (partial) in {folder.path}")
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    say(f"finished in {time.monotonic() - started:.1f} s; results in {folder.path}")
+    return folder.path
+
+
+def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: str = "") -> str:
+    lines = [f"# fedgan run: {cfg.strategy} on {cfg.dataset}", "", f"- status: **{status}**",
+             f"- wall time: {seconds:.1f} s"]
+    if error:
+        lines.append(f"- error: `{error}`")
+    if result:
+        last = result.get("last", {})
+        lines += [
+            f"- rounds: {result['rounds']}, clients trained: {len(result.get('clients', {}))}",
+            f"- bytes down (server->clients): {result['bytes_down']:,}",
+            f"- bytes up (clients->server): {result['bytes_up']:,}",
+            f"- dropped replies: {result['dropped_replies']}",
+            f"- last round: g_loss {last.get('g_loss', float('nan')):.4f}, d_loss {last.get('d_loss', float('nan')):.4f}, "
+            f"D accuracy real {last.get('d_real_acc', float('nan')):.3f} / fake {last.get('d_fake_acc', float('nan')):.3f}",
+        ]
+    lines += ["", "## Configuration", "", "```", *(f"{k} = {v!r}" for k, v in cfg.to_run_config().items()), "```", ""]
+    return "\n".join(lines)
+
+
+def make_server_app(config: Config | None = None) -> ServerApp:
+    """A ServerApp; ``config`` fixes the settings (else they come from the run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = config if config is not None else config_from_context(context.run_config)
+        run(grid, cfg)
+
+    return app
+
+
+app = make_server_app()
+
+__all__ = ["app", "make_server_app", "run", "prepare_teacher", "RunRecorder"]

@@ -1,0 +1,134 @@
+"""Mechanics every strategy shares (SPEC 4.1): finding nodes, sampling them, one
+bounded ``send_and_receive`` exchange whose bad replies are dropped with a reason,
+and the recorder interface through which a strategy reports (the app implements it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from strategies.wire import BadReply, message_bytes
+
+log = logging.getLogger("fedgan")
+
+# Error codes Flower puts on error replies (notes/flower-1.42.md).
+ERROR_CODES = {2: "ClientApp raised", 3: "message unavailable", 4: "reply unavailable",
+               5: "node unavailable", 8: "ClientApp crashed"}
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (too few nodes or good replies); the message says why."""
+
+
+class Recorder(Protocol):
+    """Where a strategy sends what it measures; the app writes it to the run folder."""
+
+    def log_round(self, record: dict) -> None: ...
+    def log_comm(self, rows: list[dict]) -> None: ...
+    def save_samples(self, tag: str, rows: dict) -> None: ...
+    def save_checkpoint(self, name: str, obj: object) -> None: ...
+    def progress(self, rnd: int, metrics: dict) -> None: ...
+
+
+class NullRecorder:
+    """A recorder that keeps everything in memory (tests, scripted use)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict] = []
+        self.comm: list[dict] = []
+        self.samples: dict[str, dict] = {}
+        self.checkpoints: dict[str, object] = {}
+
+    def log_round(self, record: dict) -> None:
+        self.rounds.append(record)
+
+    def log_comm(self, rows: list[dict]) -> None:
+        self.comm.extend(rows)
+
+    def save_samples(self, tag: str, rows: dict) -> None:
+        self.samples[tag] = rows
+
+    def save_checkpoint(self, name: str, obj: object) -> None:
+        self.checkpoints[name] = obj
+
+    def progress(self, rnd: int, metrics: dict) -> None:
+        pass
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0) -> list[int]:
+    """Node ids once at least ``min_nodes`` are connected; RunFailed after ``timeout`` s.
+
+    ``grid.get_node_ids()`` can be empty at the very start of a run (SuperNodes still
+    registering), so poll with a bound rather than failing at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= min_nodes:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise RunFailed(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f} s; run config 'min-nodes' "
+                f"asks for {min_nodes}")
+        time.sleep(poll)
+
+
+def sample_nodes(nodes: list[int], fraction: float, minimum: int, rng: random.Random) -> list[int]:
+    """A uniform sample of ``max(minimum, round(fraction * n))`` nodes (all when fewer)."""
+    k = min(len(nodes), max(minimum, int(round(fraction * len(nodes)))))
+    return sorted(rng.sample(nodes, k))
+
+
+@dataclass
+class Exchange:
+    """Outcome of one exchange: good replies by node, dropped nodes with reasons, bytes."""
+
+    replies: dict[int, object] = field(default_factory=dict)   # node -> parsed reply
+    dropped: dict[int, str] = field(default_factory=dict)      # node -> reason
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+
+
+def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
+             parse: Callable[[int, Message], object]) -> Exchange:
+    """Send one message per node, wait at most ``timeout`` s, parse what comes back.
+
+    Replies are matched to nodes by ``reply_to_message_id``. A reply that is an error,
+    or that ``parse`` rejects with :class:`BadReply` (wrong shape, NaN, missing key...),
+    or that never arrives, is dropped with a logged reason; the server never crashes
+    on a client's reply.
+    """
+    out = Exchange()
+    for nid, msg in messages.items():
+        out.bytes_down[nid] = message_bytes(msg)
+    sent = list(messages.items())
+    replies: Iterable[Message] = grid.send_and_receive([m for _, m in sent], timeout=timeout)
+    by_id = {m.metadata.message_id: nid for nid, m in sent}
+    for reply in replies:
+        nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        out.bytes_up[nid] = message_bytes(reply)
+        if reply.has_error():
+            code = reply.error.code
+            out.dropped[nid] = f"error reply (code {code}: {ERROR_CODES.get(code, 'unknown')}): {reply.error.reason}"
+            continue
+        try:
+            out.replies[nid] = parse(nid, reply)
+        except BadReply as exc:
+            out.dropped[nid] = f"bad reply: {exc}"
+    for nid in messages:
+        if nid not in out.replies and nid not in out.dropped:
+            out.dropped[nid] = f"no reply within {timeout:.0f} s"
+    for nid, why in out.dropped.items():
+        log.warning("dropping node %s this round: %s", nid, why)
+    return out
+
+
+__all__ = ["RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+           "exchange", "ERROR_CODES", "log"]

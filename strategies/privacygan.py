@@ -1,0 +1,407 @@
+"""PrivacyGAN (thesis chapter 5, SPEC 4.2): a frozen teacher on the server, one student
+generator per client on the server, each student discriminator on its own client.
+
+Per round and selected client i:
+
+1. server: z ~ N(0, I); x̃ = G_i(z); send x̃ (``train.discriminate``);
+2. client: ``client-disc-steps`` updates of D_i on (its real batch, x̃); reply with the
+   labels D_i(x̃) and the feedback f_i = ∂L_G(D_i(x̃))/∂x̃ — never weights, never data;
+3. server: update G_i with the Joint Restraint Learning Function (thesis Eq. 5.9)
+
+       L = α·L_G(D_i(G_i(z))) + β·L_G(D_T(G_i(z))),   β = 1 − α,  α ∈ (0, 1]
+
+   as one backward pass through G_i with the gradient α·f_i + β·∂L_G(D_T(x̃))/∂x̃.
+   α = 1 is a plain federated GAN (the teacher term vanishes).
+
+With ``steps-per-round`` K > 1 the message carries K fake batches and the reply K
+feedbacks; feedback k was computed on fakes that G_i produced before its updates
+1..k−1 of this round, so steps 2..K use feedback that is up to K−1 generator
+steps stale (K = 1 is exact).
+
+Everything that is math lives in pure functions below (and in ``models/steps.py``); the
+:class:`PrivacyGAN` class only packs, sends, receives, unpacks and calls them.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from models.losses import generator_loss, make_optimizer
+from models.steps import (apply_feedback, discriminator_step, generator_feedback, jrlf_feedback,
+                          sample_latent, train_gan_step)
+from strategies import wire
+from strategies.base import Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
+
+
+# =====================================================================================
+# Pure math
+# =====================================================================================
+def student_update(G: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, local_feedback: torch.Tensor,
+                   teacher_d: nn.Module | None, alpha: float, loss: str) -> dict[str, float]:
+    """One JRLF step of a student generator (thesis Eq. 5.9) from a client's feedback.
+
+    ``local_feedback`` is ∂L_G(D_i(x̃))/∂x̃ as the client computed it; the teacher's
+    part ∂L_G(D_T(x̃))/∂x̃ is computed here on the frozen D_T (its buffers untouched).
+    The combined gradient α·f_i + (1−α)·f_T goes through G_i in one backward pass.
+    Returns the teacher's generator loss on x̃ (NaN when α = 1, where it is unused).
+    """
+    x = G(z)
+    teacher_loss = float("nan")
+    teacher_feedback = None
+    if alpha < 1.0:
+        if teacher_d is None:
+            raise ValueError("alpha < 1 needs a teacher discriminator")
+        labels_t, teacher_feedback = generator_feedback(teacher_d, x.detach(), loss, keep_buffers=True)
+        teacher_loss = float(generator_loss(loss, labels_t))
+    grad = jrlf_feedback(local_feedback.to(x.device), teacher_feedback, alpha)
+    opt.zero_grad(set_to_none=True)
+    x.backward(grad)
+    opt.step()
+    return {"g_loss_teacher": teacher_loss}
+
+
+def train_teacher(G: nn.Module, D: nn.Module, sample_real: Callable[[int, torch.Generator], torch.Tensor], *,
+                  steps: int, loss: str, gen_lr: float, disc_lr: float, betas: tuple[float, float],
+                  batch_size: int, seed: int, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Teacher phase: train (G_T, D_T) on the server's own data for ``steps`` G steps.
+
+    Plain centralized GAN training (the base loss of the run). Returns the last stats.
+    """
+    opt_g = make_optimizer(loss, G.parameters(), gen_lr, betas)
+    opt_d = make_optimizer(loss, D.parameters(), disc_lr, betas)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(G.parameters()).device
+    latent_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    stats: dict = {}
+    for step in range(1, steps + 1):
+        real = sample_real(batch_size, gen).to(device)
+        stats = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, generator=latent_gen)
+        if on_step is not None:
+            on_step(step, stats)
+    return stats
+
+
+def freeze(*modules: nn.Module) -> None:
+    """Teacher is frozen after its phase: no parameter ever requires grad again."""
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+# =====================================================================================
+# Client side: runs inside the ClientApp, D_i never leaves it
+# =====================================================================================
+CLIENT_STATE = "privacygan.client"   # context.state ConfigRecord holding D_i, its optimizer, its step count
+
+
+def _save_state(D: nn.Module, opt: torch.optim.Optimizer, steps: int) -> ConfigRecord:
+    buf = io.BytesIO()
+    torch.save({"d": D.state_dict(), "opt": opt.state_dict(), "steps": steps}, buf)
+    return ConfigRecord({"blob": buf.getvalue(), "d-steps-total": steps})
+
+
+def _load_state(rec: ConfigRecord, D: nn.Module, opt: torch.optim.Optimizer) -> int:
+    blob = torch.load(io.BytesIO(rec["blob"]), map_location=next(D.parameters()).device, weights_only=False)
+    D.load_state_dict(blob["d"])
+    opt.load_state_dict(blob["opt"])
+    return int(blob["steps"])
+
+
+def client_discriminate(content: RecordDict, state: RecordDict, *,
+                        sample_real: Callable[[int, torch.Generator], torch.Tensor],
+                        build_discriminator: Callable[[], nn.Module], disc_lr: float,
+                        betas: tuple[float, float], device: str, seed: int,
+                        partition_id: int | None = None) -> RecordDict:
+    """Handle one ``train.discriminate`` message on client i (SPEC 4.2 step 3).
+
+    Loads D_i from ``state`` (or creates it: random, or from the ``d_init`` weights the
+    server sends once with ``client-d-init=teacher``); for each of the K fake batches
+    runs ``client-disc-steps`` updates of D_i on (a fresh real batch, the fakes), then
+    computes labels and feedback on those fakes with the updated D_i. Saves D_i back
+    into ``state`` and returns the reply content: labels, feedback and scalar metrics.
+    """
+    cfg = content.config_records[wire.CONFIG]
+    loss = str(cfg["loss"])
+    fakes_dtype, feedback_dtype = str(cfg["fakes-dtype"]), str(cfg["feedback-dtype"])
+    disc_steps = int(cfg["client-disc-steps"])
+    fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), fakes_dtype)
+    K, B = fakes.shape[0], fakes.shape[1]
+
+    D = build_discriminator().to(device)
+    D.train()
+    opt = make_optimizer(loss, D.parameters(), disc_lr, betas)
+    fresh = CLIENT_STATE not in state.config_records
+    if not fresh:
+        steps_total = _load_state(state.config_records[CLIENT_STATE], D, opt)
+    else:
+        steps_total = 0
+        if wire.D_INIT in content.array_records:
+            D.load_state_dict(content.array_records[wire.D_INIT].to_torch_state_dict())
+
+    # Real batches are drawn from this client's data only; the draw depends on the
+    # client's own step count so reruns are reproducible.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + steps_total)
+    labels, feedback, acc = [], [], []
+    for k in range(K):
+        fake_k = fakes[k].to(device)
+        for _ in range(disc_steps):
+            real = sample_real(B, gen).to(device)
+            stats = discriminator_step(D, opt, real, fake_k, loss)
+            steps_total += 1
+            acc.append(stats)
+        # --- feedback on the fakes the server sent: labels D_i(x̃), f_i = ∂L_G/∂x̃ ---
+        lab, fb = generator_feedback(D, fake_k, loss)
+        labels.append(lab.cpu())
+        feedback.append(wire.encode_feedback(fb, feedback_dtype, B))
+
+    state.config_records[CLIENT_STATE] = _save_state(D, opt, steps_total)
+    n = len(acc)
+    metrics = {
+        "d_loss": sum(s["d_loss"] for s in acc) / n,
+        "d_real_acc": sum(s["d_real_acc"] for s in acc) / n,
+        "d_fake_acc": sum(s["d_fake_acc"] for s in acc) / n,
+        "d_steps_total": steps_total,
+        "d_fresh": int(fresh),
+    }
+    if partition_id is not None:
+        metrics["partition_id"] = int(partition_id)
+    return RecordDict({
+        wire.REPLY: wire.tensor_record(**{wire.LABELS: torch.stack(labels).float(),
+                                          wire.FEEDBACK: torch.stack(feedback)}),
+        wire.METRICS: MetricRecord(metrics),
+    })
+
+
+# =====================================================================================
+# Server side: the strategy
+# =====================================================================================
+@dataclass(frozen=True)
+class PrivacyGANSettings:
+    """What the PrivacyGAN server loop needs (the app builds it from the run config)."""
+
+    num_rounds: int = 10
+    alpha: float = 0.5
+    loss: str = "bce"
+    batch_size: int = 64
+    latent_dim: int = 100
+    steps_per_round: int = 1
+    client_disc_steps: int = 1
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    min_replies: int = 1
+    round_timeout: float = 300.0
+    node_wait_timeout: float = 120.0
+    fakes_dtype: str = "float32"
+    feedback_dtype: str = "float32"
+    student_init: str = "teacher"
+    client_d_init: str = "random"
+    sample_every: int = 25
+    samples_per_client: int = 16
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha = {self.alpha} must be in (0, 1] (thesis Eq. 5.9: alpha + beta = 1)")
+
+
+class PrivacyGAN:
+    """The PrivacyGAN server loop over a Flower :class:`Grid`.
+
+    The app passes in the trained teacher (frozen here), a factory for student
+    generators and their optimizers, and a recorder for the run folder.
+    """
+
+    def __init__(self, settings: PrivacyGANSettings, *, teacher_g: nn.Module, teacher_d: nn.Module | None,
+                 make_generator: Callable[[], nn.Module],
+                 make_gen_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 recorder: Recorder, device: str = "cpu", sample_shape: tuple[int, ...] | None = None) -> None:
+        self.s = settings
+        self.device = device
+        self.teacher_g = teacher_g.to(device)
+        self.teacher_d = teacher_d.to(device) if teacher_d is not None else None
+        freeze(self.teacher_g, *( [self.teacher_d] if self.teacher_d is not None else []))
+        if self.teacher_d is not None:
+            self.teacher_d.train()  # batch statistics as in training; buffers are never written
+        self.make_generator = make_generator
+        self.make_gen_optimizer = make_gen_optimizer
+        self.recorder = recorder
+        self.students: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
+        self.partition_of: dict[int, int] = {}
+        self.d_init_sent: set[int] = set()
+        self.comm = wire.CommLog()
+        self.rng = random.Random(settings.seed)
+        self.torch_gen = torch.Generator(device=device).manual_seed(settings.seed + 17)
+        self.fixed_z = sample_latent(settings.samples_per_client, settings.latent_dim,
+                                     generator=torch.Generator(device=device).manual_seed(settings.seed + 29),
+                                     device=device)
+        self.dropped_total = 0
+        with torch.no_grad():
+            probe = copy.deepcopy(self.teacher_g)(self.fixed_z[:2])
+        self.sample_shape = tuple(sample_shape or probe.shape[1:])
+
+    # --- students -------------------------------------------------------------------
+    def student(self, nid: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """G_i of node ``nid`` (created on first use: a copy of G_T, or random)."""
+        if nid not in self.students:
+            if self.s.student_init == "teacher":
+                G = copy.deepcopy(self.teacher_g)
+                for p in G.parameters():
+                    p.requires_grad_(True)
+            else:
+                G = self.make_generator().to(self.device)
+            G.train()
+            self.students[nid] = (G, self.make_gen_optimizer(G))
+        return self.students[nid]
+
+    def label(self, nid: int) -> str:
+        pid = self.partition_of.get(nid)
+        return f"client {pid}" if pid is not None else f"node {nid}"
+
+    # --- one round --------------------------------------------------------------------
+    def build_message(self, grid: Grid, nid: int, rnd: int) -> tuple[Message, torch.Tensor]:
+        content, z = self.build_content(nid, rnd)
+        return Message(content=content, dst_node_id=nid, message_type=wire.DISCRIMINATE, group_id=str(rnd)), z
+
+    def build_content(self, nid: int, rnd: int) -> tuple[RecordDict, torch.Tensor]:
+        """The fakes G_i(z) for node ``nid`` (K batches) and the latents they came from."""
+        K, B = self.s.steps_per_round, self.s.batch_size
+        G, _ = self.student(nid)
+        z = sample_latent(K * B, self.s.latent_dim, generator=self.torch_gen, device=self.device)
+        with torch.no_grad():
+            fakes = G(z).reshape(K, B, *self.sample_shape)
+        content = RecordDict({
+            wire.FAKES: wire.tensor_record(**{wire.FAKES: wire.encode_fakes(fakes, self.s.fakes_dtype)}),
+            wire.CONFIG: ConfigRecord({
+                "round": rnd, "loss": self.s.loss, "fakes-dtype": self.s.fakes_dtype,
+                "feedback-dtype": self.s.feedback_dtype, "client-disc-steps": self.s.client_disc_steps,
+            }),
+        })
+        if self.s.client_d_init == "teacher" and nid not in self.d_init_sent and self.teacher_d is not None:
+            content[wire.D_INIT] = ArrayRecord(self.teacher_d.state_dict())
+        return content, z.reshape(K, B, -1)
+
+    def parse_reply(self, nid: int, reply: Message) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return self.parse_content(reply.content)
+
+    def parse_content(self, content: RecordDict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Labels (K, B), decoded feedback (K, B, *sample) and metrics of a reply; BadReply if unusable."""
+        K, B = self.s.steps_per_round, self.s.batch_size
+        labels = wire.require_array(content, wire.REPLY, wire.LABELS, (K, B), "float32")
+        fb = wire.require_array(content, wire.REPLY, wire.FEEDBACK, (K, B, *self.sample_shape),
+                                self.s.feedback_dtype)
+        metrics = wire.metrics_of(content)
+        for key in ("d_loss", "d_real_acc", "d_fake_acc", "d_steps_total"):
+            if key not in metrics:
+                raise wire.BadReply(f"missing metric '{key}'")
+        return labels, wire.decode_feedback(fb, self.s.feedback_dtype, B), metrics
+
+    def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
+        t0 = time.monotonic()
+        selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
+        messages, latents = {}, {}
+        for nid in selected:
+            messages[nid], latents[nid] = self.build_message(grid, nid, rnd)
+        ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self.parse_reply)
+        self.dropped_total += len(ex.dropped)
+        for nid, (_, _, metrics) in ex.replies.items():
+            if "partition_id" in metrics:
+                self.partition_of[nid] = int(metrics["partition_id"])
+        for nid in selected:
+            self.comm.add(rnd, nid, wire.DISCRIMINATE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
+                          partition=self.partition_of.get(nid), dropped=nid in ex.dropped)
+        if len(ex.replies) < self.s.min_replies:
+            reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
+            raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
+                            f"{self.s.min_replies} ({reasons})")
+
+        clients: dict[str, dict] = {}
+        for nid, (labels, feedback, metrics) in ex.replies.items():
+            if self.s.client_d_init == "teacher":
+                self.d_init_sent.add(nid)
+            G, opt = self.student(nid)
+            z = latents[nid]
+            teacher_losses = []
+            for k in range(self.s.steps_per_round):
+                out = student_update(G, opt, z[k], feedback[k].to(self.device), self.teacher_d,
+                                     self.s.alpha, self.s.loss)
+                teacher_losses.append(out["g_loss_teacher"])
+            local = float(generator_loss(self.s.loss, labels))
+            teacher = sum(teacher_losses) / len(teacher_losses)
+            g_loss = local if self.s.alpha == 1.0 else self.s.alpha * local + (1 - self.s.alpha) * teacher
+            clients[self.label(nid)] = {
+                "node": nid, "g_loss": g_loss, "g_loss_local": local, "g_loss_teacher": teacher,
+                "d_loss": metrics["d_loss"], "d_real_acc": metrics["d_real_acc"],
+                "d_fake_acc": metrics["d_fake_acc"], "d_steps_total": int(metrics["d_steps_total"]),
+            }
+        mean = lambda key: sum(c[key] for c in clients.values()) / len(clients)  # noqa: E731
+        return {
+            "round": rnd, "round_time": time.monotonic() - t0,
+            "g_loss": mean("g_loss"), "d_loss": mean("d_loss"),
+            "d_real_acc": mean("d_real_acc"), "d_fake_acc": mean("d_fake_acc"),
+            "replies": len(ex.replies), "dropped": len(ex.dropped),
+            "dropped_reasons": {str(n): why for n, why in ex.dropped.items()},
+            "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
+            "clients": clients,
+        }
+
+    # --- outputs ----------------------------------------------------------------------
+    def samples(self) -> dict[str, torch.Tensor]:
+        """Fixed-z samples: the teacher's row, then one row per client's student."""
+        rows = {}
+        with torch.no_grad():
+            rows["teacher"] = copy.deepcopy(self.teacher_g)(self.fixed_z).cpu()
+            for nid in sorted(self.students, key=lambda n: (self.partition_of.get(n, 1 << 62), n)):
+                G, _ = self.students[nid]
+                rows[self.label(nid)] = G(self.fixed_z).cpu()
+        return rows
+
+    def checkpoint(self, rnd: int) -> dict:
+        return {
+            "round": rnd,
+            "settings": asdict(self.s),
+            "teacher_g": self.teacher_g.state_dict(),
+            "teacher_d": self.teacher_d.state_dict() if self.teacher_d is not None else None,
+            "students": {nid: {"g": G.state_dict(), "opt": opt.state_dict()} for nid, (G, opt) in self.students.items()},
+            "partition_of": dict(self.partition_of),
+            "comm": self.comm.state(),
+            "rng": self.rng.getstate(),
+            "torch_gen": self.torch_gen.get_state(),
+        }
+
+    # --- the loop ---------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        nodes = wait_for_nodes(grid, self.s.min_nodes, self.s.node_wait_timeout)
+        log.info("PrivacyGAN: %d nodes, %d rounds, alpha=%.3g, K=%d", len(nodes), self.s.num_rounds,
+                 self.s.alpha, self.s.steps_per_round)
+        last: dict = {}
+        for rnd in range(1, self.s.num_rounds + 1):
+            nodes = sorted(grid.get_node_ids()) or nodes
+            t0 = time.monotonic()
+            record = self.run_round(grid, rnd, nodes)
+            record["wall_time"] = time.monotonic() - t0
+            self.recorder.log_round(record)
+            self.recorder.log_comm(self.comm.round_rows(rnd))
+            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+            if (self.s.sample_every and rnd % self.s.sample_every == 0) or rnd == self.s.num_rounds:
+                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
+            if (self.s.checkpoint_every and rnd % self.s.checkpoint_every == 0) or rnd == self.s.num_rounds:
+                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            last = record
+        return {"rounds": self.s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
+                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
+                "clients": {self.label(n): n for n in self.students}}
+
+
+__all__ = ["PrivacyGAN", "PrivacyGANSettings", "student_update", "train_teacher", "freeze",
+           "client_discriminate", "CLIENT_STATE"]

@@ -1,0 +1,187 @@
+"""PrivacyGAN math and message handling, without the simulation engine.
+
+The server's JRLF update, computed from what a client sends back, must equal the
+autograd gradient of  α·L_G(D_i(G_i(z))) + (1−α)·L_G(D_T(G_i(z)))  taken in one process.
+"""
+
+import copy
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from models import DCGANDiscriminator, DCGANGenerator, generator_loss
+from strategies import wire
+from strategies.base import NullRecorder
+from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, _load_state,
+                                   client_discriminate, student_update)
+
+SIDE, C, NZ, F = 16, 1, 8, 8
+
+
+def nets(seed=0):
+    torch.manual_seed(seed)
+    return (DCGANGenerator(NZ, C, SIDE, F), DCGANDiscriminator(C, SIDE, F), DCGANDiscriminator(C, SIDE, F))
+
+
+def real_sampler(seed=1):
+    data = torch.rand(50, C, SIDE, SIDE) * 2 - 1
+    return lambda b, gen: data[torch.randint(len(data), (b,), generator=gen)]
+
+
+def make_strategy(G_T, D_T, **kw):
+    s = PrivacyGANSettings(latent_dim=NZ, batch_size=8, samples_per_client=4, **kw)
+    return PrivacyGAN(s, teacher_g=G_T, teacher_d=D_T, make_generator=lambda: DCGANGenerator(NZ, C, SIDE, F),
+                      make_gen_optimizer=lambda G: torch.optim.SGD(G.parameters(), lr=1.0),
+                      recorder=NullRecorder(), sample_shape=(C, SIDE, SIDE))
+
+
+def client(content, state, loss="bce", init_d=None):
+    def build():
+        torch.manual_seed(123)
+        return DCGANDiscriminator(C, SIDE, F)
+    return client_discriminate(content, state, sample_real=real_sampler(), build_discriminator=build,
+                               disc_lr=1e-3, betas=(0.5, 0.999), device="cpu", seed=0, partition_id=0)
+
+
+def client_d(state):
+    torch.manual_seed(123)
+    D = DCGANDiscriminator(C, SIDE, F)
+    _load_state(state.config_records[CLIENT_STATE], D, torch.optim.Adam(D.parameters()))
+    return D
+
+
+@pytest.mark.parametrize("loss", ["bce", "wgan"])
+@pytest.mark.parametrize("alpha", [0.3, 0.7, 1.0])
+def test_federated_jrlf_update_equals_autograd_in_one_process(loss, alpha):
+    G_T, D_T, _ = nets()
+    strat = make_strategy(G_T, D_T, alpha=alpha, loss=loss)
+    G_before = copy.deepcopy(strat.student(7)[0])
+    content, z = strat.build_content(7, 1)
+    state = RecordDict()
+    reply = client(content, state, loss)
+    labels, feedback, _ = strat.parse_content(reply)
+    G, opt = strat.student(7)
+    student_update(G, opt, z[0], feedback[0], strat.teacher_d, alpha, loss)
+
+    # reference: one process, autograd of the JRLF objective (thesis Eq. 5.9) with the same D_i, D_T, z
+    D_i = client_d(state).train()
+    ref = copy.deepcopy(G_before)
+    x = ref(z[0])
+    objective = alpha * generator_loss(loss, D_i(x))
+    if alpha < 1:
+        objective = objective + (1 - alpha) * generator_loss(loss, D_T(x))
+    grads = torch.autograd.grad(objective, list(ref.parameters()))
+    for p_fed, p0, g in zip(G.parameters(), G_before.parameters(), grads):
+        torch.testing.assert_close(p0 - p_fed, g, atol=1e-5, rtol=0)  # SGD lr=1: the step is the gradient
+    # the labels the client sent are D_i's outputs on the fakes it received
+    torch.testing.assert_close(labels[0], D_i(wire.decode_fakes(
+        wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), "float32")[0]).detach())
+
+
+def test_alpha_one_is_exactly_the_plain_federated_gan_update():
+    G_T, D_T, D_i = nets()
+    z = torch.randn(8, NZ)
+    G1 = copy.deepcopy(G_T)
+    G2 = copy.deepcopy(G_T)
+    f = torch.randn(8, C, SIDE, SIDE) * 1e-3
+    student_update(G1, torch.optim.SGD(G1.parameters(), lr=0.1), z, f, D_T, 1.0, "bce")
+    opt = torch.optim.SGD(G2.parameters(), lr=0.1)
+    x = G2(z)
+    opt.zero_grad()
+    x.backward(f)
+    opt.step()
+    for a, b in zip(G1.parameters(), G2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_alpha_outside_unit_interval_is_refused():
+    for alpha in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="alpha"):
+            PrivacyGANSettings(alpha=alpha)
+
+
+def test_teacher_never_changes_during_student_updates():
+    G_T, D_T, _ = nets()
+    strat = make_strategy(G_T, D_T, alpha=0.5)
+    before_d = copy.deepcopy(strat.teacher_d.state_dict())
+    before_g = copy.deepcopy(strat.teacher_g.state_dict())
+    state = RecordDict()
+    for rnd in range(3):
+        content, z = strat.build_content(1, rnd)
+        _, fb, _ = strat.parse_content(client(content, state))
+        G, opt = strat.student(1)
+        student_update(G, opt, z[0], fb[0], strat.teacher_d, 0.5, "bce")
+    strat.samples()
+    for k, v in strat.teacher_d.state_dict().items():
+        assert torch.equal(v, before_d[k]), k
+    for k, v in strat.teacher_g.state_dict().items():
+        assert torch.equal(v, before_g[k]), k
+    assert all(p.grad is None and not p.requires_grad for p in strat.teacher_d.parameters())
+    # ... while the student did move away from its teacher initialisation
+    assert not torch.equal(next(strat.student(1)[0].parameters()), next(strat.teacher_g.parameters()))
+
+
+def test_discriminator_state_persists_on_the_client_and_never_travels():
+    G_T, D_T, _ = nets()
+    strat = make_strategy(G_T, D_T, steps_per_round=2, client_disc_steps=3)
+    state = RecordDict()
+    d_shapes = {tuple(p.shape) for p in DCGANDiscriminator(C, SIDE, F).state_dict().values()}
+    for rnd in (1, 2, 3):
+        content, _ = strat.build_content(1, rnd)
+        reply = client(content, state)
+        _, _, metrics = strat.parse_content(reply)
+        assert metrics["d_steps_total"] == rnd * 2 * 3        # K · client-disc-steps per round
+        assert metrics["d_fresh"] == (1 if rnd == 1 else 0)
+        assert set(reply.keys()) == {wire.REPLY, wire.METRICS}
+        assert set(reply.array_records[wire.REPLY].keys()) == {wire.LABELS, wire.FEEDBACK}
+        for arr in reply.array_records[wire.REPLY].values():
+            assert tuple(arr.shape) not in d_shapes or tuple(arr.shape) == (2, 8)
+    assert state.config_records[CLIENT_STATE]["d-steps-total"] == 18
+
+
+def test_client_d_init_teacher_loads_the_teachers_weights_once():
+    G_T, D_T, _ = nets()
+    strat = make_strategy(G_T, D_T, client_d_init="teacher")
+    content, _ = strat.build_content(1, 1)
+    assert wire.D_INIT in content.array_records
+    state = RecordDict()
+    client(content, state)
+    blob = torch.load(__import__("io").BytesIO(state.config_records[CLIENT_STATE]["blob"]), weights_only=False)
+    # one D step moved it, but it started from D_T, not from the client's random init:
+    diff_teacher = sum((blob["d"][k].float() - v.float()).abs().sum() for k, v in D_T.state_dict().items()
+                       if v.is_floating_point())
+    torch.manual_seed(123)
+    fresh = DCGANDiscriminator(C, SIDE, F).state_dict()
+    diff_random = sum((blob["d"][k].float() - v.float()).abs().sum() for k, v in fresh.items()
+                      if v.is_floating_point())
+    assert diff_teacher < diff_random
+
+
+@pytest.mark.parametrize("fakes_dtype,fake_item", [("float32", 4), ("float16", 2), ("uint8", 1)])
+@pytest.mark.parametrize("feedback_dtype,fb_item", [("float32", 4), ("float16", 2)])
+def test_bytes_of_one_round_equal_hand_arithmetic(fakes_dtype, fake_item, feedback_dtype, fb_item):
+    G_T, D_T, _ = nets()
+    K, B = 3, 8
+    strat = make_strategy(G_T, D_T, steps_per_round=K, fakes_dtype=fakes_dtype, feedback_dtype=feedback_dtype)
+    content, _ = strat.build_content(1, 1)
+    n = K * B * C * SIDE * SIDE
+    config = {"round": 8, "loss": 3, "fakes-dtype": len(fakes_dtype), "feedback-dtype": len(feedback_dtype),
+              "client-disc-steps": 8}
+    down = (128 + n * fake_item + len("fakes")) + sum(len(k) + v for k, v in config.items())
+    assert wire.record_bytes(content) == down
+    reply = client(content, RecordDict())
+    metric_keys = ["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total", "d_fresh", "partition_id"]
+    up = (128 + K * B * 4 + len("labels")) + (128 + n * fb_item + len("feedback")) \
+        + sum(8 + len(k) for k in metric_keys)
+    assert wire.record_bytes(reply) == up
+
+
+def test_lossy_codecs_are_what_the_client_trains_on():
+    G_T, D_T, _ = nets()
+    strat = make_strategy(G_T, D_T, fakes_dtype="uint8")
+    content, _ = strat.build_content(1, 1)
+    raw = wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES)
+    assert raw.dtype == torch.uint8
+    assert isinstance(content.config_records[wire.CONFIG], ConfigRecord)
+    assert content.config_records[wire.CONFIG]["fakes-dtype"] == "uint8"
