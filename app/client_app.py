@@ -44,9 +44,13 @@ def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]
     return client_dataset(cfg.data_spec(), pid, n), pid
 
 
-def make_client_app(config: Config | None = None) -> ClientApp:
-    """A ClientApp; ``config`` fixes the settings (else they come from the run config)."""
-    app = ClientApp()
+def make_client_app(config: Config | None = None, mods: list | None = None) -> ClientApp:
+    """A ClientApp; ``config`` fixes the settings (else they come from the run config).
+
+    ``mods`` are Flower client mods (``mod(msg, context, call_next)``), e.g. to inspect
+    every message in tests.
+    """
+    app = ClientApp(mods=mods or [])
 
     @app.train("discriminate")
     def discriminate(msg: Message, context: Context) -> Message:

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, make_discriminator, make_generator, optimizer_for
 from app.config import Config, config_from_context, resolve_device
-from app.data import server_dataset
+from app.data import partition_summary, server_dataset
 from app.runs import Progress, RunFolder
 from strategies.base import log
 from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, train_teacher
@@ -97,6 +97,28 @@ def prepare_teacher(cfg: Config, folder: RunFolder, device: str) -> tuple[torch.
     return G, D
 
 
+def partition_labeller(cfg: Config):
+    """Row labels for sample grids from the simulation's partition plan (e.g. "client 0 (classes 0,1)").
+
+    Only the run config is used (the plan every simulated client follows); it says
+    nothing about a deployed node's private data, which keeps the plain "client <id>".
+    """
+    cache: dict[int, list[dict]] = {}
+
+    def describe(pid: int, num_nodes: int) -> str:
+        if cfg.partition not in ("classes", "dirichlet") or num_nodes < 1:
+            return f"client {pid}"
+        try:
+            plan = cache.setdefault(num_nodes, partition_summary(cfg.data_spec(), num_nodes))
+            classes = plan[pid]["classes"]
+        except Exception:  # a deployment node outside the plan: no label, no failure
+            return f"client {pid}"
+        shown = ",".join(map(str, classes[:6])) + ("..." if len(classes) > 6 else "")
+        return f"client {pid} (classes {shown})"
+
+    return describe
+
+
 def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
     fields = PrivacyGANSettings.__dataclass_fields__
     return PrivacyGANSettings(**{k: getattr(cfg, k) for k in fields})
@@ -119,7 +141,8 @@ def run(grid: Grid, cfg: Config) -> Path:
             privacygan_settings(cfg), teacher_g=teacher_g, teacher_d=teacher_d,
             make_generator=lambda: make_generator(cfg),
             make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
-            recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape)
+            recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
+            describe_partition=partition_labeller(cfg))
         result = strategy.run(grid)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
         folder.write_summary(_summary(cfg, result, time.monotonic() - started, status="success"))

@@ -96,6 +96,12 @@ class Exchange:
     bytes_up: dict[int, int] = field(default_factory=dict)
 
 
+def _last_line(text: str, limit: int = 300) -> str:
+    """The informative tail of an error reason (Ray wraps client tracebacks in pages of text)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:limit]
+
+
 def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
              parse: Callable[[int, Message], object]) -> Exchange:
     """Send one message per node, wait at most ``timeout`` s, parse what comes back.
@@ -116,7 +122,7 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
         out.bytes_up[nid] = message_bytes(reply)
         if reply.has_error():
             code = reply.error.code
-            out.dropped[nid] = f"error reply (code {code}: {ERROR_CODES.get(code, 'unknown')}): {reply.error.reason}"
+            out.dropped[nid] = f"error reply (code {code}: {ERROR_CODES.get(code, 'unknown')}): {_last_line(reply.error.reason)}"
             continue
         try:
             out.replies[nid] = parse(nid, reply)

@@ -225,7 +225,8 @@ class PrivacyGAN:
     def __init__(self, settings: PrivacyGANSettings, *, teacher_g: nn.Module, teacher_d: nn.Module | None,
                  make_generator: Callable[[], nn.Module],
                  make_gen_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 recorder: Recorder, device: str = "cpu", sample_shape: tuple[int, ...] | None = None) -> None:
+                 recorder: Recorder, device: str = "cpu", sample_shape: tuple[int, ...] | None = None,
+                 describe_partition: Callable[[int, int], str] | None = None) -> None:
         self.s = settings
         self.device = device
         self.teacher_g = teacher_g.to(device)
@@ -234,6 +235,10 @@ class PrivacyGAN:
         if self.teacher_d is not None:
             self.teacher_d.train()  # batch statistics as in training; buffers are never written
         self.make_generator = make_generator
+        # (partition id, number of nodes) -> a row label such as "client 0 (classes 0, 1)"; the app
+        # knows the simulation's partition plan, the strategy does not need to.
+        self.describe_partition = describe_partition
+        self.num_nodes = 0
         self.make_gen_optimizer = make_gen_optimizer
         self.recorder = recorder
         self.students: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
@@ -266,7 +271,11 @@ class PrivacyGAN:
 
     def label(self, nid: int) -> str:
         pid = self.partition_of.get(nid)
-        return f"client {pid}" if pid is not None else f"node {nid}"
+        if pid is None:
+            return f"node {nid}"
+        if self.describe_partition is not None:
+            return self.describe_partition(pid, self.num_nodes)
+        return f"client {pid}"
 
     # --- one round --------------------------------------------------------------------
     def build_message(self, grid: Grid, nid: int, rnd: int) -> tuple[Message, torch.Tensor]:
@@ -382,6 +391,7 @@ class PrivacyGAN:
     # --- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
         nodes = wait_for_nodes(grid, self.s.min_nodes, self.s.node_wait_timeout)
+        self.num_nodes = len(nodes)
         log.info("PrivacyGAN: %d nodes, %d rounds, alpha=%.3g, K=%d", len(nodes), self.s.num_rounds,
                  self.s.alpha, self.s.steps_per_round)
         last: dict = {}

@@ -1,0 +1,50 @@
+"""The README's main command path: `fedgan-run` drives the real `flwr run .` CLI with a
+managed local SuperLink, and its exit code tells the truth about the run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.launch import superlink_pids
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ("num-rounds=2 teacher-steps=5 gen-features=8 disc-features=8 batch-size=8 steps-per-round=1 "
+        "sample-every=1 samples-per-client=4")
+
+
+def launch(tmp_path, run_config, port="39291"):
+    env = dict(os.environ, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=port,
+               FLWR_LOCAL_CONTROL_API_PORT=str(int(port) + 2))
+    cmd = [sys.executable, "-m", "app.launch", "--num-supernodes", "2", "--flwr-home", str(tmp_path / "flwr"),
+           "--run-config", f"{run_config} output-dir='{tmp_path / 'out'}'"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    return proc, port
+
+
+def test_flwr_run_completes_writes_the_run_folder_and_exits_zero(tmp_path):
+    proc, port = launch(tmp_path, TINY)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "finished:completed" in out
+    runs = list((tmp_path / "out" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    assert str(run) in out                      # the run ends by printing its folder
+    for name in ("config.json", "metrics.jsonl", "comm.jsonl", "summary.md", "checkpoints/server.pt",
+                 "checkpoints/teacher.pt", "samples/round00002.png"):
+        assert (run / name).exists(), name
+    assert "status: **success**" in (run / "summary.md").read_text()
+    assert superlink_pids(port) == []           # the managed SuperLink was stopped
+
+
+def test_a_failed_run_exits_nonzero_and_names_the_bad_key(tmp_path):
+    proc, port = launch(tmp_path, f"{TINY} alpha=1.5", port="39295")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "finished:failed" in out
+    assert "'alpha' = 1.5" in out
+    assert superlink_pids(port) == []

@@ -1,0 +1,158 @@
+"""End to end through Flower's simulation engine: privacy of every message, teacher
+frozen, D_i state kept on its client, bytes logged, bad replies survived."""
+
+import json
+import os
+import pickle
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.simulation import run_simulation
+
+from app.client_app import make_client_app
+from app.config import parse_config
+from app.data import client_dataset
+from app.runs import RunFolder
+from app.server_app import make_server_app
+from strategies import wire
+from strategies.base import RunFailed
+
+pytestmark = pytest.mark.e2e
+
+TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 5, "samples-per-client": 4,
+        "sample-every": 1, "checkpoint-every": 1, "round-timeout": 120.0, "node-wait-timeout": 60.0}
+
+
+def simulate(cfg, num_clients, mods=()):
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=list(mods)),
+                   num_supernodes=num_clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    runs = sorted((Path(cfg.output_dir) / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return RunFolder.open(runs[0])
+
+
+def describe(record_dict):
+    out = {}
+    for name, rec in record_dict.items():
+        if name in record_dict.array_records:
+            out[name] = {k: wire.get_tensor(rec, k) for k in rec.keys()}
+        else:
+            out[name] = {k: (v if not isinstance(v, bytes) else b"") for k, v in rec.items()}
+    return out
+
+
+def make_tap(folder):
+    """A Flower client mod that stores every message a client receives and sends."""
+    def tap(msg, context, call_next):
+        reply = call_next(msg, context)
+        rec = {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
+               "down": describe(msg.content), "up": None if reply.has_error() else describe(reply.content),
+               "error": reply.error.reason if reply.has_error() else None}
+        Path(folder, f"{uuid.uuid4().hex}.pkl").write_bytes(pickle.dumps(rec))
+        return reply
+    return tap
+
+
+def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path):
+    taps = tmp_path / "taps"
+    taps.mkdir()
+    cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 2, "fakes-dtype": "float16",
+                        "output-dir": str(tmp_path / "out"), "min-nodes": 3})
+    run = simulate(cfg, 3, [make_tap(taps)])
+    records = [pickle.loads(p.read_bytes()) for p in taps.iterdir()]
+    assert len(records) == 3 * 2  # 3 clients x 2 rounds, every one tapped
+    K, B, shape = 2, 8, (1, 16, 16)
+    for r in records:
+        assert r["error"] is None
+        assert r["type"] == wire.DISCRIMINATE
+        # --- what goes down: fakes and per-round settings only ---
+        assert set(r["down"]) == {wire.FAKES, wire.CONFIG}
+        assert set(r["down"][wire.FAKES]) == {wire.FAKES}
+        # --- what comes up: labels, feedback, scalar metrics only ---
+        assert set(r["up"]) == {wire.REPLY, wire.METRICS}
+        assert set(r["up"][wire.REPLY]) == {wire.LABELS, wire.FEEDBACK}
+        assert set(r["up"][wire.METRICS]) <= {"d_loss", "d_real_acc", "d_fake_acc", "d_steps_total", "d_fresh",
+                                              "partition_id"}
+        assert r["up"][wire.REPLY][wire.LABELS].shape == (K, B)
+        assert r["up"][wire.REPLY][wire.FEEDBACK].shape == (K, B, *shape)
+        # --- no array is, or is shaped like, a batch of this client's real data ---
+        real = client_dataset(cfg.data_spec(), r["partition"], 3).x.reshape(-1, 256)
+        for direction in ("down", "up"):
+            for rec in r[direction].values():
+                for t in rec.values():
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    assert not (t.dim() == 4 and tuple(t.shape[1:]) == shape)
+                    flat = t.float().reshape(-1, 256) if t.numel() % 256 == 0 else None
+                    if flat is not None:
+                        dist = torch.cdist(flat, real).min()
+                        assert dist > 1e-3, "an array equals a real sample"
+    # D_i's state stays and grows on its client: K steps per round, counted there
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [sorted(c["d_steps_total"] for c in m["clients"].values()) for m in metrics] == [[2, 2, 2], [4, 4, 4]]
+    # the teacher never changes after the teacher phase
+    teacher = run.load_checkpoint("teacher.pt")
+    server = run.load_checkpoint("server.pt")
+    for part in ("g", "d"):
+        for k, v in teacher[part].items():
+            assert torch.equal(v, server[f"teacher_{part}"][k]), (part, k)
+    # bytes logged per client and round equal hand arithmetic (float16 fakes, float32 feedback)
+    n = K * B * 256
+    down = 128 + n * 2 + len("fakes") + (5 + 8) + (4 + 3) + (11 + 7) + (14 + 7) + (17 + 8)
+    up = (128 + K * B * 4 + 6) + (128 + n * 4 + 8) + sum(8 + len(k) for k in
+                                                        ["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total",
+                                                         "d_fresh", "partition_id"])
+    comm = run.read_jsonl("comm.jsonl")
+    assert len(comm) == 6 and all(row["down"] == down and row["up"] == up for row in comm)
+    assert sorted(row["partition"] for row in comm) == [0, 0, 1, 1, 2, 2]
+    assert "status: **success**" in (run.path / "summary.md").read_text()
+    assert len(list((run.path / "samples").glob("*.png"))) == 2
+
+
+def corrupt(msg, context, call_next):
+    """Client mod: partition p answers in a different broken way (0..3), 4+ answer well."""
+    p = int(context.node_config["partition-id"])
+    if p == 3:
+        raise RuntimeError("simulated client crash")
+    reply = call_next(msg, context)
+    arrays = reply.content.array_records[wire.REPLY]
+    if p == 0:   # wrong shape
+        fb = wire.get_tensor(arrays, wire.FEEDBACK)
+        arrays[wire.FEEDBACK] = type(arrays[wire.LABELS]).from_torch_tensor(fb[:, :-1].contiguous())
+    elif p == 1:  # NaN in the feedback
+        fb = wire.get_tensor(arrays, wire.FEEDBACK)
+        fb[0, 0, 0, 0, 0] = float("nan")
+        arrays[wire.FEEDBACK] = type(arrays[wire.LABELS]).from_torch_tensor(fb)
+    elif p == 2:  # missing key
+        del arrays[wire.LABELS]
+    return reply
+
+
+def test_bad_replies_are_dropped_with_a_reason_and_the_round_completes(tmp_path):
+    cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 1, "output-dir": str(tmp_path / "out"),
+                        "min-nodes": 5, "min-replies": 1})
+    run = simulate(cfg, 5, [corrupt])
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["replies"] == 1 and m["dropped"] == 4
+        assert list(m["clients"]) == ["client 4 (classes 8,9)"]
+        reasons = " | ".join(m["dropped_reasons"].values())
+        for needle in ("shape", "NaN", "missing array 'reply.labels'", "error reply (code 2", "simulated client crash"):
+            assert needle in reasons, (needle, reasons)
+    log = (run.path / "log.txt").read_text()
+    assert log.count("dropping node") == 8
+    assert "status: **success**" in (run.path / "summary.md").read_text()
+
+
+def test_too_few_good_replies_fail_the_run_with_a_clear_message(tmp_path):
+    cfg = parse_config({**TINY, "num-rounds": 2, "output-dir": str(tmp_path / "out"), "min-nodes": 5,
+                        "min-replies": 2})
+    with pytest.raises(RunFailed, match="min-replies"):
+        simulate(cfg, 5, [corrupt])
+    run = RunFolder.open(next((tmp_path / "out" / "runs").iterdir()))
+    summary = (run.path / "summary.md").read_text()
+    assert "status: **failed**" in summary
+    assert "round 1: 1 good repl(ies), run config 'min-replies' asks for 2" in summary
