@@ -113,6 +113,10 @@ def _dumps_line(record: dict) -> str:
     return json.dumps(_to_jsonable(record), allow_nan=False, separators=(",", ":"))
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> Path:
     """Write a file through ``write(fileobj)`` so that ``path`` is never torn.
 
@@ -128,6 +132,7 @@ def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_name, path)
     except BaseException:
         try:
