@@ -15,9 +15,10 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from app.builders import make_discriminator
+from app.builders import make_discriminator, make_generator
 from app.config import Config, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
+from strategies import mggan
 from strategies.privacygan import client_discriminate
 
 
@@ -66,6 +67,34 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             msg.content, context.state, sample_real=sample_real,
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.client_disc_lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid)
+        return Message(content=reply, reply_to=msg)
+
+    # --- MGGAN: group k's (G_k, D_k) live here -------------------------------------------
+    def builders(cfg: Config) -> dict:
+        return {"build_generator": lambda: make_generator(cfg),
+                "build_discriminator": lambda: make_discriminator(cfg), "device": resolve_device(cfg.device)}
+
+    @app.train("local")
+    def local(msg: Message, context: Context) -> Message:
+        cfg = _config(config, context)
+        data, pid = local_data(cfg, context)
+        x = data.x
+
+        def sample_real(batch: int, gen: torch.Generator) -> torch.Tensor:
+            return x[torch.randint(len(x), (batch,), generator=gen)]
+
+        reply = mggan.client_local(msg.content, context.state, sample_real=sample_real, seed=cfg.seed,
+                                   partition_id=pid, **builders(cfg))
+        return Message(content=reply, reply_to=msg)
+
+    @app.query("get_discriminator")
+    def get_discriminator(msg: Message, context: Context) -> Message:
+        reply = mggan.client_get_discriminator(msg.content, context.state, **builders(_config(config, context)))
+        return Message(content=reply, reply_to=msg)
+
+    @app.query("sample")
+    def sample(msg: Message, context: Context) -> Message:
+        reply = mggan.client_sample(msg.content, context.state, **builders(_config(config, context)))
         return Message(content=reply, reply_to=msg)
 
     return app

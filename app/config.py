@@ -20,7 +20,7 @@ from app.data import DATASETS, PARTITIONS, SERVER_DATA, DataSpec
 from models.losses import LOSS_KINDS
 from strategies.wire import FAKE_DTYPES, FEEDBACK_DTYPES
 
-STRATEGIES = ("privacygan",)
+STRATEGIES = ("privacygan", "mggan")
 MODELS = ("auto", "dcgan", "mlp")
 IMAGE_SIZES = (0, 16, 32, 64)
 INITS = ("teacher", "random")
@@ -72,6 +72,25 @@ class Config:
     client_disc_lr: float = 0.0002
     client_disc_steps: int = 1
     steps_per_round: int = 4
+    # --- MGGAN (SPEC 4.4, thesis ch. 3) -----------------------------------------
+    local_steps: int = 25
+    mggan_losses: str = "bce"
+    client_gen_lr: float = 0.0002
+    regroup_interval: int = -1
+    regroup_xi: float = 1.5
+    regroup_t_max: int = 2000
+    period_a_window: int = 50
+    period_a_threshold: float = 0.01
+    period_a_min: int = 100
+    period_a_cap: int = 2000
+    lr_rule: bool = True
+    lr_window: int = 10
+    lr_delta: float = 0.1
+    lr_max: float = 0.001
+    vrl_max: float = 0.05
+    move_d_moments: bool = False
+    eval_every: int = 0
+    eval_samples: int = 2500
     # --- federation mechanics (SPEC 4.1) ---------------------------------------
     fraction_train: float = 1.0
     min_nodes: int = 2
@@ -223,11 +242,31 @@ def validate(cfg: Config) -> None:
         _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
     _check(cfg.min_replies <= cfg.min_nodes, k("min-replies"), cfg.min_replies,
            f"<= min-nodes ({cfg.min_nodes})")
+    # MGGAN
+    losses = cfg.mggan_losses.split(",")
+    for loss in losses:
+        _check(loss.strip() in LOSS_KINDS, k("mggan-losses"), cfg.mggan_losses,
+               f"a comma-separated list of {', '.join(LOSS_KINDS)} (one per group, cycled)")
+    _check(len({lo.strip() == "wgan-gp" for lo in losses}) == 1, k("mggan-losses"), cfg.mggan_losses,
+           "all 'wgan-gp' or none: groups share one D architecture and wgan-gp critics have no BatchNorm")
+    _check(cfg.regroup_interval >= -1, k("regroup-interval"), cfg.regroup_interval,
+           "-1 (dynamic: period A, xi, t-max), 0 (never) or a fixed number of iterations")
+    _check(cfg.regroup_xi > 1.0, k("regroup-xi"), cfg.regroup_xi, "> 1 (the interval grows by this factor)")
+    for name_ in ("local_steps", "regroup_t_max", "period_a_window", "period_a_cap", "eval_samples"):
+        _check(getattr(cfg, name_) >= 1, k(name_), getattr(cfg, name_), "an integer >= 1")
+    for name_ in ("period_a_min", "lr_window", "eval_every"):
+        _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), "an integer >= 0")
+    for name_ in ("client_gen_lr", "lr_max", "period_a_threshold"):
+        _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
+    for name_ in ("lr_delta", "vrl_max"):
+        _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), ">= 0")
     two_d = name in ("ring", "grid")
     _check(not (two_d and cfg.model == "dcgan"), k("model"), cfg.model, "'mlp' or 'auto' for 2-D data")
     _check(not (not two_d and cfg.model == "mlp"), k("model"), cfg.model, "'dcgan' or 'auto' for image data")
     _check(not (two_d and cfg.fakes_dtype == "uint8"), k("fakes-dtype"), cfg.fakes_dtype,
            "'float32' or 'float16' for 2-D data (uint8 quantizes images in [-1, 1])")
+    if cfg.strategy != "privacygan":
+        return
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or cfg.alpha == 1.0, k("teacher-steps"),
            cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1")
     _check(cfg.server_data != "none" or cfg.teacher_path != "" or cfg.teacher_steps == 0, k("server-data"),

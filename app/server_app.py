@@ -19,9 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, make_discriminator, make_generator, optimizer_for
 from app.config import Config, config_from_context, resolve_device
-from app.data import partition_summary, server_dataset
+from app.data import mode_means, partition_summary, server_dataset
+from app.metrics import density_plot, mode_metrics
 from app.runs import Progress, RunFolder
 from strategies.base import log
+from strategies.mggan import MGGAN, MGGANSettings
 from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, train_teacher
 
 
@@ -33,8 +35,9 @@ def say(text: str) -> None:
 class RunRecorder:
     """Writes what a strategy reports into the run folder and prints progress."""
 
-    def __init__(self, folder: RunFolder, total_rounds: int) -> None:
+    def __init__(self, folder: RunFolder, total_rounds: int, means: torch.Tensor | None = None) -> None:
         self.folder = folder
+        self.means = means
         self.start = time.monotonic()
         self._progress = Progress(total_rounds)
 
@@ -46,6 +49,10 @@ class RunRecorder:
 
     def save_samples(self, tag: str, rows: dict) -> None:
         self.folder.save_samples(tag, rows)
+        if rows and all(t.dim() == 2 and t.shape[1] == 2 for t in rows.values()):
+            # 2-D data: also a density map (modes marked) and the raw points for later plots
+            density_plot(self.folder.path / "samples" / f"{tag}_density.png", rows, self.means)
+            torch.save({k: v.cpu() for k, v in rows.items()}, self.folder.path / "samples" / f"{tag}.pt")
 
     def save_checkpoint(self, name: str, obj: object) -> None:
         self.folder.save_checkpoint(name, obj)
@@ -124,6 +131,43 @@ def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
     return PrivacyGANSettings(**{k: getattr(cfg, k) for k in fields})
 
 
+def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder) -> dict:
+    teacher_g, teacher_d = prepare_teacher(cfg, folder, device)
+    strategy = PrivacyGAN(
+        privacygan_settings(cfg), teacher_g=teacher_g, teacher_d=teacher_d,
+        make_generator=lambda: make_generator(cfg),
+        make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
+        recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
+        describe_partition=partition_labeller(cfg))
+    return strategy.run(grid)
+
+
+def mggan_settings(cfg: Config) -> MGGANSettings:
+    direct = {k: getattr(cfg, k) for k in MGGANSettings.__dataclass_fields__ if hasattr(cfg, k)}
+    return MGGANSettings(**{**direct, "group_losses": tuple(x.strip() for x in cfg.mggan_losses.split(",")),
+                            "gen_lr": cfg.client_gen_lr, "disc_lr": cfg.client_disc_lr,
+                            "beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2})
+
+
+def sample_evaluator(cfg: Config):
+    """Scores for sample sets: mode coverage on 2-D mixtures (app/metrics.py); none yet for images."""
+    if geometry(cfg).kind != "mlp":
+        return None
+    means, std = mode_means(cfg.dataset)
+
+    def evaluate(sets: dict[str, torch.Tensor]) -> dict:
+        return {name: {k: v for k, v in mode_metrics(x, means, std).items()} for name, x in sets.items()}
+
+    return evaluate
+
+
+def run_mggan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder) -> dict:
+    return MGGAN(mggan_settings(cfg), recorder=recorder, evaluate=sample_evaluator(cfg)).run(grid)
+
+
+RUNNERS = {"privacygan": run_privacygan, "mggan": run_mggan}
+
+
 def run(grid: Grid, cfg: Config) -> Path:
     """Run one strategy end to end; returns the run folder. Raises if the run fails."""
     torch.manual_seed(cfg.seed)
@@ -135,15 +179,9 @@ def run(grid: Grid, cfg: Config) -> Path:
         f"rounds={cfg.num_rounds} steps-per-round={cfg.steps_per_round} device={device}")
     started = time.monotonic()
     try:
-        teacher_g, teacher_d = prepare_teacher(cfg, folder, device)
-        recorder = RunRecorder(folder, cfg.num_rounds)
-        strategy = PrivacyGAN(
-            privacygan_settings(cfg), teacher_g=teacher_g, teacher_d=teacher_d,
-            make_generator=lambda: make_generator(cfg),
-            make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
-            recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
-            describe_partition=partition_labeller(cfg))
-        result = strategy.run(grid)
+        means = mode_means(cfg.dataset)[0] if geometry(cfg).kind == "mlp" else None
+        recorder = RunRecorder(folder, cfg.num_rounds, means)
+        result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
         folder.write_summary(_summary(cfg, result, time.monotonic() - started, status="success"))
     except BaseException as exc:
@@ -174,6 +212,14 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
             f"- last round: g_loss {last.get('g_loss', float('nan')):.4f}, d_loss {last.get('d_loss', float('nan')):.4f}, "
             f"D accuracy real {last.get('d_real_acc', float('nan')):.3f} / fake {last.get('d_fake_acc', float('nan')):.3f}",
         ]
+        if "regroups" in result:
+            lines += [f"- iterations: {result['iterations']}, regroups: {result['regroups']}, "
+                      f"period A: {result['period_a'] if result['period_a'] is not None else 'not detected / fixed T'}"]
+        for name, scores in (result.get("eval") or {}).items():
+            if "modes_covered" in scores:
+                lines.append(f"- {name}: {scores['modes_covered']}/{scores['num_modes']} modes, "
+                             f"{scores['high_quality_pct']:.1f}% high-quality, reverse KL {scores['reverse_kl']:.3f} "
+                             f"({scores['num_samples']} samples)")
     lines += ["", "## Configuration", "", "```", *(f"{k} = {v!r}" for k, v in cfg.to_run_config().items()), "```", ""]
     return "\n".join(lines)
 

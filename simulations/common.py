@@ -84,6 +84,8 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     if client_gpus > 0 and not torch.cuda.is_available():
         raise ConfigError("--client-gpus > 0 but no CUDA device is visible")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # one BLAS/OpenMP thread per CPU a virtual client is given (the actors inherit this)
+    os.environ.setdefault("OMP_NUM_THREADS", str(client_cpus))
     logging.getLogger("flwr").setLevel(logging.WARNING)
     before = _runs(cfg)
     started = time.monotonic()
