@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from app.builders import make_discriminator, make_generator
+from app.builders import geometry, make_discriminator, make_generator
 from app.config import Config, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
 from strategies import mggan
@@ -37,8 +37,9 @@ def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]
     data_path = str(node.get("data-path", "") or "")
     if data_path:
         # A deployment node's own folder-per-class tree (or zip): all of it is this client's.
+        geo = geometry(cfg)  # the run's image geometry, so the node's images fit the run's networks
         spec = dataclasses.replace(cfg.data_spec(), dataset=f"imagefolder:{data_path}", partition="full",
-                                   server_data="none")
+                                   server_data="none", image_size=geo.image_size, channels=geo.channels)
         pid = node.get("partition-id")
         return client_dataset(spec, 0, 1), (int(pid) if pid is not None else None)
     pid, n = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))

@@ -85,9 +85,9 @@ def stop_superlink(port: str, timeout: float = 10.0) -> None:
             pass
 
 
-def run_status(run_id: str, env: dict[str, str]) -> str:
+def run_status(run_id: str, env: dict[str, str], connection: str = "local") -> str:
     """The run's status as the SuperLink records it, e.g. ``finished:completed``."""
-    out = subprocess.run(["flwr", "ls", "local", "--run-id", run_id, "--format", "json"], env=env,
+    out = subprocess.run(["flwr", "ls", connection, "--run-id", run_id, "--format", "json"], env=env,
                          capture_output=True, text=True, cwd=PROJECT)
     try:
         return json.loads(out.stdout)["runs"][0]["status"]

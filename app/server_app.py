@@ -175,8 +175,10 @@ def run(grid: Grid, cfg: Config) -> Path:
     folder = RunFolder.create(cfg.output_dir, cfg.strategy, cfg.dataset, cfg.to_run_config(), run_name=cfg.run_name)
     handler = _attach_log_file(folder)
     say(f"run folder: {folder.path}")
-    say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} alpha={cfg.alpha} "
-        f"rounds={cfg.num_rounds} steps-per-round={cfg.steps_per_round} device={device}")
+    detail = (f"alpha={cfg.alpha} steps-per-round={cfg.steps_per_round}" if cfg.strategy == "privacygan" else
+              f"groups' losses={cfg.mggan_losses} local-steps={cfg.local_steps} regroup-interval={cfg.regroup_interval}")
+    say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} rounds={cfg.num_rounds} "
+        f"{detail} device={device}")
     started = time.monotonic()
     try:
         means = mode_means(cfg.dataset)[0] if geometry(cfg).kind == "mlp" else None
