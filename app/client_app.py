@@ -12,7 +12,7 @@ import dataclasses
 from functools import lru_cache
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from app.builders import geometry, make_discriminator, make_generator
@@ -69,6 +69,13 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.client_disc_lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid)
         return Message(content=reply, reply_to=msg)
+
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        """The node's partition id (if it has one) so a resumed server can find its student."""
+        pid = context.node_config.get("partition-id")
+        metrics = MetricRecord({"partition_id": int(pid)} if pid is not None else {})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
     # --- MGGAN: group k's (G_k, D_k) live here -------------------------------------------
     def builders(cfg: Config) -> dict:

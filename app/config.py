@@ -105,6 +105,7 @@ class Config:
     sample_every: int = 25
     samples_per_client: int = 16
     checkpoint_every: int = 50
+    resume: str = ""
 
     # ---------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
@@ -265,6 +266,8 @@ def validate(cfg: Config) -> None:
     _check(not (not two_d and cfg.model == "mlp"), k("model"), cfg.model, "'dcgan' or 'auto' for image data")
     _check(not (two_d and cfg.fakes_dtype == "uint8"), k("fakes-dtype"), cfg.fakes_dtype,
            "'float32' or 'float16' for 2-D data (uint8 quantizes images in [-1, 1])")
+    _check(cfg.resume == "" or cfg.strategy == "privacygan", k("resume"), cfg.resume,
+           "empty: resuming is implemented for strategy 'privacygan'")
     if cfg.strategy != "privacygan":
         return
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or cfg.alpha == 1.0, k("teacher-steps"),

@@ -298,6 +298,16 @@ class RunFolder:
                     continue
         return out
 
+    def keep_jsonl(self, name: str, keep: Callable[[dict], bool]) -> int:
+        """Rewrite a JSON-lines file keeping only the records ``keep`` accepts (atomically);
+        returns how many were dropped. Used when a run resumes from a checkpoint, so rounds
+        done after that checkpoint are not listed twice."""
+        records = self.read_jsonl(name)
+        kept = [r for r in records if keep(r)]
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept)
+        _atomic_write_bytes(self.path / name, lambda fh: fh.write(text.encode("utf-8")))
+        return len(records) - len(kept)
+
     # -- checkpoints ------------------------------------------------------- #
     def _checkpoint_path(self, name: str) -> Path:
         if not name or Path(name).name != name or name in (".", ".."):

@@ -8,6 +8,7 @@ A run that fails raises, so Flower records it as failed; its folder's summary.md
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -18,7 +19,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, make_discriminator, make_generator, optimizer_for
-from app.config import Config, config_from_context, resolve_device
+from app.config import Config, ConfigError, config_from_context, parse_config, resolve_device
 from app.data import mode_means, partition_summary, server_dataset
 from app.metrics import density_plot, mode_metrics
 from app.runs import Progress, RunFolder
@@ -131,14 +132,22 @@ def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
     return PrivacyGANSettings(**{k: getattr(cfg, k) for k in fields})
 
 
-def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder) -> dict:
-    teacher_g, teacher_d = prepare_teacher(cfg, folder, device)
+def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder,
+                   checkpoint: dict | None = None) -> dict:
+    if checkpoint is None:
+        teacher_g, teacher_d = prepare_teacher(cfg, folder, device)
+    else:  # resuming: the frozen teacher comes from the checkpoint, no second teacher phase
+        teacher_g, teacher_d = make_generator(cfg).to(device), make_discriminator(cfg).to(device)
+        teacher_g.load_state_dict(checkpoint["teacher_g"])
+        teacher_d.load_state_dict(checkpoint["teacher_d"])
     strategy = PrivacyGAN(
         privacygan_settings(cfg), teacher_g=teacher_g, teacher_d=teacher_d,
         make_generator=lambda: make_generator(cfg),
         make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
         recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
         describe_partition=partition_labeller(cfg))
+    if checkpoint is not None:
+        strategy.restore(checkpoint)
     return strategy.run(grid)
 
 
@@ -161,7 +170,8 @@ def sample_evaluator(cfg: Config):
     return evaluate
 
 
-def run_mggan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder) -> dict:
+def run_mggan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder,
+              checkpoint: dict | None = None) -> dict:
     return MGGAN(mggan_settings(cfg), recorder=recorder, evaluate=sample_evaluator(cfg)).run(grid)
 
 
@@ -172,9 +182,17 @@ def run(grid: Grid, cfg: Config) -> Path:
     """Run one strategy end to end; returns the run folder. Raises if the run fails."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    folder = RunFolder.create(cfg.output_dir, cfg.strategy, cfg.dataset, cfg.to_run_config(), run_name=cfg.run_name)
+    checkpoint = None
+    if cfg.resume:
+        folder, cfg, checkpoint = open_for_resume(cfg)
+    else:
+        folder = RunFolder.create(cfg.output_dir, cfg.strategy, cfg.dataset, cfg.to_run_config(),
+                                  run_name=cfg.run_name)
     handler = _attach_log_file(folder)
     say(f"run folder: {folder.path}")
+    if checkpoint is not None:
+        say(f"resuming from the checkpoint of round {checkpoint['round']} (the run's own config.json applies; "
+            f"rounds after that checkpoint are redone, clients start fresh discriminators)")
     detail = (f"alpha={cfg.alpha} steps-per-round={cfg.steps_per_round}" if cfg.strategy == "privacygan" else
               f"groups' losses={cfg.mggan_losses} local-steps={cfg.local_steps} regroup-interval={cfg.regroup_interval}")
     say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} rounds={cfg.num_rounds} "
@@ -183,7 +201,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     try:
         means = mode_means(cfg.dataset)[0] if geometry(cfg).kind == "mlp" else None
         recorder = RunRecorder(folder, cfg.num_rounds, means)
-        result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder)
+        result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder, checkpoint)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
         folder.write_summary(_summary(cfg, result, time.monotonic() - started, status="success"))
     except BaseException as exc:
@@ -197,6 +215,30 @@ def run(grid: Grid, cfg: Config) -> Path:
         handler.close()
     say(f"finished in {time.monotonic() - started:.1f} s; results in {folder.path}")
     return folder.path
+
+
+def open_for_resume(cfg: Config) -> tuple[RunFolder, Config, dict]:
+    """The run folder named by ``resume``, its own config and its last checkpoint.
+
+    Records written after that checkpoint are removed from metrics.jsonl and comm.jsonl
+    (those rounds run again). A checkpoint that cannot be read in full is never used.
+    """
+    path = Path(cfg.resume).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"run config 'resume' = {cfg.resume!r}: not a run folder (no config.json there)")
+    folder = RunFolder.open(path)
+    saved = parse_config({**json.loads((path / "config.json").read_text()), "resume": str(path)})
+    if not (path / "checkpoints" / "server.pt").is_file():
+        raise ConfigError(f"run config 'resume' = {cfg.resume!r}: no checkpoints/server.pt to resume from")
+    try:
+        checkpoint = folder.load_checkpoint("server.pt")
+        done = int(checkpoint["round"])
+    except Exception as exc:  # a torn or foreign file: refuse rather than load part of it
+        raise ConfigError(f"run config 'resume' = {cfg.resume!r}: checkpoints/server.pt is unreadable "
+                          f"({type(exc).__name__}: {exc}); not resuming from it") from exc
+    folder.keep_jsonl("metrics.jsonl", lambda rec: int(rec.get("round", 0)) <= done)
+    folder.keep_jsonl("comm.jsonl", lambda rec: int(rec.get("round", 0)) <= done)
+    return folder, saved, checkpoint
 
 
 def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: str = "") -> str:
@@ -214,6 +256,9 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
             f"- last round: g_loss {last.get('g_loss', float('nan')):.4f}, d_loss {last.get('d_loss', float('nan')):.4f}, "
             f"D accuracy real {last.get('d_real_acc', float('nan')):.3f} / fake {last.get('d_fake_acc', float('nan')):.3f}",
         ]
+        if result.get("resumed_at"):
+            lines.append(f"- resumed at round {result['resumed_at']} (resume handshake: {result['control_bytes']:,} "
+                         f"bytes, not in the totals above)")
         if "regroups" in result:
             lines += [f"- iterations: {result['iterations']}, regroups: {result['regroups']}, "
                       f"period A: {result['period_a'] if result['period_a'] is not None else 'not detected / fixed T'}"]

@@ -92,9 +92,12 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}})
     new = sorted(_runs(cfg) - before)
-    if not new:
+    if cfg.resume:
+        folder = Path(cfg.resume).expanduser().resolve()   # a resumed run continues in its own folder
+    elif new:
+        folder = new[-1]
+    else:
         raise RuntimeError("the simulation finished without creating a run folder")
-    folder = new[-1]
     print(f"[fedgan] simulation wall time {time.monotonic() - started:.1f} s; run folder: {folder}", flush=True)
     return folder
 

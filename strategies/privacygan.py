@@ -251,6 +251,9 @@ class PrivacyGAN:
                                      generator=torch.Generator(device=device).manual_seed(settings.seed + 29),
                                      device=device)
         self.dropped_total = 0
+        self.start_round = 1
+        self.restored: dict[tuple[str, int], dict] = {}
+        self.control_bytes = 0   # resume handshake, kept out of the training totals
         with torch.no_grad():
             probe = copy.deepcopy(self.teacher_g)(self.fixed_z[:2])
         self.sample_shape = tuple(sample_shape or probe.shape[1:])
@@ -384,9 +387,53 @@ class PrivacyGAN:
             "students": {nid: {"g": G.state_dict(), "opt": opt.state_dict()} for nid, (G, opt) in self.students.items()},
             "partition_of": dict(self.partition_of),
             "comm": self.comm.state(),
+            "dropped_total": self.dropped_total,
             "rng": self.rng.getstate(),
             "torch_gen": self.torch_gen.get_state(),
         }
+
+    # --- resume ------------------------------------------------------------------------
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint: students, their optimizers, round, RNGs, byte counters.
+
+        Students are matched to nodes by partition id when known (node ids change when a
+        run is restarted), else by node id. Client discriminators live in the clients'
+        memory for one Flower run, so after a resume every client starts a fresh D_i
+        (and receives D_T again when ``client-d-init=teacher``).
+        """
+        self.start_round = int(ckpt["round"]) + 1
+        parts = ckpt.get("partition_of", {})
+        for nid, blob in ckpt["students"].items():
+            key = ("p", parts[nid]) if nid in parts else ("n", nid)
+            self.restored[key] = blob
+        self.comm.down_total = int(ckpt["comm"]["down_total"])
+        self.comm.up_total = int(ckpt["comm"]["up_total"])
+        self.dropped_total = int(ckpt.get("dropped_total", 0))
+        self.rng.setstate(ckpt["rng"])
+        self.torch_gen.set_state(ckpt["torch_gen"])
+
+    def adopt_restored(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask every node its partition id (``query.info``) and hand it its restored student."""
+        msgs = {nid: Message(content=RecordDict({wire.CONFIG: ConfigRecord({"round": self.start_round})}),
+                             dst_node_id=nid, message_type=wire.INFO, group_id="resume") for nid in nodes}
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda n, r: wire.metrics_of(r.content))
+        self.control_bytes += sum(ex.bytes_down.values()) + sum(ex.bytes_up.values())
+        for nid in nodes:
+            info = ex.replies.get(nid, {})
+            key = ("p", int(info["partition_id"])) if "partition_id" in info else ("n", nid)
+            if "partition_id" in info:
+                self.partition_of[nid] = int(info["partition_id"])
+            blob = self.restored.pop(key, None)
+            if blob is None:
+                continue
+            G = self.make_generator().to(self.device)
+            G.load_state_dict(blob["g"])
+            G.train()
+            opt = self.make_gen_optimizer(G)
+            opt.load_state_dict(blob["opt"])
+            self.students[nid] = (G, opt)
+        log.info("PrivacyGAN: resumed at round %d with %d restored student(s); %d not matched to a node",
+                 self.start_round, len(self.students), len(self.restored))
 
     # --- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
@@ -394,8 +441,10 @@ class PrivacyGAN:
         self.num_nodes = len(nodes)
         log.info("PrivacyGAN: %d nodes, %d rounds, alpha=%.3g, K=%d", len(nodes), self.s.num_rounds,
                  self.s.alpha, self.s.steps_per_round)
+        if self.restored:
+            self.adopt_restored(grid, nodes)
         last: dict = {}
-        for rnd in range(1, self.s.num_rounds + 1):
+        for rnd in range(self.start_round, self.s.num_rounds + 1):
             nodes = sorted(grid.get_node_ids()) or nodes
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)
@@ -410,7 +459,8 @@ class PrivacyGAN:
             last = record
         return {"rounds": self.s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
                 "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
-                "clients": {self.label(n): n for n in self.students}}
+                "clients": {self.label(n): n for n in self.students}, "resumed_at": self.start_round
+                if self.start_round > 1 else None, "control_bytes": self.control_bytes}
 
 
 __all__ = ["PrivacyGAN", "PrivacyGANSettings", "student_update", "train_teacher", "freeze",

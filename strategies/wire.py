@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 # --- message types (SPEC 4.1: train.<action>, evaluate.<action>, query.<action>) ---
 DISCRIMINATE = "train.discriminate"  # PrivacyGAN: fakes down, labels + feedback up
+INFO = "query.info"                  # which partition a node holds (only when a run resumes)
 
 # --- record names inside a message's RecordDict -----------------------------------
 FAKES = "fakes"          # ArrayRecord {FAKES: (K, B, *sample)} server -> client
@@ -177,7 +178,7 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
 
 
 __all__ = [
-    "DISCRIMINATE", "FAKES", "CONFIG", "D_INIT", "REPLY", "LABELS", "FEEDBACK", "METRICS",
+    "DISCRIMINATE", "INFO", "FAKES", "CONFIG", "D_INIT", "REPLY", "LABELS", "FEEDBACK", "METRICS",
     "FAKE_DTYPES", "FEEDBACK_DTYPES", "encode_fakes", "decode_fakes", "encode_feedback",
     "decode_feedback", "tensor_record", "get_tensor", "record_bytes", "message_bytes",
     "array_bytes", "NPY_HEADER_BYTES", "CommLog", "BadReply", "require_array", "metrics_of",

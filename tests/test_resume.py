@@ -1,0 +1,106 @@
+"""A crashed run resumes from its last checkpoint: the server process is SIGKILLed after a
+checkpoint, the run is continued with `resume=<run folder>`, and the finished run has
+every round exactly once and the byte totals of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.config import ConfigError, parse_config
+from app.runs import RunFolder
+from app.server_app import open_for_resume
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "gen-features=8", "--set", "disc-features=8", "--set", "batch-size=8", "--set", "teacher-steps=5",
+        "--set", "samples-per-client=4", "--set", "sample-every=0", "--set", "steps-per-round=1",
+        "--set", "checkpoint-every=2", "--set", "min-nodes=3", "--rounds", "6", "--device", "cpu"]
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "simulations" / "run.py"), "--clients", "3", "--output-dir", str(out), *TINY,
+           *extra]
+    return subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def totals(run: Path) -> tuple[int, int]:
+    rows = RunFolder.open(run).read_jsonl("comm.jsonl")
+    return sum(r["down"] for r in rows), sum(r["up"] for r in rows)
+
+
+def summary_totals(run: Path) -> tuple[int, int]:
+    text = (run / "summary.md").read_text()
+    grab = lambda label: int(text.split(label)[1].split("\n")[0].strip().replace(",", ""))  # noqa: E731
+    return grab("bytes down (server->clients):"), grab("bytes up (clients->server):")
+
+
+@pytest.mark.e2e
+def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
+    # uninterrupted reference
+    ref_out = tmp_path / "ref"
+    ref_out.mkdir()
+    finish(start(ref_out))
+    ref = next((ref_out / "runs").iterdir())
+
+    # the same run, SIGKILLed (whole process group: server, Ray and its actors) after a checkpoint
+    out = tmp_path / "crash"
+    out.mkdir()
+    proc = start(out)
+    deadline = time.monotonic() + 300
+    run = None
+    while time.monotonic() < deadline:
+        runs = list((out / "runs").glob("*")) if (out / "runs").is_dir() else []
+        if runs:
+            run = runs[0]
+            rounds = RunFolder.open(run).read_jsonl("metrics.jsonl")
+            if len(rounds) >= 3:   # checkpoint of round 2 is written, round 3 done, round 4 under way
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run is not None
+    ckpt = RunFolder.open(run).load_checkpoint("server.pt")
+    assert ckpt["round"] in (2, 4)
+    killed_at = len(RunFolder.open(run).read_jsonl("metrics.jsonl"))
+    assert killed_at < 6
+
+    out_text = finish(start(out, "--set", f"resume={run}"))
+    assert f"resuming from the checkpoint of round {ckpt['round']}" in out_text
+    metrics = RunFolder.open(run).read_jsonl("metrics.jsonl")
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4, 5, 6]      # each round once, none lost
+    assert len(list((out / "runs").iterdir())) == 1                  # continued in the same folder
+    assert totals(run) == totals(ref)                                # bytes per round and client identical
+    assert summary_totals(run) == summary_totals(ref) == totals(ref)
+    assert "status: **success**" in (run / "summary.md").read_text()
+    assert f"resumed at round {ckpt['round'] + 1}" in (run / "summary.md").read_text()
+
+
+def test_a_truncated_checkpoint_is_never_loaded(tmp_path):
+    folder = RunFolder.create(tmp_path, "privacygan", "digits", parse_config({}).to_run_config())
+    folder.save_checkpoint("server.pt", {"round": 3, "students": {}, "payload": torch.zeros(10_000)})
+    data = (folder.path / "checkpoints" / "server.pt").read_bytes()
+    (folder.path / "checkpoints" / "server.pt").write_bytes(data[: len(data) // 2])   # torn by a crash
+    with pytest.raises(ConfigError, match="unreadable.*not resuming"):
+        open_for_resume(parse_config({"resume": str(folder.path)}))
+
+
+def test_resume_needs_a_run_folder_with_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="'resume'.*not a run folder"):
+        open_for_resume(parse_config({"resume": str(tmp_path)}))
+    folder = RunFolder.create(tmp_path, "privacygan", "digits", parse_config({}).to_run_config())
+    with pytest.raises(ConfigError, match="no checkpoints/server.pt"):
+        open_for_resume(parse_config({"resume": str(folder.path)}))
+    assert json.loads((folder.path / "config.json").read_text())["strategy"] == "privacygan"
