@@ -121,12 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--flwr-home", default=str(PROJECT / ".flwr"), help="FLWR_HOME for the managed SuperLink")
     p.add_argument("--keep-superlink", action="store_true", help="leave the managed SuperLink running")
+    p.add_argument("--connection", default="local",
+                   help="a SuperLink connection of $FLWR_HOME/config.toml for a real deployment (default: the "
+                        "managed local simulation); with it, --flwr-home defaults to $FLWR_HOME or ~/.flwr")
     args = p.parse_args(argv)
 
+    deployed = args.connection != "local"
+    if deployed and args.flwr_home == str(PROJECT / ".flwr"):
+        args.flwr_home = os.environ.get("FLWR_HOME", str(Path.home() / ".flwr"))
     env = _env(Path(args.flwr_home).resolve())
     port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     run_config = with_output_dir(args.run_config, Path.cwd())
     cmd = build_command(run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client)
+    if deployed:  # a SuperLink someone else runs: no federation (simulation) settings, nothing to stop
+        cmd = ["flwr", "run", str(PROJECT), args.connection, "--stream"] + (
+            ["--run-config", run_config] if run_config else [])
+        args.keep_superlink = True
     print("[fedgan-run] " + " ".join(shlex.quote(c) for c in cmd), flush=True)
 
     run_id, folder = None, None
@@ -145,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_id is None:
             print(f"[fedgan-run] FAILED: flwr run exited with code {rc} before starting a run", flush=True)
             return rc or 1
-        status = run_status(run_id, env)
+        status = run_status(run_id, env, args.connection)
     except KeyboardInterrupt:
         print("[fedgan-run] interrupted", flush=True)
         return 130

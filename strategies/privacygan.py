@@ -338,7 +338,10 @@ class PrivacyGAN:
                             f"{self.s.min_replies} ({reasons})")
 
         clients: dict[str, dict] = {}
+        rejoined = self.adopt_rejoined(ex.replies, nodes)
         for nid, (labels, feedback, metrics) in ex.replies.items():
+            if nid in rejoined:  # its feedback was for the fresh student's fakes: skip this one update
+                continue
             if self.s.client_d_init == "teacher":
                 self.d_init_sent.add(nid)
             G, opt = self.student(nid)
@@ -366,6 +369,22 @@ class PrivacyGAN:
             "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
             "clients": clients,
         }
+
+    def adopt_rejoined(self, replies: dict, nodes: list[int]) -> set[int]:
+        """A node that reports the partition of a node that has left (a restarted SuperNode
+        gets a new node id) takes over that node's student generator."""
+        rejoined = set()
+        for nid, (_, _, metrics) in replies.items():
+            pid = self.partition_of.get(nid)
+            if pid is None:
+                continue
+            for old, old_pid in list(self.partition_of.items()):
+                if old != nid and old_pid == pid and old not in nodes and old in self.students:
+                    self.students[nid] = self.students.pop(old)
+                    del self.partition_of[old]
+                    rejoined.add(nid)
+                    log.info("node %s rejoined as partition %d (was node %s): it takes over its student", nid, pid, old)
+        return rejoined
 
     # --- outputs ----------------------------------------------------------------------
     def samples(self) -> dict[str, torch.Tensor]:

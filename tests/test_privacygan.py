@@ -185,3 +185,20 @@ def test_lossy_codecs_are_what_the_client_trains_on():
     assert raw.dtype == torch.uint8
     assert isinstance(content.config_records[wire.CONFIG], ConfigRecord)
     assert content.config_records[wire.CONFIG]["fakes-dtype"] == "uint8"
+
+
+def test_a_rejoining_node_takes_over_the_student_of_its_partition():
+    G_T, D_T, _ = nets()
+    strat = make_strategy(G_T, D_T)
+    G_old, _ = strat.student(11)
+    strat.partition_of[11] = 0
+    with torch.no_grad():
+        next(G_old.parameters()).add_(1.0)               # the student has learned something
+    strat.student(22)                                     # the restarted node's fresh student
+    strat.partition_of[22] = 0
+    rejoined = strat.adopt_rejoined({22: (None, None, {"partition_id": 0})}, nodes=[22])
+    assert rejoined == {22} and strat.students[22][0] is G_old and 11 not in strat.students
+    # a node that is still connected keeps its own student
+    strat.student(33)
+    strat.partition_of[33] = 0
+    assert strat.adopt_rejoined({33: (None, None, {})}, nodes=[22, 33]) == set()
