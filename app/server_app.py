@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -62,11 +63,20 @@ class RunRecorder:
         self._progress.update(rnd, metrics)
 
 
+class _Console(logging.StreamHandler):
+    """Warnings (dropped nodes and why) also go to the console the user watches."""
+
+
 def _attach_log_file(folder: RunFolder) -> logging.Handler:
     handler = logging.FileHandler(folder.path / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    if not any(isinstance(h, _Console) for h in log.handlers):
+        console = _Console(sys.stdout)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("[fedgan] %(levelname)s %(message)s"))
+        log.addHandler(console)
     return handler
 
 
