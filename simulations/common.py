@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from typing import Callable
+
 from app.config import Config, ConfigError, parse_config
+from app.data import DataError
+from strategies.base import RunFailed
 
 PROJECT = Path(__file__).resolve().parent.parent
 CONFIGS = PROJECT / "simulations" / "configs"
@@ -107,3 +112,16 @@ def _runs(cfg: Config) -> set[Path]:
 
     root = resolve_output_dir(cfg.output_dir) / "runs"
     return set(root.iterdir()) if root.is_dir() else set()
+
+
+def run_from_args(load_base: Callable[[], dict[str, Any]], args: argparse.Namespace, flag_keys: dict[str, str],
+                  default_clients: int) -> int:
+    """Experiment file + flags -> one simulated run; a user error prints one line and gives exit code 1."""
+    try:
+        cfg = build_config(load_base(), args, flag_keys)
+        simulate(cfg, args.clients or max(cfg.min_nodes, default_clients), client_cpus=args.client_cpus,
+                 client_gpus=args.client_gpus)
+    except (ConfigError, DataError, RunFailed) as exc:
+        print(f"[fedgan] error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -22,11 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.config import ConfigError  # noqa: E402
-from app.data import DataError  # noqa: E402
-from simulations.common import (CONFIGS, SHARED_CIFAR, add_common_flags, build_config, read_experiment,  # noqa: E402
-                                simulate)
-from strategies.base import RunFailed  # noqa: E402
+from simulations.common import (CONFIGS, SHARED_CIFAR, add_common_flags, read_experiment,  # noqa: E402
+                                run_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,20 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     config_path = Path(args.config) if args.config else CONFIGS / (
         "privacy_cifar.yaml" if torch.cuda.is_available() and args.device != "cpu" else "privacy_cifar_tiny.yaml")
     print(f"[fedgan] experiment file: {config_path}", flush=True)
-    try:
+
+    def load_base() -> dict:
         base = read_experiment(config_path)
         if args.data is None and not base.get("data-dir") and SHARED_CIFAR.is_file():
             args.data = str(SHARED_CIFAR)
         if args.data is not None:
             args.data = str(Path(args.data).expanduser().resolve())
-        cfg = build_config(base, args, {"alpha": "alpha", "data": "data-dir", "fraction": "fraction"})
-        clients = args.clients or max(cfg.min_nodes, 4)
-        simulate(cfg, clients, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-    except (ConfigError, DataError, RunFailed) as exc:
-        print(f"[fedgan] error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+        return base
 
+    return run_from_args(load_base, args, {"alpha": "alpha", "data": "data-dir", "fraction": "fraction"},
+                         default_clients=4)
 
 if __name__ == "__main__":
     sys.exit(main())

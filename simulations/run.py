@@ -17,10 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.config import ConfigError  # noqa: E402
-from app.data import DataError  # noqa: E402
-from simulations.common import add_common_flags, build_config, read_experiment, simulate  # noqa: E402
-from strategies.base import RunFailed  # noqa: E402
+from simulations.common import add_common_flags, read_experiment, run_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(p)
     args = p.parse_args(argv)
-    try:
-        base = read_experiment(args.config) if args.config else {}
-        cfg = build_config(base, args, {})
-        simulate(cfg, args.clients or max(cfg.min_nodes, 2), client_cpus=args.client_cpus,
-                 client_gpus=args.client_gpus)
-    except (ConfigError, DataError, RunFailed) as exc:
-        print(f"[fedgan] error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
+    return run_from_args(lambda: read_experiment(args.config) if args.config else {}, args, {}, default_clients=2)
 
 if __name__ == "__main__":
     sys.exit(main())
