@@ -46,6 +46,27 @@ def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]
     return client_dataset(cfg.data_spec(), pid, n), pid
 
 
+ROLES = {"discriminator": 0, "generator": 1}
+
+
+def node_info(node_config) -> dict[str, int]:
+    """partition_id (when set), role (0 discriminator / 1 generator / -1 unknown) and has_data.
+
+    The role comes from the node config (``role='discriminator'|'generator'``, deployment);
+    without one, from the partition id as in a BPGAN simulation (even: discriminator,
+    odd: generator).
+    """
+    out: dict[str, int] = {"has_data": int(bool(node_config.get("data-path")))}
+    pid = node_config.get("partition-id")
+    if pid is not None:
+        out["partition_id"] = int(pid)
+    if "role" in node_config:
+        out["role"] = ROLES.get(str(node_config["role"]), -1)
+    else:
+        out["role"] = int(pid) % 2 if pid is not None else -1
+    return out
+
+
 def make_client_app(config: Config | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp; ``config`` fixes the settings (else they come from the run config).
 
@@ -72,10 +93,9 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
 
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
-        """The node's partition id (if it has one) so a resumed server can find its student."""
-        pid = context.node_config.get("partition-id")
-        metrics = MetricRecord({"partition_id": int(pid)} if pid is not None else {})
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        """What the server may know about this node: its partition id, its role and whether
+        it holds a private data folder (never the path or anything about the data)."""
+        return Message(content=RecordDict({"metrics": MetricRecord(node_info(context.node_config))}), reply_to=msg)
 
     # --- MGGAN: group k's (G_k, D_k) live here -------------------------------------------
     def builders(cfg: Config) -> dict:
