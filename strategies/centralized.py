@@ -1,0 +1,127 @@
+"""Centralized reference (SPEC 1 and 4.5): one GAN trained on the union of the clients' data.
+
+Not private — it stands for "all the data in one place", the upper bound the federated
+strategies are compared against. It runs entirely in the server process and contacts
+no client; given a Grid (from the ServerApp) it ignores it. One "round" is
+``local_steps`` base-GAN steps (``models.steps.train_gan_step`` with
+``client_disc_steps`` D updates per G update), so its records line up with the
+rounds of ``fedavg`` and ``local``; it starts from the same networks (the run's seed)
+and reports through the same recorder: one metrics record per round, sample grids,
+the final evaluation and the ``server.pt`` checkpoint.
+
+For a like-for-like comparison with ``dataparallel`` (N clients, batch B each), give it
+a batch of N·B and ``local_steps = 1``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from models.losses import check_loss_kind, make_optimizer
+from models.steps import train_gan_step
+from strategies.base import Recorder, log
+from strategies.dataparallel import fixed_latents, param_dtype, seeded_models, should
+
+
+@dataclass(frozen=True)
+class CentralizedSettings:
+    num_rounds: int = 10
+    local_steps: int = 25
+    batch_size: int = 64
+    latent_dim: int = 100
+    loss: str = "bce"
+    gen_lr: float = 2e-4
+    disc_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    client_disc_steps: int = 1
+    sample_every: int = 25
+    samples_per_client: int = 16
+    eval_samples: int = 2500
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_loss_kind(self.loss)
+
+
+class Centralized:
+    """Plain GAN training on ``sample_real(batch, torch.Generator) -> Tensor`` (the union data)."""
+
+    def __init__(self, settings: CentralizedSettings, *,
+                 sample_real: Callable[[int, torch.Generator], torch.Tensor],
+                 make_generator: Callable[[], nn.Module], make_discriminator: Callable[[], nn.Module],
+                 recorder: Recorder, evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
+                 device: str = "cpu", sample_shape: tuple[int, ...] | None = None) -> None:
+        s = self.s = settings
+        self.sample_real = sample_real
+        self.recorder = recorder
+        self.evaluate = evaluate
+        self.device = device
+        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
+        betas = (s.beta1, s.beta2)
+        self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
+        self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
+        self.data_gen = torch.Generator().manual_seed(s.seed * 1_000_003)
+        self.latent_gen = torch.Generator(device=device).manual_seed(s.seed * 31)
+        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.steps = 0
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+
+    def run_round(self, rnd: int) -> dict:
+        """``local_steps`` GAN steps; the record holds their mean statistics."""
+        totals: dict[str, float] = {}
+        n = self.s.local_steps
+        for _ in range(n):
+            real = self.sample_real(self.s.batch_size, self.data_gen).to(device=self.device, dtype=param_dtype(self.D))
+            out = train_gan_step(self.G, self.D, self.opt_g, self.opt_d, real, kind=self.s.loss,
+                                 d_steps=self.s.client_disc_steps, generator=self.latent_gen)
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + v
+        self.steps += n
+        stats = {k: totals.get(k, float("nan")) / max(1, n) for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")}
+        return {"round": rnd, **stats, "steps": self.steps, "replies": 0, "dropped": 0, "dropped_reasons": {},
+                "bytes_down": 0, "bytes_up": 0, "clients": {}}
+
+    def samples(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
+
+    def final_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
+        with torch.no_grad():
+            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
+
+    def checkpoint(self, rnd: int) -> dict:
+        return {"round": rnd, "settings": asdict(self.s), "g": self.G.state_dict(), "d": self.D.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "steps": self.steps,
+                "data_gen": self.data_gen.get_state(), "latent_gen": self.latent_gen.get_state()}
+
+    def run(self, grid: object = None) -> dict:
+        """Train; ``grid`` (the ServerApp's) is accepted and not used — no client is contacted."""
+        s = self.s
+        log.info("Centralized: %d rounds x %d steps on the union of the data", s.num_rounds, s.local_steps)
+        last: dict = {}
+        for rnd in range(1, s.num_rounds + 1):
+            t0 = time.monotonic()
+            record = self.run_round(rnd)
+            record["wall_time"] = time.monotonic() - t0
+            self.recorder.log_round(record)
+            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+            if should(s.sample_every, rnd, s.num_rounds):
+                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
+            if should(s.checkpoint_every, rnd, s.num_rounds):
+                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            last = record
+        return {"rounds": s.num_rounds, "last": last, "bytes_down": 0, "bytes_up": 0, "dropped_replies": 0,
+                "clients": {}, "eval": self.final_eval(), "steps": self.steps}
+
+
+__all__ = ["Centralized", "CentralizedSettings"]

@@ -1,0 +1,243 @@
+"""FedAvg for GANs (FedGAN baseline; SPEC 1 and 4.5).
+
+Each round the server sends the global G and D (``train.fedavg``); every selected client
+loads them, runs ``local-steps`` base-GAN steps (``models.steps.train_gan_step``) on its
+own data with its own two optimizers — whose state (Adam moments, step counts) it keeps
+in ``context.state`` from round to round, as FedGAN's local agents do — and returns both
+networks' weights together with its number of training examples. The server replaces
+G and D by the example-weighted average of what came back (Flower's own
+``aggregate_arrayrecords``, the helper behind its built-in FedAvg).
+
+What a client reveals: its networks after E local steps (once per round) and one
+integer, the size of its local dataset — the count FedAvg weights by. Nothing else about
+its data leaves it. Integer buffers (BatchNorm's ``num_batches_tracked``) are averaged
+too and rounded back to integers; BatchNorm running means and variances are averaged
+like weights.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
+
+from models.losses import check_loss_kind
+from strategies import wire
+from strategies.base import Recorder, exchange, log, sample_nodes, wait_for_nodes
+from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, NodeBook, fixed_latents, load_weights,
+                                     make_message, param_dtype, require_count, require_metrics, require_replies,
+                                     require_tensors, seeded_models, should, weights_record)
+from strategies.local import gan_optimizers, gan_config, local_gan_steps
+
+FEDAVG = "train.fedavg"
+CLIENT_STATE = "fedavg.client"   # context.state ConfigRecord: both optimizers' state and the step count
+TRAIN_METRICS = ("g_loss", "d_loss", "d_real_acc", "d_fake_acc", "steps_total")
+
+
+# =====================================================================================
+# Client side
+# =====================================================================================
+def client_fedavg(content: RecordDict, state: RecordDict, *,
+                  sample_real: Callable[[int, torch.Generator], torch.Tensor], num_examples: int,
+                  build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
+                  device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+    """``train.fedavg``: E local GAN steps from the global (G, D); both networks and
+    ``num-examples`` (the size of this client's dataset) go back."""
+    cfg = content.config_records[wire.CONFIG]
+    G, D = build_generator().to(device), build_discriminator().to(device)
+    load_weights(G, content.array_records[G_WEIGHTS])
+    load_weights(D, content.array_records[D_WEIGHTS])
+    G.train()
+    D.train()
+    opt_g, opt_d = gan_optimizers(cfg, G, D)
+    done = 0
+    if CLIENT_STATE in state.config_records:
+        blob = torch.load(io.BytesIO(state.config_records[CLIENT_STATE]["blob"]), map_location=device,
+                          weights_only=False)
+        opt_g.load_state_dict(blob["opt_g"])
+        opt_d.load_state_dict(blob["opt_d"])
+        done = int(blob["steps"])
+    stats = local_gan_steps(G, D, opt_g, opt_d, sample_real=sample_real, cfg=cfg, seed=seed,
+                            partition_id=partition_id, steps_done=done, device=device)
+    done += int(cfg["steps"])
+    buf = io.BytesIO()
+    torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "steps": done}, buf)
+    state.config_records[CLIENT_STATE] = ConfigRecord({"blob": buf.getvalue(), "steps": done})
+    metrics = {NUM_EXAMPLES: int(num_examples), "g_loss": stats.get("g_loss", math.nan),
+               "d_loss": stats.get("d_loss", math.nan), "d_real_acc": stats.get("d_real_acc", math.nan),
+               "d_fake_acc": stats.get("d_fake_acc", math.nan), "steps_total": done}
+    if partition_id is not None:
+        metrics["partition_id"] = int(partition_id)
+    return RecordDict({G_WEIGHTS: weights_record(G), D_WEIGHTS: weights_record(D),
+                       wire.METRICS: MetricRecord(metrics)})
+
+
+# =====================================================================================
+# Pure server-side math
+# =====================================================================================
+def fedavg_aggregate(replies: list[tuple[ArrayRecord, int]],
+                     reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Example-weighted average Σ n_i·w_i / Σ n_i of the clients' state dicts.
+
+    Uses Flower's ``aggregate_arrayrecords``; entries that are integers in ``reference``
+    (BatchNorm's ``num_batches_tracked``) are rounded back to their integer dtype.
+    """
+    if not replies:
+        raise ValueError("nothing to aggregate")
+    records = [RecordDict({"w": rec, "m": MetricRecord({NUM_EXAMPLES: int(n)})}) for rec, n in replies]
+    agg = aggregate_arrayrecords(records, NUM_EXAMPLES)
+    out = {}
+    for k, ref in reference.items():
+        t = wire.get_tensor(agg, k)
+        out[k] = t.to(ref.dtype) if ref.is_floating_point() else t.round().to(ref.dtype)
+    return out
+
+
+# =====================================================================================
+# Server side
+# =====================================================================================
+@dataclass(frozen=True)
+class FedAvgSettings:
+    num_rounds: int = 10
+    local_steps: int = 25
+    batch_size: int = 64
+    latent_dim: int = 100
+    loss: str = "bce"
+    gen_lr: float = 2e-4
+    disc_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    client_disc_steps: int = 1
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    min_replies: int = 1
+    round_timeout: float = 300.0
+    node_wait_timeout: float = 120.0
+    sample_every: int = 25
+    samples_per_client: int = 16
+    eval_samples: int = 2500
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_loss_kind(self.loss)
+
+
+class FedAvg:
+    """The FedAvg-GAN server: holds the global G and D, no optimizers (those are the clients')."""
+
+    def __init__(self, settings: FedAvgSettings, *, make_generator: Callable[[], nn.Module],
+                 make_discriminator: Callable[[], nn.Module], recorder: Recorder,
+                 evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None, device: str = "cpu",
+                 sample_shape: tuple[int, ...] | None = None,
+                 describe_partition: Callable[[int, int], str] | None = None) -> None:
+        s = self.s = settings
+        self.device = device
+        self.recorder = recorder
+        self.evaluate = evaluate
+        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
+        self.nodes = NodeBook(describe_partition)
+        self.comm = wire.CommLog()
+        self.rng = random.Random(s.seed)
+        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.dropped_total = 0
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+
+    # --- message contents (pure) ----------------------------------------------------------
+    def build_content(self, rnd: int) -> RecordDict:
+        s = self.s
+        return RecordDict({G_WEIGHTS: weights_record(self.G), D_WEIGHTS: weights_record(self.D),
+                           wire.CONFIG: gan_config(loss=s.loss, gen_lr=s.gen_lr, disc_lr=s.disc_lr, beta1=s.beta1,
+                                                   beta2=s.beta2, batch_size=s.batch_size, steps=s.local_steps,
+                                                   disc_steps=s.client_disc_steps, rnd=rnd, seed=s.seed)})
+
+    def parse_content(self, content: RecordDict) -> tuple[ArrayRecord, ArrayRecord, int, dict]:
+        """Both networks' weights (checked against the global ones), the example count, metrics."""
+        require_tensors(content, G_WEIGHTS, self.G.state_dict())
+        require_tensors(content, D_WEIGHTS, self.D.state_dict())
+        metrics = wire.metrics_of(content)
+        require_metrics(metrics, TRAIN_METRICS)
+        return content.array_records[G_WEIGHTS], content.array_records[D_WEIGHTS], require_count(metrics), metrics
+
+    def aggregate(self, replies: list[tuple[ArrayRecord, ArrayRecord, int, dict]]) -> None:
+        """Set the global G and D to the example-weighted average of the replies."""
+        self.G.load_state_dict(fedavg_aggregate([(g, n) for g, _, n, _ in replies], self.G.state_dict()))
+        self.D.load_state_dict(fedavg_aggregate([(d, n) for _, d, n, _ in replies], self.D.state_dict()))
+
+    # --- one round --------------------------------------------------------------------------
+    def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
+        selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
+        msgs = {nid: make_message(self.build_content(rnd), nid, FEDAVG, rnd) for nid in selected}
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_content(r.content))
+        self.dropped_total += len(ex.dropped)
+        for nid, (_, _, _, m) in ex.replies.items():
+            self.nodes.note(nid, m)
+        for nid in selected:
+            self.comm.add(rnd, nid, FEDAVG, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
+                          partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
+        require_replies(rnd, ex, self.s.min_replies)
+        self.aggregate(list(ex.replies.values()))
+        clients = {}
+        for nid in self.nodes.order(ex.replies):
+            _, _, n, m = ex.replies[nid]
+            clients[self.nodes.label(nid)] = {"node": nid, "num_examples": n, **{k: m[k] for k in TRAIN_METRICS}}
+            clients[self.nodes.label(nid)]["steps_total"] = int(m["steps_total"])
+        mean = lambda k: sum(c[k] for c in clients.values()) / len(clients)  # noqa: E731
+        return {"round": rnd, "g_loss": mean("g_loss"), "d_loss": mean("d_loss"), "d_real_acc": mean("d_real_acc"),
+                "d_fake_acc": mean("d_fake_acc"), "replies": len(ex.replies), "dropped": len(ex.dropped),
+                "dropped_reasons": {str(n): why for n, why in ex.dropped.items()},
+                "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
+                "clients": clients}
+
+    # --- outputs ----------------------------------------------------------------------------
+    def samples(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
+
+    def final_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
+        with torch.no_grad():
+            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
+
+    def checkpoint(self, rnd: int) -> dict:
+        return {"round": rnd, "settings": asdict(self.s), "g": self.G.state_dict(), "d": self.D.state_dict(),
+                "partition_of": dict(self.nodes.partition_of), "comm": self.comm.state(),
+                "dropped_total": self.dropped_total, "rng": self.rng.getstate()}
+
+    def run(self, grid: Grid) -> dict:
+        s = self.s
+        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
+        self.nodes.num_nodes = len(nodes)
+        log.info("FedAvg: %d nodes, %d rounds x %d local steps", len(nodes), s.num_rounds, s.local_steps)
+        last: dict = {}
+        for rnd in range(1, s.num_rounds + 1):
+            nodes = sorted(grid.get_node_ids()) or nodes
+            t0 = time.monotonic()
+            record = self.run_round(grid, rnd, nodes)
+            record["wall_time"] = time.monotonic() - t0
+            self.recorder.log_round(record)
+            self.recorder.log_comm(self.comm.round_rows(rnd))
+            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+            if should(s.sample_every, rnd, s.num_rounds):
+                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
+            if should(s.checkpoint_every, rnd, s.num_rounds):
+                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            last = record
+        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
+                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
+                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
+                "eval": self.final_eval()}
+
+
+__all__ = ["FedAvg", "FedAvgSettings", "client_fedavg", "fedavg_aggregate", "FEDAVG", "CLIENT_STATE", "TRAIN_METRICS"]

@@ -1,0 +1,302 @@
+"""Local-only baseline (SPEC 1 and 4.5; the thesis' "GAN on the local dataset").
+
+Every client trains its own (G_i, D_i) on its own data and never shares them: each
+round the server sends ``train.alone`` (a ConfigRecord of settings) and client i runs
+``local-steps`` base-GAN steps (``models.steps.train_gan_step``), keeping both networks,
+both optimizers and its step count in its ``context.state``; the reply holds scalar
+metrics only. For sample grids and the final evaluation the server asks for generated
+samples (``query.alone_sample``), one row / set per client, as PrivacyGAN shows one
+student per client. Every client starts from the same networks as the other baselines
+(initialised from the run's seed), so differences come from the data alone.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from models.losses import check_loss_kind, make_optimizer
+from models.steps import sample_latent, train_gan_step
+from strategies import wire
+from strategies.base import Recorder, exchange, log, sample_nodes, wait_for_nodes
+from strategies.dataparallel import (NodeBook, make_message, param_dtype, require_metrics, require_replies,
+                                     seeded_models, should)
+
+ALONE = "train.alone"
+ALONE_SAMPLE = "query.alone_sample"
+SAMPLES = "samples"               # ArrayRecord {SAMPLES: (n, *sample)} client -> server, on request
+CLIENT_STATE = "local.client"     # context.state ConfigRecord: G_i, D_i, optimizers, steps (a torch.save blob)
+TRAIN_METRICS = ("g_loss", "d_loss", "d_real_acc", "d_fake_acc", "steps_total")
+
+
+# =====================================================================================
+# Client side: (G_i, D_i) never leave client i
+# =====================================================================================
+def gan_config(*, loss: str, gen_lr: float, disc_lr: float, beta1: float, beta2: float, batch_size: int,
+               steps: int, disc_steps: int, rnd: int, seed: int) -> ConfigRecord:
+    """The settings a client needs for local GAN steps (sent with every training message)."""
+    return ConfigRecord({"round": rnd, "loss": loss, "gen-lr": gen_lr, "disc-lr": disc_lr, "beta1": beta1,
+                         "beta2": beta2, "batch-size": batch_size, "steps": steps, "client-disc-steps": disc_steps,
+                         "seed": seed})
+
+
+def gan_optimizers(cfg: ConfigRecord, G: nn.Module, D: nn.Module):
+    loss, betas = str(cfg["loss"]), (float(cfg["beta1"]), float(cfg["beta2"]))
+    return (make_optimizer(loss, G.parameters(), float(cfg["gen-lr"]), betas),
+            make_optimizer(loss, D.parameters(), float(cfg["disc-lr"]), betas))
+
+
+def load_alone(state: RecordDict, cfg: ConfigRecord, build_generator, build_discriminator, device: str):
+    """(G, D, opt_g, opt_d, steps) of this client: from ``state``, or new ones on first contact
+    (initialised from the run seed in the config, like the other baselines' networks)."""
+    G, D = seeded_models(build_generator, build_discriminator, int(cfg["seed"]), device)
+    opt_g, opt_d = gan_optimizers(cfg, G, D)
+    steps = 0
+    if CLIENT_STATE in state.config_records:
+        blob = torch.load(io.BytesIO(state.config_records[CLIENT_STATE]["blob"]), map_location=device,
+                          weights_only=False)
+        G.load_state_dict(blob["G"])
+        D.load_state_dict(blob["D"])
+        opt_g.load_state_dict(blob["opt_g"])
+        opt_d.load_state_dict(blob["opt_d"])
+        steps = int(blob["steps"])
+    return G, D, opt_g, opt_d, steps
+
+
+def save_alone(state: RecordDict, G, D, opt_g, opt_d, steps: int) -> None:
+    buf = io.BytesIO()
+    torch.save({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "steps": steps}, buf)
+    state.config_records[CLIENT_STATE] = ConfigRecord({"blob": buf.getvalue(), "steps": steps})
+
+
+def local_gan_steps(G, D, opt_g, opt_d, *, sample_real, cfg: ConfigRecord, seed: int, partition_id: int | None,
+                    steps_done: int, device: str) -> dict[str, float]:
+    """``cfg['steps']`` base-GAN steps on this client's data; mean statistics of the steps.
+
+    Real batches and latents are drawn from generators seeded by the client's seed,
+    its partition id and its step count, so reruns are reproducible.
+    """
+    pid = partition_id or 0
+    data_gen = torch.Generator().manual_seed(seed * 1_000_003 + pid * 7919 + steps_done)
+    latent_gen = torch.Generator(device=device).manual_seed(seed * 31 + pid * 131 + steps_done)
+    loss, batch = str(cfg["loss"]), int(cfg["batch-size"])
+    n, d_steps = int(cfg["steps"]), int(cfg["client-disc-steps"])
+    totals: dict[str, float] = {}
+    for _ in range(n):
+        real = sample_real(batch, data_gen).to(device=device, dtype=param_dtype(D))
+        out = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, d_steps=d_steps, generator=latent_gen)
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {k: v / max(1, n) for k, v in totals.items()}
+
+
+def client_alone(content: RecordDict, state: RecordDict, *,
+                 sample_real: Callable[[int, torch.Generator], torch.Tensor],
+                 build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
+                 device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+    """``train.alone``: ``steps`` GAN steps of this client's own (G_i, D_i); metrics only go back."""
+    cfg = content.config_records[wire.CONFIG]
+    G, D, opt_g, opt_d, done = load_alone(state, cfg, build_generator, build_discriminator, device)
+    stats = local_gan_steps(G, D, opt_g, opt_d, sample_real=sample_real, cfg=cfg, seed=seed,
+                            partition_id=partition_id, steps_done=done, device=device)
+    done += int(cfg["steps"])
+    save_alone(state, G, D, opt_g, opt_d, done)
+    metrics = {"g_loss": stats.get("g_loss", math.nan), "d_loss": stats.get("d_loss", math.nan),
+               "d_real_acc": stats.get("d_real_acc", math.nan), "d_fake_acc": stats.get("d_fake_acc", math.nan),
+               "steps_total": done}
+    if partition_id is not None:
+        metrics["partition_id"] = int(partition_id)
+    return RecordDict({wire.METRICS: MetricRecord(metrics)})
+
+
+def client_alone_sample(content: RecordDict, state: RecordDict, *, build_generator: Callable[[], nn.Module],
+                        build_discriminator: Callable[[], nn.Module], device: str,
+                        partition_id: int | None = None) -> RecordDict:
+    """``query.alone_sample``: ``n`` samples of G_i from latents seeded by the server (generated data only)."""
+    cfg = content.config_records[wire.CONFIG]
+    G, _, _, _, done = load_alone(state, cfg, build_generator, build_discriminator, device)
+    z = sample_latent(int(cfg["n"]), G.latent_dim, generator=torch.Generator(device=device).manual_seed(
+        int(cfg["sample-seed"])), device=device)
+    with torch.no_grad():
+        x = G(z.to(param_dtype(G)))
+    metrics = {"steps_total": done}
+    if partition_id is not None:
+        metrics["partition_id"] = int(partition_id)
+    return RecordDict({SAMPLES: wire.tensor_record(**{SAMPLES: x.float()}), wire.METRICS: MetricRecord(metrics)})
+
+
+# =====================================================================================
+# Server side: only coordinates; holds no networks
+# =====================================================================================
+@dataclass(frozen=True)
+class LocalSettings:
+    num_rounds: int = 10
+    local_steps: int = 25
+    batch_size: int = 64
+    latent_dim: int = 100
+    loss: str = "bce"
+    gen_lr: float = 2e-4
+    disc_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    client_disc_steps: int = 1
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    min_replies: int = 1
+    round_timeout: float = 300.0
+    node_wait_timeout: float = 120.0
+    sample_every: int = 25
+    samples_per_client: int = 16
+    eval_samples: int = 2500
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_loss_kind(self.loss)
+
+
+class Local:
+    """Server loop of the local-only baseline. ``evaluate(samples_by_client)`` (from the app)
+    scores each client's generator on ``eval_samples`` samples at the end."""
+
+    def __init__(self, settings: LocalSettings, *, recorder: Recorder,
+                 evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
+                 describe_partition: Callable[[int, int], str] | None = None) -> None:
+        self.s = settings
+        self.recorder = recorder
+        self.evaluate = evaluate
+        self.nodes = NodeBook(describe_partition)
+        self.comm = wire.CommLog()          # training traffic (train.alone)
+        self.sample_comm = wire.CommLog()   # sample queries for grids and evaluation
+        self.rng = random.Random(settings.seed)
+        self.dropped_total = 0
+        self.steps_of: dict[int, int] = {}
+
+    # --- message contents (pure) ----------------------------------------------------------
+    def train_content(self, rnd: int) -> RecordDict:
+        s = self.s
+        return RecordDict({wire.CONFIG: gan_config(
+            loss=s.loss, gen_lr=s.gen_lr, disc_lr=s.disc_lr, beta1=s.beta1, beta2=s.beta2, batch_size=s.batch_size,
+            steps=s.local_steps, disc_steps=s.client_disc_steps, rnd=rnd, seed=s.seed)})
+
+    def sample_content(self, rnd: int, n: int, sample_seed: int) -> RecordDict:
+        content = self.train_content(rnd)
+        content.config_records[wire.CONFIG]["n"] = n
+        content.config_records[wire.CONFIG]["sample-seed"] = sample_seed
+        return content
+
+    @staticmethod
+    def parse_train(content: RecordDict) -> dict[str, float]:
+        """Metrics of a ``train.alone`` reply; a reply carrying anything but metrics is refused."""
+        extra = [name for name, _ in content.items() if name != wire.METRICS]
+        if extra:
+            raise wire.BadReply(f"unexpected record(s) {extra} in a local-training reply (only metrics may travel)")
+        metrics = wire.metrics_of(content)
+        require_metrics(metrics, TRAIN_METRICS)
+        return metrics
+
+    @staticmethod
+    def parse_samples(content: RecordDict, n: int) -> torch.Tensor:
+        if SAMPLES not in content.array_records or SAMPLES not in content.array_records[SAMPLES]:
+            raise wire.BadReply(f"missing array '{SAMPLES}.{SAMPLES}'")
+        x = wire.get_tensor(content.array_records[SAMPLES], SAMPLES)
+        if x.shape[0] != n or not torch.isfinite(x).all():
+            raise wire.BadReply(f"samples have shape {tuple(x.shape)} (expected {n} rows) or hold NaN/Inf")
+        return x
+
+    # --- rounds ----------------------------------------------------------------------------
+    def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
+        selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
+        msgs = {nid: make_message(self.train_content(rnd), nid, ALONE, rnd) for nid in selected}
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_train(r.content))
+        self.dropped_total += len(ex.dropped)
+        for nid, m in ex.replies.items():
+            self.nodes.note(nid, m)
+            self.steps_of[nid] = int(m["steps_total"])
+        for nid in selected:
+            self.comm.add(rnd, nid, ALONE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
+                          partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
+        require_replies(rnd, ex, self.s.min_replies)
+        clients = {self.nodes.label(nid): {"node": nid, **{k: ex.replies[nid][k] for k in TRAIN_METRICS}}
+                   for nid in self.nodes.order(ex.replies)}
+        for row in clients.values():
+            row["steps_total"] = int(row["steps_total"])
+        mean = lambda k: sum(c[k] for c in clients.values()) / len(clients)  # noqa: E731
+        return {"round": rnd, "g_loss": mean("g_loss"), "d_loss": mean("d_loss"), "d_real_acc": mean("d_real_acc"),
+                "d_fake_acc": mean("d_fake_acc"), "replies": len(ex.replies), "dropped": len(ex.dropped),
+                "dropped_reasons": {str(n): why for n, why in ex.dropped.items()},
+                "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
+                "clients": clients}
+
+    def collect_samples(self, grid: Grid, rnd: int, n: int,
+                        sample_seed: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        """n samples from every client that has trained (``query.alone_sample``); bytes down/up.
+
+        This traffic exists only to look at / score the clients' generators (the other
+        baselines sample on the server), so it is booked apart from the training bytes:
+        its own rows in comm.jsonl (action ``query.alone_sample``) and ``sample_bytes_*``.
+        """
+        nodes = self.nodes.order(self.steps_of)
+        msgs = {nid: make_message(self.sample_content(rnd, n, sample_seed), nid, ALONE_SAMPLE, rnd) for nid in nodes}
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_samples(r.content, n))
+        self.dropped_total += len(ex.dropped)
+        for nid in nodes:
+            self.sample_comm.add(rnd, nid, ALONE_SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
+                                 partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
+        rows = {self.nodes.label(nid): ex.replies[nid] for nid in nodes if nid in ex.replies}
+        return rows, sum(ex.bytes_down.values()), sum(ex.bytes_up.values())
+
+    def checkpoint(self, rnd: int) -> dict:
+        """The server side of the run (the networks live on the clients and stay there)."""
+        return {"round": rnd, "settings": asdict(self.s), "partition_of": dict(self.nodes.partition_of),
+                "steps_of": dict(self.steps_of), "comm": self.comm.state(), "sample_comm": self.sample_comm.state(),
+                "dropped_total": self.dropped_total, "rng": self.rng.getstate()}
+
+    def run(self, grid: Grid) -> dict:
+        s = self.s
+        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
+        self.nodes.num_nodes = len(nodes)
+        log.info("Local: %d clients each train alone, %d rounds x %d steps", len(nodes), s.num_rounds, s.local_steps)
+        last: dict = {}
+        evaluation: dict = {}
+        for rnd in range(1, s.num_rounds + 1):
+            nodes = sorted(grid.get_node_ids()) or nodes
+            t0 = time.monotonic()
+            record = self.run_round(grid, rnd, nodes)
+            record["sample_bytes_down"] = record["sample_bytes_up"] = 0
+            if should(s.sample_every, rnd, s.num_rounds):
+                rows, down, up = self.collect_samples(grid, rnd, s.samples_per_client, s.seed + 29)
+                record["sample_bytes_down"] += down
+                record["sample_bytes_up"] += up
+                self.recorder.save_samples(f"round{rnd:05d}", rows)
+            if rnd == s.num_rounds and self.evaluate is not None:
+                sets, down, up = self.collect_samples(grid, rnd, s.eval_samples, s.seed + 31)
+                record["sample_bytes_down"] += down
+                record["sample_bytes_up"] += up
+                evaluation = self.evaluate(sets) if sets else {}
+                record["eval"] = evaluation
+            record["wall_time"] = time.monotonic() - t0
+            self.recorder.log_round(record)
+            self.recorder.log_comm(self.comm.round_rows(rnd) + self.sample_comm.round_rows(rnd))
+            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+            if should(s.checkpoint_every, rnd, s.num_rounds):
+                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            last = record
+        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
+                "bytes_up": self.comm.up_total, "sample_bytes_down": self.sample_comm.down_total,
+                "sample_bytes_up": self.sample_comm.up_total, "dropped_replies": self.dropped_total,
+                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.steps_of)}, "eval": evaluation}
+
+
+__all__ = ["Local", "LocalSettings", "client_alone", "client_alone_sample", "gan_config", "load_alone", "save_alone",
+           "local_gan_steps", "ALONE", "ALONE_SAMPLE", "SAMPLES", "CLIENT_STATE", "TRAIN_METRICS"]
