@@ -9,6 +9,7 @@ In a deployment a SuperNode may point at its own private data with
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from functools import lru_cache
 
 import torch
@@ -18,7 +19,7 @@ from flwr.clientapp import ClientApp
 from app.builders import geometry, make_discriminator, make_generator
 from app.config import Config, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
-from strategies import mggan
+from strategies import bpgan, dataparallel, fedavg, local, mggan
 from strategies.privacygan import client_discriminate
 
 
@@ -43,6 +44,8 @@ def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]
         pid = node.get("partition-id")
         return client_dataset(spec, 0, 1), (int(pid) if pid is not None else None)
     pid, n = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    if cfg.strategy == "bpgan":  # only the discriminator nodes (even ids) hold data: split it among them
+        return client_dataset(cfg.data_spec(), pid // 2, max(1, n // 2)), pid
     return client_dataset(cfg.data_spec(), pid, n), pid
 
 
@@ -91,39 +94,65 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid)
         return Message(content=reply, reply_to=msg)
 
+    def builders(cfg: Config) -> dict:
+        return {"build_generator": lambda: make_generator(cfg),
+                "build_discriminator": lambda: make_discriminator(cfg), "device": resolve_device(cfg.device)}
+
+    # --- baselines: dataparallel, fedavg, local ------------------------------------------
+    def with_data(cfg: Config, context: Context) -> dict:
+        data, pid = local_data(cfg, context)
+        x = data.x
+        return {"sample_real": lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], "partition_id": pid,
+                "num_examples": len(x)}
+
+    def handler(fn, *, data: bool):
+        """A ClientApp handler around a strategy's client function: it gets this node's data
+        sampler (when ``data``), model builders, device, seed and partition id — whichever of
+        them its signature asks for."""
+        wanted = set(inspect.signature(fn).parameters)
+
+        def handle(msg: Message, context: Context) -> Message:
+            cfg = _config(config, context)
+            kw = {**builders(cfg), "seed": cfg.seed}
+            if data:
+                kw.update(with_data(cfg, context))
+            else:
+                part = context.node_config.get("partition-id")
+                kw["partition_id"] = int(part) if part is not None else None
+            kw = {k: v for k, v in kw.items() if k in wanted}
+            return Message(content=fn(msg.content, context.state, **kw), reply_to=msg)
+        return handle
+
+    # --- BPGAN: a discriminator node keeps only its data; a generator node keeps G ------------
+    app.train("generator_step")(handler(bpgan.client_generator_step, data=False))
+    app.query("bpgan_sample")(handler(bpgan.client_bpgan_sample, data=False))
+
+    @app.train("discriminator_grad")
+    def discriminator_grad(msg: Message, context: Context) -> Message:
+        cfg = _config(config, context)
+        d_cfg = cfg.replace(loss=bpgan.resolve_model(cfg.bpgan_model)[1])  # the D of this run's block kind
+        data = with_data(cfg, context)
+        reply = bpgan.client_discriminator_grad(
+            msg.content, context.state, sample_real=data["sample_real"], partition_id=data["partition_id"],
+            build_discriminator=lambda: make_discriminator(d_cfg), device=resolve_device(cfg.device), seed=cfg.seed)
+        return Message(content=reply, reply_to=msg)
+
+    app.train("dp_discriminator")(handler(dataparallel.client_dp_discriminator, data=True))
+    app.train("dp_generator")(handler(dataparallel.client_dp_generator, data=False))
+    app.train("fedavg")(handler(fedavg.client_fedavg, data=True))
+    app.train("alone")(handler(local.client_alone, data=True))
+    app.query("alone_sample")(handler(local.client_alone_sample, data=False))
+
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
         """What the server may know about this node: its partition id, its role and whether
         it holds a private data folder (never the path or anything about the data)."""
         return Message(content=RecordDict({"metrics": MetricRecord(node_info(context.node_config))}), reply_to=msg)
 
-    # --- MGGAN: group k's (G_k, D_k) live here -------------------------------------------
-    def builders(cfg: Config) -> dict:
-        return {"build_generator": lambda: make_generator(cfg),
-                "build_discriminator": lambda: make_discriminator(cfg), "device": resolve_device(cfg.device)}
-
-    @app.train("local")
-    def local(msg: Message, context: Context) -> Message:
-        cfg = _config(config, context)
-        data, pid = local_data(cfg, context)
-        x = data.x
-
-        def sample_real(batch: int, gen: torch.Generator) -> torch.Tensor:
-            return x[torch.randint(len(x), (batch,), generator=gen)]
-
-        reply = mggan.client_local(msg.content, context.state, sample_real=sample_real, seed=cfg.seed,
-                                   partition_id=pid, **builders(cfg))
-        return Message(content=reply, reply_to=msg)
-
-    @app.query("get_discriminator")
-    def get_discriminator(msg: Message, context: Context) -> Message:
-        reply = mggan.client_get_discriminator(msg.content, context.state, **builders(_config(config, context)))
-        return Message(content=reply, reply_to=msg)
-
-    @app.query("sample")
-    def sample(msg: Message, context: Context) -> Message:
-        reply = mggan.client_sample(msg.content, context.state, **builders(_config(config, context)))
-        return Message(content=reply, reply_to=msg)
+    # --- MGGAN: group k's (G_k, D_k) live here ---------------------------------------------
+    app.train("local")(handler(mggan.client_local, data=True))
+    app.query("get_discriminator")(handler(mggan.client_get_discriminator, data=False))
+    app.query("sample")(handler(mggan.client_sample, data=False))
 
     return app
 

@@ -20,7 +20,8 @@ from app.data import DATASETS, PARTITIONS, SERVER_DATA, DataSpec
 from models.losses import LOSS_KINDS
 from strategies.wire import FAKE_DTYPES, FEEDBACK_DTYPES
 
-STRATEGIES = ("privacygan", "mggan")
+STRATEGIES = ("privacygan", "bpgan", "mggan", "dataparallel", "fedavg", "local", "centralized")
+BPGAN_MODELS = ("dcgan", "wgan", "dcwgan", "wdcgan")
 MODELS = ("auto", "dcgan", "mlp")
 IMAGE_SIZES = (0, 16, 32, 64)
 INITS = ("teacher", "random")
@@ -69,9 +70,13 @@ class Config:
     student_init: str = "teacher"
     client_d_init: str = "random"
     server_gen_lr: float = 0.0002
+    server_disc_lr: float = 0.0002
     client_disc_lr: float = 0.0002
     client_disc_steps: int = 1
     steps_per_round: int = 4
+    # --- BPGAN (SPEC 4.3, thesis ch. 4) -----------------------------------------
+    bpgan_model: str = "dcgan"
+    bpgan_pipeline: bool = True
     # --- MGGAN (SPEC 4.4, thesis ch. 3) -----------------------------------------
     local_steps: int = 25
     mggan_losses: str = "bce"
@@ -238,11 +243,14 @@ def validate(cfg: Config) -> None:
         _check(getattr(cfg, name_) >= 1, k(name_), getattr(cfg, name_), "an integer >= 1")
     for name_ in ("teacher_steps", "sample_every", "checkpoint_every"):
         _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), "an integer >= 0 (0 = never)")
-    for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "client_disc_lr",
+    for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "server_disc_lr", "client_disc_lr",
                   "round_timeout", "node_wait_timeout"):
         _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
     _check(cfg.min_replies <= cfg.min_nodes, k("min-replies"), cfg.min_replies,
            f"<= min-nodes ({cfg.min_nodes})")
+    _one_of(k("bpgan-model"), cfg.bpgan_model, BPGAN_MODELS)
+    _check(cfg.strategy != "bpgan" or cfg.min_nodes % 2 == 0, k("min-nodes"), cfg.min_nodes,
+           "even for bpgan (discriminator and generator nodes come in pairs)")
     # MGGAN
     losses = cfg.mggan_losses.split(",")
     for loss in losses:

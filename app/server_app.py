@@ -21,10 +21,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, make_discriminator, make_generator, optimizer_for
 from app.config import Config, ConfigError, config_from_context, parse_config, resolve_device
-from app.data import mode_means, partition_summary, server_dataset
+from app.data import client_dataset, mode_means, partition_summary, server_dataset
 from app.metrics import density_plot, mode_metrics
 from app.runs import Progress, RunFolder
 from strategies.base import log
+from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
+from strategies.centralized import Centralized, CentralizedSettings
+from strategies.dataparallel import DataParallel, DataParallelSettings
+from strategies.fedavg import FedAvg, FedAvgSettings
+from strategies.local import Local, LocalSettings
 from strategies.mggan import MGGAN, MGGANSettings
 from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, train_teacher
 
@@ -185,7 +190,76 @@ def run_mggan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder:
     return MGGAN(mggan_settings(cfg), recorder=recorder, evaluate=sample_evaluator(cfg)).run(grid)
 
 
-RUNNERS = {"privacygan": run_privacygan, "mggan": run_mggan}
+def _settings(cls, cfg: Config, **mapped):
+    """A strategy's Settings from the Config fields of the same name, plus explicit mappings."""
+    fields = cls.__dataclass_fields__
+    return cls(**{**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)},
+                  **{k: v for k, v in mapped.items() if k in fields}})
+
+
+def _common(cfg: Config, device: str, recorder: RunRecorder) -> dict:
+    return {"recorder": recorder, "evaluate": sample_evaluator(cfg), "device": device,
+            "sample_shape": geometry(cfg).sample_shape}
+
+
+def _on_client_lrs(cfg: Config) -> dict:
+    return {"gen_lr": cfg.client_gen_lr, "disc_lr": cfg.client_disc_lr, "beta1": cfg.adam_beta1,
+            "beta2": cfg.adam_beta2}
+
+
+def _on_server_lrs(cfg: Config) -> dict:
+    return {"gen_lr": cfg.server_gen_lr, "disc_lr": cfg.server_disc_lr, "beta1": cfg.adam_beta1,
+            "beta2": cfg.adam_beta2}
+
+
+def run_dataparallel(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
+    return DataParallel(_settings(DataParallelSettings, cfg, **_on_server_lrs(cfg)),
+                        make_generator=lambda: make_generator(cfg), make_discriminator=lambda: make_discriminator(cfg),
+                        describe_partition=partition_labeller(cfg), **_common(cfg, device, recorder)).run(grid)
+
+
+def run_fedavg(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
+    return FedAvg(_settings(FedAvgSettings, cfg, **_on_client_lrs(cfg)),
+                  make_generator=lambda: make_generator(cfg), make_discriminator=lambda: make_discriminator(cfg),
+                  describe_partition=partition_labeller(cfg), **_common(cfg, device, recorder)).run(grid)
+
+
+def run_local(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
+    return Local(_settings(LocalSettings, cfg, **_on_client_lrs(cfg)), recorder=recorder,
+                 evaluate=sample_evaluator(cfg), describe_partition=partition_labeller(cfg)).run(grid)
+
+
+def union_of_clients(cfg: Config) -> torch.Tensor:
+    """The centralized reference's data: the union of the partitions of ``min-nodes`` clients."""
+    spec = cfg.data_spec()
+    return torch.cat([client_dataset(spec, i, cfg.min_nodes).x for i in range(cfg.min_nodes)])
+
+
+def run_centralized(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
+    x = union_of_clients(cfg)
+    say(f"centralized reference: one GAN on the union of {cfg.min_nodes} clients' data ({len(x)} samples)")
+    return Centralized(_settings(CentralizedSettings, cfg, **_on_server_lrs(cfg)),
+                       sample_real=lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)],
+                       make_generator=lambda: make_generator(cfg), make_discriminator=lambda: make_discriminator(cfg),
+                       **_common(cfg, device, recorder)).run(grid)
+
+
+def bpgan_discriminator_config(cfg: Config) -> Config:
+    """The run config as the BPGAN discriminator sees it: the loss of its block kind."""
+    return cfg.replace(loss=resolve_model(cfg.bpgan_model)[1])
+
+
+def run_bpgan(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
+    g_block, d_loss = resolve_model(cfg.bpgan_model)
+    settings = _settings(BPGANSettings, cfg, pipeline=cfg.bpgan_pipeline, g_block=g_block, d_loss=d_loss,
+                         gen_lr=cfg.client_gen_lr, disc_lr=cfg.server_disc_lr, beta1=cfg.adam_beta1,
+                         beta2=cfg.adam_beta2, samples_per_node=cfg.samples_per_client)
+    return BPGAN(settings, discriminator=make_discriminator(bpgan_discriminator_config(cfg)).to(device),
+                 **_common(cfg, device, recorder)).run(grid)
+
+
+RUNNERS = {"privacygan": run_privacygan, "bpgan": run_bpgan, "mggan": run_mggan, "dataparallel": run_dataparallel,
+           "fedavg": run_fedavg, "local": run_local, "centralized": run_centralized}
 
 
 def run(grid: Grid, cfg: Config) -> Path:
@@ -198,6 +272,8 @@ def run(grid: Grid, cfg: Config) -> Path:
     else:
         folder = RunFolder.create(cfg.output_dir, cfg.strategy, cfg.dataset, cfg.to_run_config(),
                                   run_name=cfg.run_name)
+        for name in ("metrics.jsonl", "comm.jsonl"):  # present for every strategy, even one that sends nothing
+            (folder.path / name).touch()
     handler = _attach_log_file(folder)
     say(f"run folder: {folder.path}")
     if checkpoint is not None:
