@@ -1,0 +1,184 @@
+"""A real deployment on loopback: `flower-superlink`, `flower-supernode` processes with their
+own data folders, and the `flwr run` CLI -- no simulation engine, no mocks.
+
+What is checked: a plain run, a SuperNode dying mid-run, a SuperNode pointed at a data folder
+that does not exist, and TLS (including a SuperNode that does not trust the SuperLink's CA).
+Every process the tests start is gone afterwards, also when a test fails (fixture teardown).
+
+Cost on 2 CPU cores: each round takes 10-20 s (every message starts a fresh ClientApp
+process) and the round in which a SuperNode is SIGKILLed waits ~60 s for its heartbeat to lapse.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app.loopback import Loopback, export_digits_folders, process_alive
+
+pytestmark = pytest.mark.e2e
+
+TINY = ("teacher-steps=5 gen-features=8 disc-features=8 batch-size=8 steps-per-round=1 "
+        "sample-every=1 samples-per-client=4 node-wait-timeout=90")
+
+
+def config(out: Path, **keys) -> str:
+    extra = " ".join(f"{k.replace('_', '-')}={v}" for k, v in keys.items())
+    return f"{TINY} {extra} output-dir={json.dumps(str(out))}"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> list[Path]:
+    """Three nodes' private folder-per-class PNG trees (digits {0,1}, {2,3}, {4,5})."""
+    return export_digits_folders(tmp_path_factory.mktemp("data"), 3)
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    """Start Loopback deployments; teardown stops them and checks no process is left."""
+    made: list[Loopback] = []
+
+    def start(data_paths, **kwargs) -> Loopback:
+        lb = Loopback(tmp_path / f"loopback{len(made)}", data_paths, **kwargs)
+        made.append(lb)
+        return lb.start()
+
+    yield start
+    leftovers = {}
+    for lb in made:
+        seen = lb.all_pids()
+        lb.stop()
+        left = sorted(p for p in seen | lb.all_pids() if process_alive(p))
+        if left:
+            leftovers[str(lb.dir)] = left
+    assert not leftovers, f"processes left running: {leftovers}"
+
+
+def run_folder(out: Path) -> Path:
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def rounds(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_two_supernodes_run_privacygan_and_leave_no_process(deploy, folders, tmp_path):
+    lb = deploy(folders[:2])
+    out = tmp_path / "out"
+    during: set[int] = set()
+
+    def watch(line: str) -> None:   # while round 1 is done, the ServerApp and ClientApps exist too
+        if "round 1/2" in line:
+            during.update(lb.all_pids())
+
+    rc, output, run_id, status = lb.run(config(out, num_rounds=2, min_nodes=2), timeout=300, on_line=watch)
+    assert run_id is not None, output
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    assert f"run folder: {folder}" in output
+    metrics = rounds(folder)
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(m["replies"] == 2 and m["dropped"] == 0 for m in metrics), metrics
+    assert (folder / "samples" / "round00002.png").exists()
+    assert "- status: **success**" in (folder / "summary.md").read_text()
+
+    started = during | lb.all_pids()
+    assert lb.superlink.pid in started and all(p.pid in started for p in lb.supernodes)
+    lb.stop()
+    assert not [p for p in started if process_alive(p)]
+    assert not lb.all_pids()
+
+
+def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(deploy, folders, tmp_path):
+    lb = deploy(folders[:3])
+    victim = lb.node_id(2)
+    assert victim, lb.node_logs[2].read_text()
+    out = tmp_path / "out"
+    killed_after: list[int] = []
+
+    def killer() -> None:      # SIGKILL node 2 (and its ClientApps) once round 1 is in metrics.jsonl
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed_after:
+            runs = list((out / "runs").glob("*/metrics.jsonl")) if (out / "runs").exists() else []
+            if runs and rounds(runs[0].parent):
+                lb.kill_supernode(2, signal.SIGKILL)
+                killed_after.append(len(rounds(runs[0].parent)))
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    rc, output, run_id, status = lb.run(
+        config(out, num_rounds=3, min_nodes=3, min_replies=1, round_timeout=120), timeout=420)
+    thread.join(timeout=5)
+    assert killed_after == [1], (killed_after, output)
+    assert not process_alive(lb.supernodes[2].pid)
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    metrics = rounds(folder)
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert metrics[0]["replies"] == 3 and metrics[0]["dropped"] == 0
+    later = metrics[1:]
+    assert all(m["replies"] == 2 for m in later), later
+    # the dead node is dropped in the round it died in, with Flower's reason
+    assert victim in later[0]["dropped_reasons"], later[0]
+    reason = later[0]["dropped_reasons"][victim]
+    assert "code 5" in reason or "no reply" in reason, reason   # node unavailable (or silent)
+    assert all(set(m["dropped_reasons"]) <= {victim} for m in later)
+    log = (folder / "log.txt").read_text()
+    assert f"dropping node {victim} this round:" in log
+    assert "- status: **success**" in (folder / "summary.md").read_text()
+
+
+def test_a_supernode_with_a_missing_data_path_is_reported_and_the_run_completes(deploy, folders, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    lb = deploy([folders[0], missing])
+    bad = lb.node_id(1)
+    out = tmp_path / "out"
+    rc, output, run_id, status = lb.run(config(out, num_rounds=1, min_nodes=2, min_replies=1), timeout=300)
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    metrics = rounds(folder)
+    assert [m["replies"] for m in metrics] == [1], metrics
+    for m in metrics:
+        assert list(m["dropped_reasons"]) == [bad], m
+        reason = m["dropped_reasons"][bad]
+        assert "code 2" in reason and str(missing) in reason, reason
+    log = (folder / "log.txt").read_text()
+    assert f"dropping node {bad} this round:" in log and str(missing) in log
+
+
+def test_tls_run_succeeds_and_a_supernode_without_the_ca_cannot_join(deploy, folders, tmp_path):
+    lb = deploy(folders[:2], tls=True)
+    config_toml = (lb.flwr_home / "config.toml").read_text()
+    assert "root-certificates" in config_toml and "insecure" not in config_toml
+    # a third SuperNode started without --root-certificates (and without --insecure)
+    stranger = lb.add_supernode(folders[2], trust_ca=False)
+    out = tmp_path / "out"
+    rc, output, run_id, status = lb.run(config(out, num_rounds=2, min_nodes=2), timeout=300)
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    metrics = rounds(folder)
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(m["replies"] == 2 and m["dropped"] == 0 for m in metrics), metrics
+    assert "- status: **success**" in (folder / "summary.md").read_text()
+
+    proc = lb.supernodes[stranger]
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    text = lb.node_logs[stranger].read_text(errors="replace")
+    assert proc.returncode not in (None, 0), text
+    assert "CERTIFICATE_VERIFY_FAILED" in text or "handshake" in text.lower(), text
+    assert "SuperNode ID" not in text
+    assert len(lb.supernode_list()) == 2
