@@ -109,7 +109,7 @@ class Config:
     run_name: str = ""
     sample_every: int = 25
     samples_per_client: int = 16
-    checkpoint_every: int = 50
+    checkpoint_every: int = 10
     resume: str = ""
 
     # ---------------------------------------------------------------------------
