@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -91,6 +93,13 @@ def test_two_supernodes_run_privacygan_and_leave_no_process(deploy, folders, tmp
     assert all(m["replies"] == 2 and m["dropped"] == 0 for m in metrics), metrics
     assert (folder / "samples" / "round00002.png").exists()
     assert "- status: **success**" in (folder / "summary.md").read_text()
+
+    # fedgan-run against the same deployment tells the truth about a failed run (bad config)
+    launch = subprocess.run([sys.executable, "-m", "app.launch", "--connection", lb.name, "--run-config",
+                             config(out, alpha=1.5)], env=lb.env(), cwd=lb.project, capture_output=True,
+                            text=True, timeout=300)
+    assert launch.returncode == 1, launch.stdout + launch.stderr
+    assert "finished:failed" in launch.stdout and "'alpha' = 1.5" in launch.stdout
 
     started = during | lb.all_pids()
     assert lb.superlink.pid in started and all(p.pid in started for p in lb.supernodes)
