@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Protocol
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from models.losses import check_loss_kind
 from strategies.wire import BadReply, message_bytes
 
 log = logging.getLogger("fedgan")
@@ -60,6 +61,39 @@ class NullRecorder:
 
     def progress(self, rnd: int, metrics: dict) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class GANSettings:
+    """Knobs every GAN training loop here shares (the app fills them from the run config)."""
+
+    num_rounds: int = 10
+    batch_size: int = 64
+    latent_dim: int = 100
+    loss: str = "bce"
+    gen_lr: float = 2e-4
+    disc_lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    sample_every: int = 25
+    samples_per_client: int = 16
+    eval_samples: int = 2500
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_loss_kind(self.loss)
+
+
+@dataclass(frozen=True)
+class FederatedSettings(GANSettings):
+    """... plus the mechanics of talking to clients (SPEC 4.1)."""
+
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    min_replies: int = 1
+    round_timeout: float = 300.0
+    node_wait_timeout: float = 120.0
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -136,5 +170,5 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     return out
 
 
-__all__ = ["RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+__all__ = ["GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

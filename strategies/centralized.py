@@ -22,32 +22,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.losses import check_loss_kind, make_optimizer
+from models.losses import make_optimizer
 from models.steps import train_gan_step
-from strategies.base import Recorder, log
+from strategies.base import GANSettings, Recorder, log
 from strategies.dataparallel import fixed_latents, param_dtype, seeded_models, should
 
 
 @dataclass(frozen=True)
-class CentralizedSettings:
-    num_rounds: int = 10
-    local_steps: int = 25
-    batch_size: int = 64
-    latent_dim: int = 100
-    loss: str = "bce"
-    gen_lr: float = 2e-4
-    disc_lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    client_disc_steps: int = 1
-    sample_every: int = 25
-    samples_per_client: int = 16
-    eval_samples: int = 2500
-    checkpoint_every: int = 50
-    seed: int = 0
+class CentralizedSettings(GANSettings):
+    """One GAN in the server process; a "round" is ``local_steps`` steps."""
 
-    def __post_init__(self) -> None:
-        check_loss_kind(self.loss)
+    local_steps: int = 25
+    client_disc_steps: int = 1
 
 
 class Centralized:

@@ -53,7 +53,7 @@ from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_
                            gradient_penalty, make_optimizer)
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
+from strategies.base import FederatedSettings, Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
 
 DP_DISCRIMINATOR = "train.dp_discriminator"
 DP_GENERATOR = "train.dp_generator"
@@ -329,31 +329,11 @@ def client_dp_generator(content: RecordDict, state: RecordDict | None = None, *,
 # Server side
 # =====================================================================================
 @dataclass(frozen=True)
-class DataParallelSettings:
+class DataParallelSettings(FederatedSettings):
     """What the data-parallel server loop needs. ``batch_size`` is per client: with N
     replies a step sees N·batch_size samples."""
 
     num_rounds: int = 100
-    batch_size: int = 64
-    latent_dim: int = 100
-    loss: str = "bce"
-    gen_lr: float = 2e-4
-    disc_lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    fraction_train: float = 1.0
-    min_nodes: int = 2
-    min_replies: int = 1
-    round_timeout: float = 300.0
-    node_wait_timeout: float = 120.0
-    sample_every: int = 25
-    samples_per_client: int = 16
-    eval_samples: int = 2500
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_loss_kind(self.loss)
 
 
 class DataParallel:

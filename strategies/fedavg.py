@@ -30,9 +30,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
-from models.losses import check_loss_kind
 from strategies import wire
-from strategies.base import Recorder, exchange, log, sample_nodes, wait_for_nodes
+from strategies.base import FederatedSettings, Recorder, exchange, log, sample_nodes, wait_for_nodes
 from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, NodeBook, fixed_latents, load_weights,
                                      make_message, param_dtype, require_count, require_metrics, require_replies,
                                      require_tensors, seeded_models, should, weights_record)
@@ -106,30 +105,11 @@ def fedavg_aggregate(replies: list[tuple[ArrayRecord, int]],
 # Server side
 # =====================================================================================
 @dataclass(frozen=True)
-class FedAvgSettings:
-    num_rounds: int = 10
-    local_steps: int = 25
-    batch_size: int = 64
-    latent_dim: int = 100
-    loss: str = "bce"
-    gen_lr: float = 2e-4
-    disc_lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    client_disc_steps: int = 1
-    fraction_train: float = 1.0
-    min_nodes: int = 2
-    min_replies: int = 1
-    round_timeout: float = 300.0
-    node_wait_timeout: float = 120.0
-    sample_every: int = 25
-    samples_per_client: int = 16
-    eval_samples: int = 2500
-    checkpoint_every: int = 50
-    seed: int = 0
+class FedAvgSettings(FederatedSettings):
+    """FedGAN: ``local_steps`` GAN steps on every client between two averagings."""
 
-    def __post_init__(self) -> None:
-        check_loss_kind(self.loss)
+    local_steps: int = 25
+    client_disc_steps: int = 1
 
 
 class FedAvg:

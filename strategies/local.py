@@ -24,10 +24,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from models.losses import check_loss_kind, make_optimizer
+from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
-from strategies.base import Recorder, exchange, log, sample_nodes, wait_for_nodes
+from strategies.base import FederatedSettings, Recorder, exchange, log, sample_nodes, wait_for_nodes
 from strategies.dataparallel import (NodeBook, make_message, param_dtype, require_metrics, require_replies,
                                      seeded_models, should)
 
@@ -139,30 +139,11 @@ def client_alone_sample(content: RecordDict, state: RecordDict, *, build_generat
 # Server side: only coordinates; holds no networks
 # =====================================================================================
 @dataclass(frozen=True)
-class LocalSettings:
-    num_rounds: int = 10
-    local_steps: int = 25
-    batch_size: int = 64
-    latent_dim: int = 100
-    loss: str = "bce"
-    gen_lr: float = 2e-4
-    disc_lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    client_disc_steps: int = 1
-    fraction_train: float = 1.0
-    min_nodes: int = 2
-    min_replies: int = 1
-    round_timeout: float = 300.0
-    node_wait_timeout: float = 120.0
-    sample_every: int = 25
-    samples_per_client: int = 16
-    eval_samples: int = 2500
-    checkpoint_every: int = 50
-    seed: int = 0
+class LocalSettings(FederatedSettings):
+    """Each client alone: ``local_steps`` GAN steps per round on its own data."""
 
-    def __post_init__(self) -> None:
-        check_loss_kind(self.loss)
+    local_steps: int = 25
+    client_disc_steps: int = 1
 
 
 class Local:
