@@ -51,18 +51,20 @@ def mode_metrics(samples: torch.Tensor, means: torch.Tensor, std: float, *, min_
 def density_plot(path: str | Path, panels: dict[str, torch.Tensor], means: torch.Tensor | None = None,
                  *, lim: float = 3.0, bins: int = 120) -> Path:
     """One 2-D histogram (density heat map) per panel, real mode means marked; saved as PNG."""
-    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    matplotlib.rcParams["image.cmap"] = "magma"
     n = len(panels)
     fig = Figure(figsize=(2.6 * n, 2.8))
     FigureCanvasAgg(fig)
     for i, (title, pts) in enumerate(panels.items(), start=1):
         ax = fig.add_subplot(1, n, i)
         pts = torch.as_tensor(pts).double().numpy()
-        ax.hist2d(pts[:, 0], pts[:, 1], bins=bins, range=[[-lim, lim], [-lim, lim]])
+        # log colour scale: a mode that holds a few samples stays visible next to a crowded one
+        ax.set_facecolor("black")
+        ax.hist2d(pts[:, 0], pts[:, 1], bins=bins, range=[[-lim, lim], [-lim, lim]], norm=LogNorm(), cmin=1,
+                  cmap="magma")
         if means is not None:
             m = torch.as_tensor(means).numpy()
             ax.scatter(m[:, 0], m[:, 1], s=12, c="#35c0ff", marker="x", linewidths=0.8)

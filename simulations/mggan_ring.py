@@ -61,6 +61,21 @@ def final_eval(run: Path) -> dict:
     return last["eval"]["mixture"]
 
 
+def density_figures(out: Path, runs: dict[str, list[str]], K: int, intervals: list[int]) -> None:
+    """Density of the mixture per evaluation step, one figure per T (seed 0, K groups),
+    like thesis Figs. 3.4-3.5; from the sample dumps of the runs."""
+    means, _ = mode_means("ring")
+    for T in intervals:
+        run = Path(runs[f"MGGAN K={K} T={T}"][0])
+        history = RunFolder.open(run).read_jsonl("metrics.jsonl")
+        panels = {}
+        for pt in sorted((run / "samples").glob("round*.pt")):
+            rnd = int(pt.stem.replace("round", ""))
+            panels[f"T={T}, iteration {history[rnd - 1]['iteration']}"] = torch.load(pt)["mixture"]
+        if panels:
+            density_plot(out / f"density_K{K}_T{T}.png", panels, means)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,19 +135,7 @@ def main(argv=None) -> int:
     (args.out / "table.md").write_text(table + "\n")
     print(table)
 
-    # density per step, one row per T (seed 0, largest K), like thesis Figs. 3.4-3.5
-    means, _ = mode_means("ring")
-    K = max(args.groups)
-    for T in args.intervals:
-        name = f"MGGAN K={K} T={T}"
-        run = Path(runs[name][0])
-        panels = {}
-        for pt in sorted((run / "samples").glob("round*.pt")):
-            rnd = int(pt.stem.replace("round", ""))
-            it = RunFolder.open(run).read_jsonl("metrics.jsonl")[rnd - 1]["iteration"]
-            panels[f"T={T}, iteration {it}"] = torch.load(pt)["mixture"]
-        if panels:
-            density_plot(args.out / f"density_K{K}_T{T}.png", panels, means)
+    density_figures(args.out, runs, max(args.groups), args.intervals)
     print(f"[mggan_ring] results in {args.out}")
     return 0
 
