@@ -328,6 +328,51 @@ def client_dp_generator(content: RecordDict, state: RecordDict | None = None, *,
 # =====================================================================================
 # Server side
 # =====================================================================================
+class GlobalGANServer:
+    """What the servers holding one global (G, D) share — data-parallel and FedAvg: the
+    sample grid, the final evaluation and the round loop. A subclass provides
+    ``run_round(grid, rnd, nodes) -> record`` and ``checkpoint(rnd) -> dict``."""
+
+    name = "GlobalGAN"
+
+    # --- outputs --------------------------------------------------------------------------
+    def samples(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
+
+    def final_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
+        with torch.no_grad():
+            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        s = self.s
+        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
+        self.nodes.num_nodes = len(nodes)
+        log.info("%s: %d nodes, %d rounds", self.name, len(nodes), s.num_rounds)
+        last: dict = {}
+        for rnd in range(1, s.num_rounds + 1):
+            nodes = sorted(grid.get_node_ids()) or nodes
+            t0 = time.monotonic()
+            record = self.run_round(grid, rnd, nodes)
+            record["wall_time"] = time.monotonic() - t0
+            self.recorder.log_round(record)
+            self.recorder.log_comm(self.comm.round_rows(rnd))
+            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+            if should(s.sample_every, rnd, s.num_rounds):
+                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
+            if should(s.checkpoint_every, rnd, s.num_rounds):
+                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            last = record
+        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
+                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
+                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
+                "eval": self.final_eval()}
+
+
 @dataclass(frozen=True)
 class DataParallelSettings(FederatedSettings):
     """What the data-parallel server loop needs. ``batch_size`` is per client: with N
@@ -336,8 +381,10 @@ class DataParallelSettings(FederatedSettings):
     num_rounds: int = 100
 
 
-class DataParallel:
+class DataParallel(GlobalGANServer):
     """The data-parallel GAN server: G, D and both optimizers live here."""
+
+    name = "DataParallel"
 
     def __init__(self, settings: DataParallelSettings, *, make_generator: Callable[[], nn.Module],
                  make_discriminator: Callable[[], nn.Module], recorder: Recorder,
@@ -444,49 +491,11 @@ class DataParallel:
                 "bytes_up": sum(ex_d.bytes_up.values()) + sum(ex_g.bytes_up.values()),
                 "clients": clients}
 
-    # --- outputs --------------------------------------------------------------------------
-    def samples(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
-
-    def final_eval(self) -> dict:
-        if self.evaluate is None:
-            return {}
-        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
-        with torch.no_grad():
-            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
-
     def checkpoint(self, rnd: int) -> dict:
         return {"round": rnd, "settings": asdict(self.s), "g": self.G.state_dict(), "d": self.D.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "partition_of": dict(self.nodes.partition_of), "comm": self.comm.state(),
                 "dropped_total": self.dropped_total, "rng": self.rng.getstate()}
-
-    # --- the loop -------------------------------------------------------------------------
-    def run(self, grid: Grid) -> dict:
-        s = self.s
-        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
-        self.nodes.num_nodes = len(nodes)
-        log.info("DataParallel: %d nodes, %d rounds, %d samples per client per step", len(nodes), s.num_rounds,
-                 s.batch_size)
-        last: dict = {}
-        for rnd in range(1, s.num_rounds + 1):
-            nodes = sorted(grid.get_node_ids()) or nodes
-            t0 = time.monotonic()
-            record = self.run_round(grid, rnd, nodes)
-            record["wall_time"] = time.monotonic() - t0
-            self.recorder.log_round(record)
-            self.recorder.log_comm(self.comm.round_rows(rnd))
-            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
-            if should(s.sample_every, rnd, s.num_rounds):
-                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
-            if should(s.checkpoint_every, rnd, s.num_rounds):
-                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
-            last = record
-        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
-                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
-                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
-                "eval": self.final_eval()}
 
 
 __all__ = ["DataParallel", "DataParallelSettings", "client_dp_discriminator", "client_dp_generator",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -31,10 +30,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from strategies import wire
-from strategies.base import FederatedSettings, Recorder, exchange, log, sample_nodes, wait_for_nodes
-from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, NodeBook, fixed_latents, load_weights,
-                                     make_message, param_dtype, require_count, require_metrics, require_replies,
-                                     require_tensors, seeded_models, should, weights_record)
+from strategies.base import FederatedSettings, Recorder, exchange, sample_nodes
+from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, GlobalGANServer, NodeBook, fixed_latents,
+                                     load_weights, make_message, require_count, require_metrics, require_replies,
+                                     require_tensors, seeded_models, weights_record)
 from strategies.local import gan_optimizers, gan_config, local_gan_steps
 
 FEDAVG = "train.fedavg"
@@ -112,8 +111,10 @@ class FedAvgSettings(FederatedSettings):
     client_disc_steps: int = 1
 
 
-class FedAvg:
+class FedAvg(GlobalGANServer):
     """The FedAvg-GAN server: holds the global G and D, no optimizers (those are the clients')."""
+
+    name = "FedAvg"
 
     def __init__(self, settings: FedAvgSettings, *, make_generator: Callable[[], nn.Module],
                  make_discriminator: Callable[[], nn.Module], recorder: Recorder,
@@ -178,46 +179,10 @@ class FedAvg:
                 "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
                 "clients": clients}
 
-    # --- outputs ----------------------------------------------------------------------------
-    def samples(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
-
-    def final_eval(self) -> dict:
-        if self.evaluate is None:
-            return {}
-        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
-        with torch.no_grad():
-            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
-
     def checkpoint(self, rnd: int) -> dict:
         return {"round": rnd, "settings": asdict(self.s), "g": self.G.state_dict(), "d": self.D.state_dict(),
                 "partition_of": dict(self.nodes.partition_of), "comm": self.comm.state(),
                 "dropped_total": self.dropped_total, "rng": self.rng.getstate()}
-
-    def run(self, grid: Grid) -> dict:
-        s = self.s
-        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
-        self.nodes.num_nodes = len(nodes)
-        log.info("FedAvg: %d nodes, %d rounds x %d local steps", len(nodes), s.num_rounds, s.local_steps)
-        last: dict = {}
-        for rnd in range(1, s.num_rounds + 1):
-            nodes = sorted(grid.get_node_ids()) or nodes
-            t0 = time.monotonic()
-            record = self.run_round(grid, rnd, nodes)
-            record["wall_time"] = time.monotonic() - t0
-            self.recorder.log_round(record)
-            self.recorder.log_comm(self.comm.round_rows(rnd))
-            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
-            if should(s.sample_every, rnd, s.num_rounds):
-                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
-            if should(s.checkpoint_every, rnd, s.num_rounds):
-                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
-            last = record
-        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
-                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
-                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
-                "eval": self.final_eval()}
 
 
 __all__ = ["FedAvg", "FedAvgSettings", "client_fedavg", "fedavg_aggregate", "FEDAVG", "CLIENT_STATE", "TRAIN_METRICS"]
