@@ -25,7 +25,7 @@ from torch import nn
 from models.losses import make_optimizer
 from models.steps import train_gan_step
 from strategies.base import GANSettings, Recorder, log
-from strategies.dataparallel import fixed_latents, param_dtype, seeded_models, should
+from strategies.dataparallel import GlobalGANServer, fixed_latents, param_dtype, seeded_models, should
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class CentralizedSettings(GANSettings):
     client_disc_steps: int = 1
 
 
-class Centralized:
+class Centralized(GlobalGANServer):
     """Plain GAN training on ``sample_real(batch, torch.Generator) -> Tensor`` (the union data)."""
 
     def __init__(self, settings: CentralizedSettings, *,
@@ -73,17 +73,6 @@ class Centralized:
         stats = {k: totals.get(k, float("nan")) / max(1, n) for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")}
         return {"round": rnd, **stats, "steps": self.steps, "replies": 0, "dropped": 0, "dropped_reasons": {},
                 "bytes_down": 0, "bytes_up": 0, "clients": {}}
-
-    def samples(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
-
-    def final_eval(self) -> dict:
-        if self.evaluate is None:
-            return {}
-        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
-        with torch.no_grad():
-            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
 
     def checkpoint(self, rnd: int) -> dict:
         return {"round": rnd, "settings": asdict(self.s), "g": self.G.state_dict(), "d": self.D.state_dict(),
