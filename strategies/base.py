@@ -96,6 +96,32 @@ class FederatedSettings(GANSettings):
     node_wait_timeout: float = 120.0
 
 
+class NodeBook:
+    """Which partition each node reported, and the row label the run's outputs use."""
+
+    def __init__(self, describe_partition: Callable[[int, int], str] | None = None) -> None:
+        self.describe_partition = describe_partition
+        self.partition_of: dict[int, int] = {}
+        self.seen: set[int] = set()
+        self.num_nodes = 0
+
+    def note(self, nid: int, metrics: dict[str, float]) -> None:
+        self.seen.add(nid)
+        if "partition_id" in metrics:
+            self.partition_of[nid] = int(metrics["partition_id"])
+
+    def label(self, nid: int) -> str:
+        pid = self.partition_of.get(nid)
+        if pid is None:
+            return f"node {nid}"
+        if self.describe_partition is not None:
+            return self.describe_partition(pid, self.num_nodes)
+        return f"client {pid}"
+
+    def order(self, nids) -> list[int]:
+        return sorted(nids, key=lambda n: (self.partition_of.get(n, 1 << 62), n))
+
+
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0) -> list[int]:
     """Node ids once at least ``min_nodes`` are connected; RunFailed after ``timeout`` s.
 
@@ -170,5 +196,5 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     return out
 
 
-__all__ = ["GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+__all__ = ["NodeBook", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

@@ -22,10 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.losses import make_optimizer
 from models.steps import train_gan_step
 from strategies.base import GANSettings, Recorder, log
-from strategies.dataparallel import GlobalGANServer, fixed_latents, param_dtype, seeded_models, should
+from strategies.dataparallel import GlobalGANServer, param_dtype, should
 
 
 @dataclass(frozen=True)
@@ -44,20 +43,12 @@ class Centralized(GlobalGANServer):
                  make_generator: Callable[[], nn.Module], make_discriminator: Callable[[], nn.Module],
                  recorder: Recorder, evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
                  device: str = "cpu", sample_shape: tuple[int, ...] | None = None) -> None:
-        s = self.s = settings
+        super().__init__(settings, make_generator=make_generator, make_discriminator=make_discriminator,
+                         recorder=recorder, evaluate=evaluate, device=device, sample_shape=sample_shape)
         self.sample_real = sample_real
-        self.recorder = recorder
-        self.evaluate = evaluate
-        self.device = device
-        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
-        betas = (s.beta1, s.beta2)
-        self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
-        self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
-        self.data_gen = torch.Generator().manual_seed(s.seed * 1_000_003)
-        self.latent_gen = torch.Generator(device=device).manual_seed(s.seed * 31)
-        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.data_gen = torch.Generator().manual_seed(settings.seed * 1_000_003)
+        self.latent_gen = torch.Generator(device=device).manual_seed(settings.seed * 31)
         self.steps = 0
-        self.sample_shape = tuple(sample_shape) if sample_shape else None
 
     def run_round(self, rnd: int) -> dict:
         """``local_steps`` GAN steps; the record holds their mean statistics."""

@@ -53,7 +53,7 @@ from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_
                            gradient_penalty, make_optimizer)
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import FederatedSettings, Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
+from strategies.base import FederatedSettings, NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
 
 DP_DISCRIMINATOR = "train.dp_discriminator"
 DP_GENERATOR = "train.dp_generator"
@@ -157,32 +157,6 @@ def require_replies(rnd: int, ex, min_replies: int) -> None:
         reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
         raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
                         f"{min_replies} ({reasons})")
-
-
-class NodeBook:
-    """Which partition each node reported, and the row label the run's outputs use."""
-
-    def __init__(self, describe_partition: Callable[[int, int], str] | None = None) -> None:
-        self.describe_partition = describe_partition
-        self.partition_of: dict[int, int] = {}
-        self.seen: set[int] = set()
-        self.num_nodes = 0
-
-    def note(self, nid: int, metrics: dict[str, float]) -> None:
-        self.seen.add(nid)
-        if "partition_id" in metrics:
-            self.partition_of[nid] = int(metrics["partition_id"])
-
-    def label(self, nid: int) -> str:
-        pid = self.partition_of.get(nid)
-        if pid is None:
-            return f"node {nid}"
-        if self.describe_partition is not None:
-            return self.describe_partition(pid, self.num_nodes)
-        return f"client {pid}"
-
-    def order(self, nids) -> list[int]:
-        return sorted(nids, key=lambda n: (self.partition_of.get(n, 1 << 62), n))
 
 
 def weighted_mean(values: list[float], weights: list[float]) -> float:
@@ -335,6 +309,22 @@ class GlobalGANServer:
 
     name = "GlobalGAN"
 
+    def __init__(self, settings, *, make_generator: Callable[[], nn.Module],
+                 make_discriminator: Callable[[], nn.Module], recorder: Recorder,
+                 evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None, device: str = "cpu",
+                 sample_shape: tuple[int, ...] | None = None, with_optimizers: bool = True) -> None:
+        s = self.s = settings
+        self.device = device
+        self.recorder = recorder
+        self.evaluate = evaluate
+        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
+        if with_optimizers:
+            betas = (s.beta1, s.beta2)
+            self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
+            self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
+        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+
     # --- outputs --------------------------------------------------------------------------
     def samples(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -391,20 +381,12 @@ class DataParallel(GlobalGANServer):
                  evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None, device: str = "cpu",
                  sample_shape: tuple[int, ...] | None = None,
                  describe_partition: Callable[[int, int], str] | None = None) -> None:
-        s = self.s = settings
-        self.device = device
-        self.recorder = recorder
-        self.evaluate = evaluate
-        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
-        betas = (s.beta1, s.beta2)
-        self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
-        self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
+        super().__init__(settings, make_generator=make_generator, make_discriminator=make_discriminator,
+                         recorder=recorder, evaluate=evaluate, device=device, sample_shape=sample_shape)
         self.nodes = NodeBook(describe_partition)
         self.comm = wire.CommLog()
-        self.rng = random.Random(s.seed)
-        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.rng = random.Random(settings.seed)
         self.dropped_total = 0
-        self.sample_shape = tuple(sample_shape) if sample_shape else None
 
     # --- message contents (pure: testable without a Flower run) -----------------------
     def config(self, rnd: int, latent_seed: int) -> ConfigRecord:
@@ -502,4 +484,4 @@ __all__ = ["DataParallel", "DataParallelSettings", "client_dp_discriminator", "c
            "client_latents", "client_real_batch", "discriminator_gradients", "generator_gradients",
            "average_gradients", "apply_gradients", "DP_DISCRIMINATOR", "DP_GENERATOR", "G_WEIGHTS", "D_WEIGHTS",
            "GRADS", "NUM_EXAMPLES", "make_message", "weights_record", "load_weights", "require_tensors",
-           "require_count", "seeded_models", "fixed_latents", "NodeBook", "should"]
+           "require_count", "seeded_models", "fixed_latents", "should"]

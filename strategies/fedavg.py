@@ -30,10 +30,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from strategies import wire
-from strategies.base import FederatedSettings, Recorder, exchange, sample_nodes
-from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, GlobalGANServer, NodeBook, fixed_latents,
+from strategies.base import FederatedSettings, NodeBook, Recorder, exchange, sample_nodes
+from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, GlobalGANServer,
                                      load_weights, make_message, require_count, require_metrics, require_replies,
-                                     require_tensors, seeded_models, weights_record)
+                                     require_tensors, weights_record)
 from strategies.local import gan_optimizers, gan_config, local_gan_steps
 
 FEDAVG = "train.fedavg"
@@ -121,17 +121,13 @@ class FedAvg(GlobalGANServer):
                  evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None, device: str = "cpu",
                  sample_shape: tuple[int, ...] | None = None,
                  describe_partition: Callable[[int, int], str] | None = None) -> None:
-        s = self.s = settings
-        self.device = device
-        self.recorder = recorder
-        self.evaluate = evaluate
-        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
+        super().__init__(settings, make_generator=make_generator, make_discriminator=make_discriminator,
+                         recorder=recorder, evaluate=evaluate, device=device, sample_shape=sample_shape,
+                         with_optimizers=False)
         self.nodes = NodeBook(describe_partition)
         self.comm = wire.CommLog()
-        self.rng = random.Random(s.seed)
-        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.rng = random.Random(settings.seed)
         self.dropped_total = 0
-        self.sample_shape = tuple(sample_shape) if sample_shape else None
 
     # --- message contents (pure) ----------------------------------------------------------
     def build_content(self, rnd: int) -> RecordDict:

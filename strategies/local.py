@@ -27,8 +27,8 @@ from torch import nn
 from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
-from strategies.base import FederatedSettings, Recorder, exchange, log, sample_nodes, wait_for_nodes
-from strategies.dataparallel import (NodeBook, make_message, param_dtype, require_metrics, require_replies,
+from strategies.base import FederatedSettings, NodeBook, Recorder, exchange, log, sample_nodes, wait_for_nodes
+from strategies.dataparallel import (make_message, param_dtype, require_metrics, require_replies,
                                      seeded_models, should)
 
 ALONE = "train.alone"

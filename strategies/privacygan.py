@@ -37,10 +37,10 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from models.losses import generator_loss, make_optimizer
-from models.steps import (apply_feedback, discriminator_step, generator_feedback, jrlf_feedback,
+from models.steps import (discriminator_step, generator_feedback, jrlf_feedback,
                           sample_latent, train_gan_step)
 from strategies import wire
-from strategies.base import Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
+from strategies.base import NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
 
 
 # =====================================================================================
@@ -235,14 +235,13 @@ class PrivacyGAN:
         if self.teacher_d is not None:
             self.teacher_d.train()  # batch statistics as in training; buffers are never written
         self.make_generator = make_generator
-        # (partition id, number of nodes) -> a row label such as "client 0 (classes 0, 1)"; the app
-        # knows the simulation's partition plan, the strategy does not need to.
-        self.describe_partition = describe_partition
-        self.num_nodes = 0
+        # node -> partition and row labels such as "client 0 (classes 0,1)" (the app knows the
+        # simulation's partition plan; the strategy does not need to)
+        self.nodes = NodeBook(describe_partition)
         self.make_gen_optimizer = make_gen_optimizer
         self.recorder = recorder
         self.students: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
-        self.partition_of: dict[int, int] = {}
+        self.partition_of = self.nodes.partition_of
         self.d_init_sent: set[int] = set()
         self.comm = wire.CommLog()
         self.rng = random.Random(settings.seed)
@@ -273,12 +272,7 @@ class PrivacyGAN:
         return self.students[nid]
 
     def label(self, nid: int) -> str:
-        pid = self.partition_of.get(nid)
-        if pid is None:
-            return f"node {nid}"
-        if self.describe_partition is not None:
-            return self.describe_partition(pid, self.num_nodes)
-        return f"client {pid}"
+        return self.nodes.label(nid)
 
     # --- one round --------------------------------------------------------------------
     def build_message(self, grid: Grid, nid: int, rnd: int) -> tuple[Message, torch.Tensor]:
@@ -392,7 +386,7 @@ class PrivacyGAN:
         rows = {}
         with torch.no_grad():
             rows["teacher"] = copy.deepcopy(self.teacher_g)(self.fixed_z).cpu()
-            for nid in sorted(self.students, key=lambda n: (self.partition_of.get(n, 1 << 62), n)):
+            for nid in self.nodes.order(self.students):
                 G, _ = self.students[nid]
                 rows[self.label(nid)] = G(self.fixed_z).cpu()
         return rows
@@ -457,7 +451,7 @@ class PrivacyGAN:
     # --- the loop ---------------------------------------------------------------------
     def run(self, grid: Grid) -> dict:
         nodes = wait_for_nodes(grid, self.s.min_nodes, self.s.node_wait_timeout)
-        self.num_nodes = len(nodes)
+        self.nodes.num_nodes = len(nodes)
         log.info("PrivacyGAN: %d nodes, %d rounds, alpha=%.3g, K=%d", len(nodes), self.s.num_rounds,
                  self.s.alpha, self.s.steps_per_round)
         if self.restored:
