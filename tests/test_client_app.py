@@ -1,7 +1,5 @@
 """What a node tells the server about itself (query.info), and where its data comes from."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image

@@ -1,8 +1,6 @@
 """End to end through Flower's simulation engine: privacy of every message, teacher
 frozen, D_i state kept on its client, bytes logged, bad replies survived."""
 
-import json
-import os
 import pickle
 import uuid
 from pathlib import Path

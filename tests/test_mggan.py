@@ -2,18 +2,16 @@
 
 import copy
 import io
-from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
 from models import MLPDiscriminator, MLPGenerator
 from strategies import wire
 from strategies.mggan import (CLIENT_STATE, D_META, D_MOMENTS, D_WEIGHTS, MGGAN, MGGANSettings,
                               client_get_discriminator, client_local, client_sample, mixture, nearest_regroup)
 from strategies.base import NullRecorder
-from strategies.mggan_rules import random_derangement
 
 BUILD = {"build_generator": lambda: MLPGenerator(4, 2, 16, 2), "build_discriminator": lambda: MLPDiscriminator(2, 16, 2),
          "device": "cpu"}
