@@ -19,8 +19,46 @@ from flwr.clientapp import ClientApp
 from app.builders import geometry, make_discriminator, make_generator
 from app.config import Config, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
-from strategies import bpgan, dataparallel, fedavg, local, mggan
+from app.metrics import ClassifierFeatures, ImageEvaluator, load_classifier, load_feature_net
+from strategies import bpgan, client_eval, dataparallel, fedavg, local, mggan, wire
 from strategies.privacygan import client_discriminate
+
+# --- per-client evaluation (SPEC 6): scores of fakes against this client's own data -------------
+MAX_REAL_FOR_EVAL = 10_000
+_evaluators: dict[tuple, ImageEvaluator] = {}
+
+
+def own_data_evaluator(cfg: Config, data: ArrayDataset, pid: int | None) -> ImageEvaluator:
+    """This client's evaluator: the run's feature net, the dataset classifier for labels, and
+    the features of (up to 10,000 of) its own images. Built once per process and reused."""
+    g, device = geometry(cfg), resolve_device(cfg.device)
+    key = (cfg.eval_extractor, cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, cfg.inception_weights,
+           device, pid, len(data), cfg.seed)
+    if key not in _evaluators:
+        net = load_feature_net(cfg.eval_extractor, dataset=cfg.dataset, image_size=g.image_size, channels=g.channels,
+                               evaluator_dir=cfg.evaluator_dir, inception_weights=cfg.inception_weights, device=device)
+        labeller = net if isinstance(net, ClassifierFeatures) else ClassifierFeatures(
+            *load_classifier(cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, device))
+        ev = ImageEvaluator(net, labeller, tv_name="tv_own")
+        own = data
+        if len(own) > MAX_REAL_FOR_EVAL:
+            own = own.subset(torch.randperm(len(own), generator=torch.Generator().manual_seed(cfg.seed))
+                             [:MAX_REAL_FOR_EVAL])
+        ev.set_real(own.x, own.y, data.num_classes)
+        _evaluators.clear()  # one client's evaluator per process is enough; bounds memory
+        _evaluators[key] = ev
+    return _evaluators[key]
+
+
+def score_on_own_data(cfg: Config, data: ArrayDataset, pid: int | None, fakes: torch.Tensor) -> RecordDict:
+    """The evaluate reply: scalars and the fakes' label histogram only (client_eval.ALLOWED)."""
+    scores = own_data_evaluator(cfg, data, pid).score(fakes)
+    metrics = {"fid": scores["fid"], "kid": scores["kid"], "kid_std": scores["kid_std"], "tv_own": scores["tv_own"],
+               "num_fake": scores["num_samples"], "num_real": scores["num_real"],
+               client_eval.HISTOGRAM: [int(v) for v in scores["label_histogram"]]}
+    if pid is not None:
+        metrics["partition_id"] = int(pid)
+    return RecordDict({wire.METRICS: MetricRecord(metrics)})
 
 
 @lru_cache(maxsize=8)
@@ -142,6 +180,26 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     app.train("fedavg")(handler(fedavg.client_fedavg, data=True))
     app.train("alone")(handler(local.client_alone, data=True))
     app.query("alone_sample")(handler(local.client_alone_sample, data=False))
+
+    # --- per-client evaluation: fakes in, scalars out --------------------------------------------
+    @app.evaluate("fakes")
+    def evaluate_fakes(msg: Message, context: Context) -> Message:
+        """PrivacyGAN: score the fakes of this client's student G_i (sent by the server)."""
+        cfg = _config(config, context)
+        data, pid = local_data(cfg, context)
+        rec = msg.content.array_records[wire.FAKES]
+        fakes = wire.decode_fakes(wire.get_tensor(rec, wire.FAKES),
+                                  str(msg.content.config_records[wire.CONFIG]["fakes-dtype"]))
+        return Message(content=score_on_own_data(cfg, data, pid, fakes), reply_to=msg)
+
+    @app.evaluate("alone")
+    def evaluate_alone(msg: Message, context: Context) -> Message:
+        """Local-only: G_i lives here; draw the requested fakes from the server's seed and score them."""
+        cfg = _config(config, context)
+        data, pid = local_data(cfg, context)
+        drawn = local.client_alone_sample(msg.content, context.state, **builders(cfg))
+        fakes = wire.get_tensor(drawn.array_records[local.SAMPLES], local.SAMPLES)
+        return Message(content=score_on_own_data(cfg, data, pid, fakes), reply_to=msg)
 
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from app.data import DATASETS, PARTITIONS, SERVER_DATA, DataSpec
+from app.metrics import EXTRACTORS
 from models.losses import LOSS_KINDS
 from strategies.wire import FAKE_DTYPES, FEEDBACK_DTYPES
 
@@ -96,6 +97,10 @@ class Config:
     move_d_moments: bool = False
     eval_every: int = 0
     eval_samples: int = 2500
+    eval_extractor: str = "classifier"
+    evaluator_dir: str = ""
+    inception_weights: str = ""
+    client_eval: bool = True
     # --- federation mechanics (SPEC 4.1) ---------------------------------------
     fraction_train: float = 1.0
     min_nodes: int = 2
@@ -228,6 +233,7 @@ def validate(cfg: Config) -> None:
     _one_of(k("loss"), cfg.loss, LOSS_KINDS)
     _one_of(k("student-init"), cfg.student_init, INITS)
     _one_of(k("client-d-init"), cfg.client_d_init, INITS)
+    _one_of(k("eval-extractor"), cfg.eval_extractor, EXTRACTORS)
     _one_of(k("fakes-dtype"), cfg.fakes_dtype, FAKE_DTYPES)
     _one_of(k("feedback-dtype"), cfg.feedback_dtype, FEEDBACK_DTYPES)
     # JRLF weight (thesis Eq. 5.9): alpha + beta = 1 with alpha in (0, 1].

@@ -407,6 +407,70 @@ class RunFolder:
         fig.tight_layout()
         return _save_figure(fig, self.path / "metrics.png")
 
+    def plot_quality(self) -> Path | None:
+        """quality.png: every quality score over rounds, one line per sample set / client and a
+        dashed mean (from metrics.jsonl). None when the run was never evaluated."""
+        records = self.read_jsonl(self.METRICS)
+        panels = [(title, *quality_series(records, group, key)) for group, key, title in QUALITY_PANELS]
+        panels = [p for p in panels if p[1]]
+        if not panels:
+            return None
+        from matplotlib.figure import Figure
+
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
+        fig = Figure(figsize=(5.0 * ncols, 3.4 * nrows), dpi=_DPI)
+        for i, (title, series, note) in enumerate(panels):
+            ax = fig.add_subplot(nrows, ncols, i + 1)
+            by_round: dict[int, list[float]] = {}
+            for name in sorted(series, key=_natural_key):
+                xs, ys = zip(*series[name])
+                ax.plot(xs, ys, linewidth=1.0, marker="." if len(xs) < 30 else None, label=name)
+                for x, y in series[name]:
+                    by_round.setdefault(x, []).append(y)
+            if len(series) > 1:
+                xs = sorted(by_round)
+                ax.plot(xs, [sum(by_round[x]) / len(by_round[x]) for x in xs], color="black", linestyle="--",
+                        linewidth=1.6, label="mean")
+            ax.set_title(title + (f"\n({note})" if note else ""), fontsize=9)
+            ax.set_xlabel("round")
+            ax.grid(True, alpha=0.3)
+            if len(series) <= 12:
+                ax.legend(fontsize=6)
+        fig.tight_layout()
+        return _save_figure(fig, self.path / "quality.png")
+
+
+# Quality panels: (record key, score key, title). "eval" holds the server's scores per sample
+# set (vs the test split); "client_eval" the clients' scores of their own generator on their data.
+QUALITY_PANELS = (
+    ("eval", "fid", "FID vs test set (server)"),
+    ("client_eval", "fid", "FID vs own data (on each client)"),
+    ("eval", "kid", "KID vs test set (server)"),
+    ("client_eval", "tv_own", "TV(fake labels, own labels)"),
+    ("client_eval", "tv_global", "TV(fake labels, global labels)"),
+    ("eval", "tv_global", "TV(fake labels, test labels)"),
+    ("eval", "modes_covered", "modes covered"),
+    ("eval", "high_quality_pct", "% high-quality samples"),
+    ("eval", "reverse_kl", "reverse KL of mode histogram"),
+)
+
+
+def quality_series(records: list[dict], group: str, key: str) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """{set or client: [(round, value)]} of ``record[group][name][key]``, and a note naming the
+    extractor and sample count (every FID is reported with them)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    note = ""
+    for rec in records:
+        for name, scores in (rec.get(group) or {}).items():
+            if isinstance(scores, dict) and isinstance(scores.get(key), (int, float)) and math.isfinite(scores[key]):
+                out.setdefault(str(name), []).append((int(rec.get("round", 0)), float(scores[key])))
+                if "extractor" in scores and not note:
+                    note = f"{scores['extractor']} features, {scores.get('num_samples', '?')} samples"
+                elif group == "client_eval" and "num_fake" in scores and not note:
+                    note = f"{int(scores['num_fake'])} fakes vs each client's data"
+    return out, note
+
 
 def _natural_key(text: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(text)))

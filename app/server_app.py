@@ -21,8 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, make_discriminator, make_generator, optimizer_for
 from app.config import Config, ConfigError, config_from_context, parse_config, resolve_device
-from app.data import client_dataset, mode_means, partition_summary, server_dataset
-from app.metrics import density_plot, mode_metrics
+from app.data import client_dataset, mode_means, partition_summary, server_dataset, test_dataset
+from app.metrics import (ClassifierFeatures, EvaluatorMissing, ImageEvaluator, density_plot, describe_scores,
+                         load_classifier, load_feature_net, mode_metrics)
 from app.runs import Progress, RunFolder
 from strategies.base import log
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
@@ -144,7 +145,7 @@ def partition_labeller(cfg: Config):
 
 def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
     fields = PrivacyGANSettings.__dataclass_fields__
-    return PrivacyGANSettings(**{k: getattr(cfg, k) for k in fields})
+    return PrivacyGANSettings(**{**{k: getattr(cfg, k) for k in fields}, "client_eval": client_eval_enabled(cfg)})
 
 
 def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder,
@@ -160,7 +161,8 @@ def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, reco
         make_generator=lambda: make_generator(cfg),
         make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
         recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
-        describe_partition=partition_labeller(cfg))
+        describe_partition=partition_labeller(cfg), evaluate=sample_evaluator(cfg, device),
+        global_histogram=global_label_histogram(cfg))
     if checkpoint is not None:
         strategy.restore(checkpoint)
     return strategy.run(grid)
@@ -173,10 +175,66 @@ def mggan_settings(cfg: Config) -> MGGANSettings:
                             "beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2})
 
 
-def sample_evaluator(cfg: Config):
-    """Scores for sample sets: mode coverage on 2-D mixtures (app/metrics.py); none yet for images."""
-    if geometry(cfg).kind != "mlp":
+def image_evaluation(cfg: Config) -> bool:
+    """Images are scored only when asked (``eval-every`` > 0): it needs a trained feature network."""
+    return geometry(cfg).kind != "mlp" and cfg.eval_every > 0
+
+
+def client_eval_enabled(cfg: Config) -> bool:
+    return cfg.client_eval and image_evaluation(cfg) and cfg.strategy in ("privacygan", "local")
+
+
+def feature_net(cfg: Config, device: str = "cpu"):
+    """The run's feature network (``eval-extractor``); a missing weights file stops the run at
+    start with the message that says how to provide it."""
+    g = geometry(cfg)
+    try:
+        return load_feature_net(cfg.eval_extractor, dataset=cfg.dataset, image_size=g.image_size, channels=g.channels,
+                                evaluator_dir=cfg.evaluator_dir, inception_weights=cfg.inception_weights,
+                                device=device)
+    except EvaluatorMissing as exc:
+        raise ConfigError(f"run config 'eval-every' = {cfg.eval_every} asks for quality scores with "
+                          f"'eval-extractor' = {cfg.eval_extractor!r}, but {exc}") from exc
+
+
+def label_classifier(cfg: Config, net, device: str = "cpu"):
+    """The dataset classifier that labels fakes (label histograms): the feature net itself, or
+    the cached classifier when the extractor is Inception (None when there is none)."""
+    if isinstance(net, ClassifierFeatures):
+        return net
+    g = geometry(cfg)
+    try:
+        return ClassifierFeatures(*load_classifier(cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, device))
+    except EvaluatorMissing:
+        say("no dataset classifier cached: label histograms and client fidelity are skipped")
         return None
+
+
+def global_label_histogram(cfg: Config) -> list[int] | None:
+    """The population's label histogram (the run config's test split), for ``tv_global``."""
+    if not image_evaluation(cfg):
+        return None
+    return test_dataset(cfg.data_spec()).label_histogram().tolist()
+
+
+def sample_evaluator(cfg: Config, device: str = "cpu"):
+    """Scores for sample sets on the server: mode coverage on 2-D mixtures; for images (when
+    ``eval-every`` > 0) FID/KID/IS against the test split with the ``eval-extractor``
+    features, plus the fakes' label histogram and its TV distance to the test labels."""
+    if geometry(cfg).kind != "mlp":
+        if not image_evaluation(cfg):
+            return None
+        net = feature_net(cfg, device)
+        test = test_dataset(cfg.data_spec())
+        evaluator = ImageEvaluator(net, label_classifier(cfg, net, device), tv_name="tv_global")
+        evaluator.set_real(test.x, test.y, test.num_classes)
+        say(f"quality: FID/KID/IS with {net.name} features, {cfg.eval_samples:,} samples per generator against "
+            f"the {len(test):,} test images, every {cfg.eval_every} round(s)")
+
+        def evaluate_images(sets: dict[str, torch.Tensor]) -> dict:
+            return {name: evaluator.score(x) for name, x in sets.items()}
+
+        return evaluate_images
     means, std = mode_means(cfg.dataset)
 
     def evaluate(sets: dict[str, torch.Tensor]) -> dict:
@@ -187,18 +245,19 @@ def sample_evaluator(cfg: Config):
 
 def run_mggan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder,
               checkpoint: dict | None = None) -> dict:
-    return MGGAN(mggan_settings(cfg), recorder=recorder, evaluate=sample_evaluator(cfg)).run(grid)
+    return MGGAN(mggan_settings(cfg), recorder=recorder, evaluate=sample_evaluator(cfg, device)).run(grid)
 
 
 def _settings(cls, cfg: Config, **mapped):
     """A strategy's Settings from the Config fields of the same name, plus explicit mappings."""
     fields = cls.__dataclass_fields__
+    mapped = {"client_eval": client_eval_enabled(cfg), **mapped}
     return cls(**{**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)},
                   **{k: v for k, v in mapped.items() if k in fields}})
 
 
 def _common(cfg: Config, device: str, recorder: RunRecorder) -> dict:
-    return {"recorder": recorder, "evaluate": sample_evaluator(cfg), "device": device,
+    return {"recorder": recorder, "evaluate": sample_evaluator(cfg, device), "device": device,
             "sample_shape": geometry(cfg).sample_shape}
 
 
@@ -226,7 +285,8 @@ def run_fedavg(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
 
 def run_local(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
     return Local(_settings(LocalSettings, cfg, **_on_client_lrs(cfg)), recorder=recorder,
-                 evaluate=sample_evaluator(cfg), describe_partition=partition_labeller(cfg)).run(grid)
+                 evaluate=sample_evaluator(cfg, device), describe_partition=partition_labeller(cfg),
+                 global_histogram=global_label_histogram(cfg)).run(grid)
 
 
 def union_of_clients(cfg: Config) -> torch.Tensor:
@@ -289,6 +349,7 @@ def run(grid: Grid, cfg: Config) -> Path:
         recorder = RunRecorder(folder, cfg.num_rounds, means)
         result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder, checkpoint)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
+        folder.plot_quality()
         folder.write_summary(_summary(cfg, result, time.monotonic() - started, status="success"))
     except BaseException as exc:
         folder.write_summary(_summary(cfg, {}, time.monotonic() - started, status="failed",
@@ -348,6 +409,15 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
         if "regroups" in result:
             lines += [f"- iterations: {result['iterations']}, regroups: {result['regroups']}, "
                       f"period A: {result['period_a'] if result['period_a'] is not None else 'not detected / fixed T'}"]
+        for name, scores in (result.get("eval") or {}).items():
+            if "fid" in scores:
+                tv = f", TV to test labels {scores['tv_global']:.3f}" if "tv_global" in scores else ""
+                lines.append(f"- {name}: {describe_scores(scores)}{tv}")
+        for name, scores in (result.get("client_eval") or {}).items():
+            lines.append(f"- {name}, scored on its own data: FID {scores['fid']:.2f}, KID {scores['kid']:.4f} "
+                         f"({int(scores['num_fake'])} fakes vs {int(scores['num_real'])} own samples), "
+                         f"TV to own labels {scores['tv_own']:.3f}"
+                         + (f", to global labels {scores['tv_global']:.3f}" if "tv_global" in scores else ""))
         for name, scores in (result.get("eval") or {}).items():
             if "modes_covered" in scores:
                 lines.append(f"- {name}: {scores['modes_covered']}/{scores['num_modes']} modes, "

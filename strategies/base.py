@@ -78,6 +78,8 @@ class GANSettings:
     sample_every: int = 25
     samples_per_client: int = 16
     eval_samples: int = 2500
+    eval_every: int = 0        # 0 = evaluate only at the last round (when the app gives an evaluator)
+    client_eval: bool = False  # per-client scores on the clients' own data (PrivacyGAN, local)
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -94,6 +96,11 @@ class FederatedSettings(GANSettings):
     min_replies: int = 1
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
+
+
+def should(every: int, rnd: int, last: int) -> bool:
+    """True on multiples of ``every`` (0 = never) and on the last round."""
+    return (every > 0 and rnd % every == 0) or rnd == last
 
 
 class NodeBook:
@@ -196,5 +203,5 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     return out
 
 
-__all__ = ["NodeBook", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+__all__ = ["should", "NodeBook", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

@@ -61,7 +61,7 @@ from models.losses import (GP_WEIGHT, LOSS_KINDS, WGAN_CLIP, discriminator_loss,
                            gradient_penalty, make_optimizer)
 from models.steps import apply_feedback, generator_feedback, sample_latent
 from strategies import wire
-from strategies.base import Exchange, Recorder, RunFailed, exchange, log, wait_for_nodes
+from strategies.base import Exchange, Recorder, RunFailed, exchange, log, should, wait_for_nodes
 
 # --- message types -----------------------------------------------------------------------
 GENERATOR_STEP = "train.generator_step"          # server -> GB: relayed feedback; GB -> server: new fakes
@@ -444,6 +444,7 @@ class BPGANSettings:
     sample_every: int = 0
     samples_per_node: int = 16
     eval_samples: int = 2500
+    eval_every: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -487,6 +488,7 @@ class BPGAN:
         self.feedback: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # pair -> (generation, labels, enc. fb)
         self.judging: dict[int, int] = {}   # pair -> generation of the fakes its DB is judging
         self.comm = wire.CommLog()
+        self.eval_comm = wire.CommLog()  # sample queries for grids and scoring (phase "eval")
         self.control_bytes = 0
         self.dropped_total = 0
         self.d_steps = 0
@@ -738,8 +740,8 @@ class BPGAN:
         labels = {p.gb_node: p for p in self.pairs}
         for nid in contents:
             p = labels[nid]
-            self.comm.add(rnd, nid, SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0), role="generator",
-                          pair=p.index, partition=p.gb_partition, phase="eval", dropped=nid in ex.dropped)
+            self.eval_comm.add(rnd, nid, SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0), role="generator",
+                               pair=p.index, partition=p.gb_partition, phase="eval", dropped=nid in ex.dropped)
         return {labels[nid].label: rep["samples"] for nid, rep in
                 sorted(ex.replies.items(), key=lambda kv: labels[kv[0]].index)}
 
@@ -772,12 +774,15 @@ class BPGAN:
             record = self.run_round(grid, rnd)
             if rnd == self.s.num_rounds:
                 self.flush(grid, rnd, record)
-            if (self.s.sample_every and rnd % self.s.sample_every == 0) or rnd == self.s.num_rounds:
+            record["wall_time"] = time.monotonic() - t0  # training only
+            if should(self.s.sample_every, rnd, self.s.num_rounds) or (
+                    self.evaluate is not None and should(self.s.eval_every, rnd, self.s.num_rounds)):
+                t_eval = time.monotonic()
                 evaluation = self.evaluate_round(grid, rnd)
                 record["eval"] = evaluation
-            record["wall_time"] = time.monotonic() - t0
+                record["eval_time"] = time.monotonic() - t_eval
             self.recorder.log_round(record)
-            self.recorder.log_comm(self.comm.round_rows(rnd))
+            self.recorder.log_comm(self.comm.round_rows(rnd) + self.eval_comm.round_rows(rnd))
             self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
             last = record
         self.recorder.save_checkpoint("server.pt", self.checkpoint(self.s.num_rounds))

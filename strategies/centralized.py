@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from models.steps import train_gan_step
-from strategies.base import GANSettings, Recorder, log
-from strategies.dataparallel import GlobalGANServer, param_dtype, should
+from strategies.base import GANSettings, Recorder, log, should
+from strategies.dataparallel import GlobalGANServer, param_dtype
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class Centralized(GlobalGANServer):
             t0 = time.monotonic()
             record = self.run_round(rnd)
             record["wall_time"] = time.monotonic() - t0
+            self.eval_into(record, rnd)
             self.recorder.log_round(record)
             self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
             if should(s.sample_every, rnd, s.num_rounds):
@@ -87,7 +88,7 @@ class Centralized(GlobalGANServer):
                 self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
             last = record
         return {"rounds": s.num_rounds, "last": last, "bytes_down": 0, "bytes_up": 0, "dropped_replies": 0,
-                "clients": {}, "eval": self.final_eval(), "steps": self.steps}
+                "clients": {}, "eval": self.last_eval, "steps": self.steps}
 
 
 __all__ = ["Centralized", "CentralizedSettings"]

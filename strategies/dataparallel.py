@@ -53,7 +53,8 @@ from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_
                            gradient_penalty, make_optimizer)
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import FederatedSettings, NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
+from strategies.base import (FederatedSettings, NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, should,
+                             wait_for_nodes)
 
 DP_DISCRIMINATOR = "train.dp_discriminator"
 DP_GENERATOR = "train.dp_generator"
@@ -162,11 +163,6 @@ def require_replies(rnd: int, ex, min_replies: int) -> None:
 def weighted_mean(values: list[float], weights: list[float]) -> float:
     total = float(sum(weights))
     return float(sum(v * w for v, w in zip(values, weights)) / total) if total > 0 else math.nan
-
-
-def should(every: int, rnd: int, last: int) -> bool:
-    """True on multiples of ``every`` (0 = never) and on the last round."""
-    return (every > 0 and rnd % every == 0) or rnd == last
 
 
 # =====================================================================================
@@ -323,12 +319,20 @@ class GlobalGANServer:
             self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
             self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
         self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.last_eval: dict = {}
         self.sample_shape = tuple(sample_shape) if sample_shape else None
 
     # --- outputs --------------------------------------------------------------------------
     def samples(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
+
+    def eval_into(self, record: dict, rnd: int) -> None:
+        """Score the global generator every ``eval_every`` rounds and at the last one."""
+        if self.evaluate is not None and should(self.s.eval_every, rnd, self.s.num_rounds):
+            t_eval = time.monotonic()
+            self.last_eval = record["eval"] = self.final_eval()
+            record["eval_time"] = time.monotonic() - t_eval
 
     def final_eval(self) -> dict:
         if self.evaluate is None:
@@ -349,6 +353,7 @@ class GlobalGANServer:
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)
             record["wall_time"] = time.monotonic() - t0
+            self.eval_into(record, rnd)
             self.recorder.log_round(record)
             self.recorder.log_comm(self.comm.round_rows(rnd))
             self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
@@ -360,7 +365,7 @@ class GlobalGANServer:
         return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
                 "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
                 "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
-                "eval": self.final_eval()}
+                "eval": self.last_eval}
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from torch import nn
 from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
-from strategies.base import FederatedSettings, NodeBook, Recorder, exchange, log, sample_nodes, wait_for_nodes
-from strategies.dataparallel import (make_message, param_dtype, require_metrics, require_replies,
-                                     seeded_models, should)
+from strategies import client_eval
+from strategies.base import FederatedSettings, NodeBook, Recorder, exchange, log, sample_nodes, should, wait_for_nodes
+from strategies.dataparallel import make_message, param_dtype, require_metrics, require_replies, seeded_models
 
 ALONE = "train.alone"
 ALONE_SAMPLE = "query.alone_sample"
@@ -152,10 +152,13 @@ class Local:
 
     def __init__(self, settings: LocalSettings, *, recorder: Recorder,
                  evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
-                 describe_partition: Callable[[int, int], str] | None = None) -> None:
+                 describe_partition: Callable[[int, int], str] | None = None,
+                 global_histogram: list[int] | None = None) -> None:
         self.s = settings
         self.recorder = recorder
         self.evaluate = evaluate
+        self.global_histogram = global_histogram
+        self.eval_comm = wire.CommLog()     # evaluate.alone: clients score their own fakes
         self.nodes = NodeBook(describe_partition)
         self.comm = wire.CommLog()          # training traffic (train.alone)
         self.sample_comm = wire.CommLog()   # sample queries for grids and evaluation
@@ -219,8 +222,8 @@ class Local:
                 "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
                 "clients": clients}
 
-    def collect_samples(self, grid: Grid, rnd: int, n: int,
-                        sample_seed: int) -> tuple[dict[str, torch.Tensor], int, int]:
+    def collect_samples(self, grid: Grid, rnd: int, n: int, sample_seed: int,
+                        phase: str = "samples") -> tuple[dict[str, torch.Tensor], int, int]:
         """n samples from every client that has trained (``query.alone_sample``); bytes down/up.
 
         This traffic exists only to look at / score the clients' generators (the other
@@ -233,7 +236,7 @@ class Local:
         self.dropped_total += len(ex.dropped)
         for nid in nodes:
             self.sample_comm.add(rnd, nid, ALONE_SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
-                                 partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
+                                 partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped, phase=phase)
         rows = {self.nodes.label(nid): ex.replies[nid] for nid in nodes if nid in ex.replies}
         return rows, sum(ex.bytes_down.values()), sum(ex.bytes_up.values())
 
@@ -254,21 +257,32 @@ class Local:
             nodes = sorted(grid.get_node_ids()) or nodes
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)
+            record["wall_time"] = time.monotonic() - t0  # training only (sample grids and scoring excluded)
             record["sample_bytes_down"] = record["sample_bytes_up"] = 0
             if should(s.sample_every, rnd, s.num_rounds):
                 rows, down, up = self.collect_samples(grid, rnd, s.samples_per_client, s.seed + 29)
                 record["sample_bytes_down"] += down
                 record["sample_bytes_up"] += up
                 self.recorder.save_samples(f"round{rnd:05d}", rows)
-            if rnd == s.num_rounds and self.evaluate is not None:
-                sets, down, up = self.collect_samples(grid, rnd, s.eval_samples, s.seed + 31)
-                record["sample_bytes_down"] += down
-                record["sample_bytes_up"] += up
-                evaluation = self.evaluate(sets) if sets else {}
-                record["eval"] = evaluation
-            record["wall_time"] = time.monotonic() - t0
+            if (self.evaluate is not None or s.client_eval) and should(s.eval_every, rnd, s.num_rounds):
+                t_eval = time.monotonic()
+                if self.evaluate is not None:  # the same latents as the clients' own scoring below
+                    sets, down, up = self.collect_samples(grid, rnd, s.eval_samples, s.seed + 31, phase="eval")
+                    record["sample_bytes_down"] += down
+                    record["sample_bytes_up"] += up
+                    evaluation = self.evaluate(sets) if sets else {}
+                    record["eval"] = evaluation
+                if s.client_eval:
+                    contents = {nid: self.sample_content(rnd, s.eval_samples, s.seed + 31)
+                                for nid in self.nodes.order(self.steps_of) if nid in nodes}
+                    record.update(client_eval.evaluate_clients(
+                        grid, contents, client_eval.EVAL_ALONE, rnd=rnd, timeout=s.round_timeout,
+                        comm=self.eval_comm, label=self.nodes.label, partition_of=self.nodes.partition_of,
+                        global_histogram=self.global_histogram))
+                record["eval_time"] = time.monotonic() - t_eval
             self.recorder.log_round(record)
-            self.recorder.log_comm(self.comm.round_rows(rnd) + self.sample_comm.round_rows(rnd))
+            self.recorder.log_comm(self.comm.round_rows(rnd) + self.sample_comm.round_rows(rnd)
+                                   + self.eval_comm.round_rows(rnd))
             self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
             if should(s.checkpoint_every, rnd, s.num_rounds):
                 self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
@@ -276,7 +290,9 @@ class Local:
         return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
                 "bytes_up": self.comm.up_total, "sample_bytes_down": self.sample_comm.down_total,
                 "sample_bytes_up": self.sample_comm.up_total, "dropped_replies": self.dropped_total,
-                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.steps_of)}, "eval": evaluation}
+                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.steps_of)}, "eval": evaluation,
+                "client_eval": last.get("client_eval", {}),
+                "eval_bytes": self.eval_comm.down_total + self.eval_comm.up_total}
 
 
 __all__ = ["Local", "LocalSettings", "client_alone", "client_alone_sample", "gan_config", "load_alone", "save_alone",

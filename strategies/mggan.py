@@ -312,6 +312,7 @@ class MGGAN:
         self.partition_of: dict[int, int] = {}
         self.group_of: dict[int, int] = {}
         self.comm = wire.CommLog()
+        self.eval_comm = wire.CommLog()  # sample queries for scoring (phase "eval")
         self.rng = random.Random(settings.seed)
         self.dropped_total = 0
         self.period_a = None
@@ -483,9 +484,9 @@ class MGGAN:
             return x
 
         ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=parse)
-        for nid in nodes:
-            self.comm.add(rnd, nid, SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
-                          group=self.group_of[nid], dropped=nid in ex.dropped)
+        for nid in nodes:  # scoring traffic: logged apart from the training totals
+            self.eval_comm.add(rnd, nid, SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
+                               group=self.group_of[nid], dropped=nid in ex.dropped, phase="eval")
         return {self.label(nid): x for nid, x in sorted(ex.replies.items(), key=lambda kv: self.group_of[kv[0]])}
 
     def evaluate_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
@@ -525,12 +526,14 @@ class MGGAN:
                     self.schedule.next_at = self.iteration + self.schedule.t
             record["next_regroup"] = self.schedule.next_at
             record["regroup_interval"] = self.schedule.t
+            record["wall_time"] = time.monotonic() - t0  # training only
             if (self.s.eval_every and rnd % self.s.eval_every == 0) or rnd == self.s.num_rounds:
+                t_eval = time.monotonic()
                 evaluation = self.evaluate_round(grid, rnd, nodes)
                 record["eval"] = evaluation
-            record["wall_time"] = time.monotonic() - t0
+                record["eval_time"] = time.monotonic() - t_eval
             self.recorder.log_round(record)
-            self.recorder.log_comm(self.comm.round_rows(rnd))
+            self.recorder.log_comm(self.comm.round_rows(rnd) + self.eval_comm.round_rows(rnd))
             self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "iteration")})
             last = record
         self.recorder.save_checkpoint("server.pt", {"settings": asdict(self.s), "iteration": self.iteration,

@@ -39,8 +39,8 @@ from torch import nn
 from models.losses import generator_loss, make_optimizer
 from models.steps import (discriminator_step, generator_feedback, jrlf_feedback,
                           sample_latent, train_gan_step)
-from strategies import wire
-from strategies.base import NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, wait_for_nodes
+from strategies import client_eval, wire
+from strategies.base import NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, should, wait_for_nodes
 
 
 # =====================================================================================
@@ -207,6 +207,9 @@ class PrivacyGANSettings:
     client_d_init: str = "random"
     sample_every: int = 25
     samples_per_client: int = 16
+    eval_every: int = 0
+    eval_samples: int = 2500
+    client_eval: bool = False
     checkpoint_every: int = 50
     seed: int = 0
 
@@ -226,8 +229,15 @@ class PrivacyGAN:
                  make_generator: Callable[[], nn.Module],
                  make_gen_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  recorder: Recorder, device: str = "cpu", sample_shape: tuple[int, ...] | None = None,
-                 describe_partition: Callable[[int, int], str] | None = None) -> None:
+                 describe_partition: Callable[[int, int], str] | None = None,
+                 evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
+                 global_histogram: list[int] | None = None) -> None:
+        """``evaluate(sets)`` scores sample sets on the server (e.g. FID against the test set);
+        ``global_histogram`` is the population's label histogram for the clients' ``tv_global``."""
         self.s = settings
+        self.evaluate = evaluate
+        self.global_histogram = global_histogram
+        self.eval_comm = wire.CommLog()  # evaluation traffic: logged, kept out of the training totals
         self.device = device
         self.teacher_g = teacher_g.to(device)
         self.teacher_d = teacher_d.to(device) if teacher_d is not None else None
@@ -391,6 +401,38 @@ class PrivacyGAN:
                 rows[self.label(nid)] = G(self.fixed_z).cpu()
         return rows
 
+    def eval_latents(self) -> torch.Tensor:
+        """The same ``eval_samples`` latents at every evaluation (curves compare like with like)."""
+        return sample_latent(self.s.eval_samples, self.s.latent_dim, device=self.device,
+                             generator=torch.Generator(device=self.device).manual_seed(self.s.seed + 31))
+
+    @torch.no_grad()
+    def eval_sets(self) -> dict[str, torch.Tensor]:
+        """``eval_samples`` samples of the teacher and of every student (node order)."""
+        z = self.eval_latents()
+        sets = {"teacher": torch.cat([self.teacher_g(c) for c in z.split(500)]).cpu()}
+        for nid in self.nodes.order(self.students):
+            G, _ = self.students[nid]
+            sets[self.label(nid)] = torch.cat([G(c) for c in z.split(500)]).cpu()
+        return sets
+
+    def evaluate_round(self, grid: Grid, rnd: int) -> dict:
+        """Server-side scores of every generator, then each client's scores of its student's
+        fakes against its own data (``evaluate.fakes``; only the fakes go down)."""
+        out: dict = {}
+        if self.evaluate is None and not self.s.client_eval:
+            return out
+        sets = self.eval_sets()
+        if self.evaluate is not None:
+            out["eval"] = self.evaluate(sets)
+        if self.s.client_eval:
+            contents = {nid: client_eval.fakes_content(sets[self.label(nid)], rnd, "uint8")
+                        for nid in self.nodes.order(self.students) if nid in grid.get_node_ids()}
+            out.update(client_eval.evaluate_clients(
+                grid, contents, client_eval.EVAL_FAKES, rnd=rnd, timeout=self.s.round_timeout, comm=self.eval_comm,
+                label=self.label, partition_of=self.partition_of, global_histogram=self.global_histogram))
+        return out
+
     def checkpoint(self, rnd: int) -> dict:
         return {
             "round": rnd,
@@ -462,9 +504,14 @@ class PrivacyGAN:
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)
             record["wall_time"] = time.monotonic() - t0
+            if (self.evaluate is not None or self.s.client_eval) and should(self.s.eval_every, rnd, self.s.num_rounds):
+                t_eval = time.monotonic()
+                record.update(self.evaluate_round(grid, rnd))
+                record["eval_time"] = time.monotonic() - t_eval
             self.recorder.log_round(record)
-            self.recorder.log_comm(self.comm.round_rows(rnd))
-            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+            self.recorder.log_comm(self.comm.round_rows(rnd) + self.eval_comm.round_rows(rnd))
+            self.recorder.progress(rnd, {**{k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")},
+                                         **{k: record[k] for k in ("fid_mean", "tv_own_mean") if k in record}})
             if (self.s.sample_every and rnd % self.s.sample_every == 0) or rnd == self.s.num_rounds:
                 self.recorder.save_samples(f"round{rnd:05d}", self.samples())
             if (self.s.checkpoint_every and rnd % self.s.checkpoint_every == 0) or rnd == self.s.num_rounds:
@@ -473,7 +520,9 @@ class PrivacyGAN:
         return {"rounds": self.s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
                 "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
                 "clients": {self.label(n): n for n in self.students}, "resumed_at": self.start_round
-                if self.start_round > 1 else None, "control_bytes": self.control_bytes}
+                if self.start_round > 1 else None, "control_bytes": self.control_bytes,
+                "eval": last.get("eval", {}), "client_eval": last.get("client_eval", {}),
+                "eval_bytes": self.eval_comm.down_total + self.eval_comm.up_total}
 
 
 __all__ = ["PrivacyGAN", "PrivacyGANSettings", "student_update", "train_teacher", "freeze",

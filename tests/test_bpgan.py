@@ -372,7 +372,11 @@ def test_bytes_of_one_round_equal_hand_arithmetic(fakes_dtype, fake_item, feedba
         (1000, DISCRIMINATOR_GRAD, db_down, db_up), (1001, GENERATOR_STEP, gb_down, gb_up)]
     rec = strat.recorder.rounds[1]
     assert (rec["bytes_down"], rec["bytes_up"]) == (db_down + gb_down, db_up + gb_up)
-    assert strat.recorder.comm == strat.comm.rows
+    # comm.jsonl: the training rows, then the sample queries of the last round's grid (phase "eval",
+    # kept out of the training totals)
+    assert strat.recorder.comm == strat.comm.rows + strat.eval_comm.rows
+    assert strat.eval_comm.rows and all(r["phase"] == "eval" for r in strat.eval_comm.rows)
+    assert strat.comm.down_total == sum(r["down"] for r in strat.comm.rows)
 
 
 # =====================================================================================

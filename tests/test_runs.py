@@ -293,3 +293,22 @@ def test_progress_long_runs_and_custom_label(capsys):
     assert capsys.readouterr().out == line + "\n"
     clock.t = 2 * 3600 + 5
     assert prog.update(200).endswith("elapsed 2:00:05 | ETA 0:00:00")
+
+
+def test_quality_plot_has_one_line_per_set_and_client_and_names_the_extractor(tmp_path):
+    from app.runs import quality_series
+
+    folder = RunFolder.create(tmp_path, "privacygan", "digits", {})
+    assert folder.plot_quality() is None                    # never evaluated: no plot
+    for rnd, fid in [(1, 30.0), (2, 20.0)]:
+        folder.log_metrics({"round": rnd, "g_loss": 1.0,
+                            "eval": {"teacher": {"fid": fid, "extractor": "classifier", "num_samples": 500},
+                                     "client 0": {"fid": fid + 1, "extractor": "classifier", "num_samples": 500}},
+                            "client_eval": {"client 0": {"fid": fid / 2, "tv_own": 0.1, "num_fake": 500}}})
+    series, note = quality_series(folder.read_jsonl("metrics.jsonl"), "eval", "fid")
+    assert series == {"teacher": [(1, 30.0), (2, 20.0)], "client 0": [(1, 31.0), (2, 21.0)]}
+    assert note == "classifier features, 500 samples"
+    assert quality_series(folder.read_jsonl("metrics.jsonl"), "client_eval", "tv_own")[0] == {
+        "client 0": [(1, 0.1), (2, 0.1)]}
+    path = folder.plot_quality()
+    assert path == folder.path / "quality.png" and path.stat().st_size > 10_000

@@ -1,0 +1,143 @@
+"""Per-client evaluation through Flower's simulation engine: only fakes (or a seed) go
+down, only scalars and the fakes' label histogram come up, and the scores are the ones
+the client's own data gives."""
+
+import pickle
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import MetricRecord, RecordDict
+
+from app.client_app import make_client_app
+from app.config import parse_config
+from app.data import client_dataset, test_dataset
+from app.metrics import ImageEvaluator, load_feature_net
+from app.runs import RunFolder
+from app.server_app import make_server_app
+from simulations import train_evaluator
+from strategies import client_eval, wire
+from strategies.wire import BadReply
+
+TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 3, "samples-per-client": 4,
+        "sample-every": 0, "checkpoint-every": 0, "round-timeout": 120.0, "node-wait-timeout": 60.0,
+        "num-rounds": 2, "eval-every": 1, "eval-samples": 48, "local-steps": 2, "partition": "classes"}
+
+
+@pytest.fixture(scope="module")
+def evaluators(tmp_path_factory):
+    """A digits classifier trained by the project's own script (2 quick epochs: a test fixture,
+    not an evaluator to report numbers with)."""
+    folder = tmp_path_factory.mktemp("evaluators")
+    rc = train_evaluator.main(["--dataset", "digits", "--epochs", "2", "--width", "4", "--min-accuracy", "0",
+                               "--evaluator-dir", str(folder)])
+    assert rc == 0 and (folder / "classifier-digits-16px-1ch.pt").is_file()
+    return folder
+
+
+def run_with_tap(cfg, num_clients, taps):
+    from flwr.simulation import run_simulation
+
+    def tap(msg, context, call_next):
+        reply = call_next(msg, context)
+        rec = {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
+               "down_arrays": {f"{r}.{k}": wire.get_tensor(msg.content[r], k) for r in msg.content.array_records
+                               for k in msg.content[r].keys()},
+               "up_arrays": {} if reply.has_error() else {f"{r}.{k}" for r in reply.content.array_records
+                                                           for k in reply.content[r].keys()},
+               "up_metrics": {} if reply.has_error() else {k: v for r in reply.content.metric_records
+                                                             for k, v in reply.content[r].items()},
+               "error": reply.error.reason if reply.has_error() else None}
+        Path(taps, uuid.uuid4().hex).write_bytes(pickle.dumps(rec))
+        return reply
+
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=[tap]),
+                   num_supernodes=num_clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    seen = [pickle.loads(p.read_bytes()) for p in Path(taps).iterdir()]
+    return RunFolder.open(next((Path(cfg.output_dir) / "runs").iterdir())), seen
+
+
+def check_eval_replies(seen, message_type, cfg):
+    evals = [r for r in seen if r["type"] == message_type]
+    assert len(evals) == 2 * cfg.num_rounds, [r["type"] for r in seen]   # 2 clients, every round
+    for r in evals:
+        assert r["error"] is None, r["error"]
+        assert r["up_arrays"] == set()                                   # nothing but scalars comes up
+        assert set(r["up_metrics"]) <= client_eval.ALLOWED
+        assert set(client_eval.SCALARS) <= set(r["up_metrics"])
+        hist = r["up_metrics"][client_eval.HISTOGRAM]
+        assert len(hist) == 10 and sum(hist) == cfg.eval_samples          # the fakes' labels, one per fake
+    return evals
+
+
+@pytest.mark.e2e
+def test_privacygan_clients_score_the_fakes_they_are_sent_against_their_own_data(tmp_path, evaluators):
+    cfg = parse_config({**TINY, "strategy": "privacygan", "evaluator-dir": str(evaluators),
+                        "output-dir": str(tmp_path / "out")})
+    (tmp_path / "taps").mkdir()
+    run, seen = run_with_tap(cfg, 2, tmp_path / "taps")
+    evals = check_eval_replies(seen, client_eval.EVAL_FAKES, cfg)
+    for r in evals:   # only the fakes (8-bit) travel down
+        assert set(r["down_arrays"]) == {"fakes.fakes"}
+        assert r["down_arrays"]["fakes.fakes"].dtype == torch.uint8
+        assert tuple(r["down_arrays"]["fakes.fakes"].shape) == (cfg.eval_samples, 1, 16, 16)
+
+    # the client's FID is what its own data gives for exactly those fakes
+    r = evals[0]
+    net = load_feature_net("classifier", dataset="digits", image_size=16, channels=1, evaluator_dir=str(evaluators))
+    own = client_dataset(cfg.data_spec(), r["partition"], 2)
+    ev = ImageEvaluator(net, tv_name="tv_own")
+    ev.set_real(own.x, own.y, 10)
+    expected = ev.score(wire.decode_fakes(r["down_arrays"]["fakes.fakes"], "uint8"))
+    assert r["up_metrics"]["fid"] == pytest.approx(expected["fid"], rel=1e-9)
+    assert r["up_metrics"]["tv_own"] == pytest.approx(expected["tv_own"], rel=1e-9)
+    assert r["up_metrics"]["num_real"] == len(own)
+
+    # metrics.jsonl: per-client scores every round, server-side FID vs the test set, tv_global added by the server
+    records = run.read_jsonl("metrics.jsonl")
+    glob = test_dataset(cfg.data_spec()).label_histogram()
+    for rec in records:
+        assert set(rec["client_eval"]) == {"client 0 (classes 0,1)", "client 1 (classes 2,3)"}
+        for label, scores in rec["client_eval"].items():
+            assert scores["tv_global"] == pytest.approx(client_eval.tv_distance(scores["label_histogram"], glob))
+        assert rec["fid_mean"] == pytest.approx(sum(s["fid"] for s in rec["client_eval"].values()) / 2)
+        assert set(rec["eval"]) == {"teacher", "client 0 (classes 0,1)", "client 1 (classes 2,3)"}
+        assert rec["eval"]["teacher"]["extractor"] == "classifier"
+        assert rec["eval"]["teacher"]["num_samples"] == cfg.eval_samples
+        assert rec["eval"]["teacher"]["num_real"] == int(glob.sum())
+    # evaluation traffic is logged apart from the training bytes
+    comm = run.read_jsonl("comm.jsonl")
+    eval_rows = [c for c in comm if c.get("phase") == "eval"]
+    assert {c["action"] for c in eval_rows} == {client_eval.EVAL_FAKES} and len(eval_rows) == 4
+    train_rows = [c for c in comm if "phase" not in c]
+    assert sum(c["down"] for c in train_rows) == sum(rec["bytes_down"] for rec in records)
+
+
+@pytest.mark.e2e
+def test_local_clients_draw_and_score_their_own_fakes_and_send_only_scalars(tmp_path, evaluators):
+    cfg = parse_config({**TINY, "strategy": "local", "evaluator-dir": str(evaluators),
+                        "output-dir": str(tmp_path / "out")})
+    (tmp_path / "taps").mkdir()
+    run, seen = run_with_tap(cfg, 2, tmp_path / "taps")
+    for r in check_eval_replies(seen, client_eval.EVAL_ALONE, cfg):
+        assert r["down_arrays"] == {}                                   # G_i is on the client: no tensor goes down
+    records = run.read_jsonl("metrics.jsonl")
+    assert all(len(rec["client_eval"]) == 2 and "fid_mean" in rec for rec in records)
+    # the server-side score (same seed, samples fetched for the benchmark) covers both clients' generators
+    assert all(len(rec["eval"]) == 2 and rec["eval"][k]["extractor"] == "classifier"
+               for rec in records for k in rec["eval"])
+
+
+def test_bad_evaluate_replies_are_refused_with_a_reason():
+    good = {"fid": 1.0, "kid": 0.1, "kid_std": 0.01, "tv_own": 0.2, "num_fake": 4, "num_real": 9,
+            client_eval.HISTOGRAM: [1, 3]}
+    assert client_eval.parse_scores(RecordDict({wire.METRICS: MetricRecord(good)}), 2)["fid"] == 1.0
+    for bad, why in [({**good, "fid": float("nan")}, "not finite"), ({**good, "real_mean": 0.5}, "unexpected"),
+                     ({k: v for k, v in good.items() if k != "kid"}, "missing metric 'kid'"),
+                     ({**good, client_eval.HISTOGRAM: [1, 2, 1]}, "expected 2")]:
+        with pytest.raises(BadReply, match=why):
+            client_eval.parse_scores(RecordDict({wire.METRICS: MetricRecord(bad)}), 2)
+    with_array = RecordDict({wire.METRICS: MetricRecord(good), "x": wire.tensor_record(x=torch.zeros(2))})
+    with pytest.raises(BadReply, match="only scalars"):
+        client_eval.parse_scores(with_array, 2)
