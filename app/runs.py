@@ -456,14 +456,23 @@ QUALITY_PANELS = (
 )
 
 
+def eval_sets(block: dict | None) -> dict[str, dict]:
+    """The scores per sample set of an ``eval`` record. BPGAN nests them as
+    ``{"per_gb": {...}, "mean": {...}, "best": {...}}``; that is flattened to the sets."""
+    block = block or {}
+    if isinstance(block.get("per_gb"), dict):
+        return dict(block["per_gb"])
+    return {name: scores for name, scores in block.items() if isinstance(scores, dict)}
+
+
 def quality_series(records: list[dict], group: str, key: str) -> tuple[dict[str, list[tuple[int, float]]], str]:
     """{set or client: [(round, value)]} of ``record[group][name][key]``, and a note naming the
     extractor and sample count (every FID is reported with them)."""
     out: dict[str, list[tuple[int, float]]] = {}
     note = ""
     for rec in records:
-        for name, scores in (rec.get(group) or {}).items():
-            if isinstance(scores, dict) and isinstance(scores.get(key), (int, float)) and math.isfinite(scores[key]):
+        for name, scores in eval_sets(rec.get(group)).items():
+            if isinstance(scores.get(key), (int, float)) and math.isfinite(scores[key]):
                 out.setdefault(str(name), []).append((int(rec.get("round", 0)), float(scores[key])))
                 if "extractor" in scores and not note:
                     note = f"{scores['extractor']} features, {scores.get('num_samples', '?')} samples"

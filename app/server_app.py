@@ -24,7 +24,7 @@ from app.config import Config, ConfigError, config_from_context, parse_config, r
 from app.data import client_dataset, mode_means, partition_summary, server_dataset, test_dataset
 from app.metrics import (ClassifierFeatures, EvaluatorMissing, ImageEvaluator, density_plot, describe_scores,
                          load_classifier, load_feature_net, mode_metrics)
-from app.runs import Progress, RunFolder
+from app.runs import Progress, RunFolder, eval_sets
 from strategies.base import log
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
 from strategies.centralized import Centralized, CentralizedSettings
@@ -409,7 +409,7 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
         if "regroups" in result:
             lines += [f"- iterations: {result['iterations']}, regroups: {result['regroups']}, "
                       f"period A: {result['period_a'] if result['period_a'] is not None else 'not detected / fixed T'}"]
-        for name, scores in (result.get("eval") or {}).items():
+        for name, scores in eval_sets(result.get("eval")).items():
             if "fid" in scores:
                 tv = f", TV to test labels {scores['tv_global']:.3f}" if "tv_global" in scores else ""
                 lines.append(f"- {name}: {describe_scores(scores)}{tv}")
@@ -418,7 +418,7 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
                          f"({int(scores['num_fake'])} fakes vs {int(scores['num_real'])} own samples), "
                          f"TV to own labels {scores['tv_own']:.3f}"
                          + (f", to global labels {scores['tv_global']:.3f}" if "tv_global" in scores else ""))
-        for name, scores in (result.get("eval") or {}).items():
+        for name, scores in eval_sets(result.get("eval")).items():
             if "modes_covered" in scores:
                 lines.append(f"- {name}: {scores['modes_covered']}/{scores['num_modes']} modes, "
                              f"{scores['high_quality_pct']:.1f}% high-quality, reverse KL {scores['reverse_kl']:.3f} "

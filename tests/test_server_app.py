@@ -56,3 +56,19 @@ def test_grid_rows_are_labelled_with_the_simulation_plan():
     describe = partition_labeller(parse_config({}))
     assert [describe(i, 5) for i in range(5)] == [f"client {i} (classes {2 * i},{2 * i + 1})" for i in range(5)]
     assert describe(7, 5) == "client 7"  # outside the plan (e.g. a deployment node): plain label
+
+
+@pytest.mark.parametrize("scores, expected", [
+    ({"fid": 3.0, "kid": 0.1, "is": 2.0, "extractor": "classifier", "num_samples": 10, "num_real": 20},
+     "- pair 0: FID 3.00, KID 0.1000, IS 2.00 (classifier features, 10 samples vs 20 real)"),
+    ({"modes_covered": 7, "num_modes": 8, "high_quality_pct": 91.0, "reverse_kl": 0.1, "num_samples": 2500},
+     "- pair 0: 7/8 modes, 91.0% high-quality, reverse KL 0.100 (2500 samples)"),
+])
+def test_summary_lists_bpgan_scores_per_generator_node(scores, expected):
+    from app.server_app import _summary
+    from strategies.bpgan import summarize_scores
+
+    result = {"rounds": 1, "bytes_down": 1, "bytes_up": 1, "dropped_replies": 0, "last": {}, "clients": {},
+              "eval": summarize_scores({"pair 0": scores})}   # {"per_gb", "mean", "best"}
+    text = _summary(parse_config({"strategy": "bpgan"}), result, 1.0, status="success")
+    assert expected in text.splitlines()
