@@ -327,7 +327,7 @@ def describe_scores(scores: dict) -> str:
     """'FID 12.34, KID 0.0123 (classifier, 2,500 samples)': numbers always with extractor and count."""
     if "fid" not in scores:
         return ""
-    return (f"FID {scores['fid']:.2f}, KID {scores['kid']:.4f}, IS {scores['is']:.2f} "
+    return (f"FID {scores['fid']:.2f}, KID {scores['kid']:.3g}, IS {scores['is']:.2f} "
             f"({scores['extractor']} features, {scores['num_samples']:,} samples vs {scores['num_real']:,} real)")
 
 

@@ -60,7 +60,7 @@ def test_grid_rows_are_labelled_with_the_simulation_plan():
 
 @pytest.mark.parametrize("scores, expected", [
     ({"fid": 3.0, "kid": 0.1, "is": 2.0, "extractor": "classifier", "num_samples": 10, "num_real": 20},
-     "- pair 0: FID 3.00, KID 0.1000, IS 2.00 (classifier features, 10 samples vs 20 real)"),
+     "- pair 0: FID 3.00, KID 0.1, IS 2.00 (classifier features, 10 samples vs 20 real)"),
     ({"modes_covered": 7, "num_modes": 8, "high_quality_pct": 91.0, "reverse_kl": 0.1, "num_samples": 2500},
      "- pair 0: 7/8 modes, 91.0% high-quality, reverse KL 0.100 (2500 samples)"),
 ])
