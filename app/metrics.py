@@ -121,20 +121,16 @@ class FeatureNet(nn.Module):
     """A named embedding for FID/KID plus logits for IS: ``forward(x) -> (features, logits)``.
 
     ``x`` are images in [-1, 1] as the generators make them (any side, 1 or 3 channels).
-    ``labels_are_classes`` says whether ``logits.argmax`` is a class of the dataset
-    (true for the project's classifiers, false for Inception's ImageNet classes).
     """
 
     name: str
     num_features: int
-    labels_are_classes: bool
 
 
 class ClassifierFeatures(FeatureNet):
     """The project's own dataset classifier: penultimate layer + class logits."""
 
     name = "classifier"
-    labels_are_classes = True
 
     def __init__(self, net: Classifier, meta: dict | None = None) -> None:
         super().__init__()
@@ -153,7 +149,6 @@ class InceptionFeatures(FeatureNet):
     through torchmetrics): 2048-d pool features and the 1008 logits; images become 8-bit RGB."""
 
     name = "inception"
-    labels_are_classes = False
 
     def __init__(self, weights: str | Path) -> None:
         super().__init__()
@@ -303,7 +298,7 @@ class ImageEvaluator:
         if labels is not None and num_classes:
             self.real_histogram = torch.bincount(torch.as_tensor(labels), minlength=num_classes).tolist()
 
-    def score(self, fakes: torch.Tensor, *, reference_histogram=None) -> dict:
+    def score(self, fakes: torch.Tensor) -> dict:
         if self.real_features is None:
             raise RuntimeError("ImageEvaluator.set_real must be called before score")
         feats, logits = embed(self.net, fakes)
@@ -318,8 +313,6 @@ class ImageEvaluator:
             out["label_histogram"] = hist
             if self.real_histogram is not None:
                 out[self.tv_name] = tv_distance(hist, self.real_histogram)
-            if reference_histogram is not None:
-                out["tv_reference"] = tv_distance(hist, reference_histogram)
         return out
 
 

@@ -570,7 +570,7 @@ def _mggan_traffic(cfg, sizes: dict, N: int, R: int, plan, msgs: dict) -> Traffi
 # Quality
 # ======================================================================================
 #: Score keys for which a lower value is better; all others are "higher is better".
-LOWER_IS_BETTER = ("fid", "kid", "reverse_kl", "tv_own", "tv_global", "tv_real", "tv_reference")
+LOWER_IS_BETTER = ("fid", "kid", "reverse_kl", "tv_own", "tv_global", "tv_real")
 
 
 def lower_is_better(key: str) -> bool:

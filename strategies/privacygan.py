@@ -420,8 +420,6 @@ class PrivacyGAN:
         """Server-side scores of every generator, then each client's scores of its student's
         fakes against its own data (``evaluate.fakes``; only the fakes go down)."""
         out: dict = {}
-        if self.evaluate is None and not self.s.client_eval:
-            return out
         sets = self.eval_sets()
         if self.evaluate is not None:
             out["eval"] = self.evaluate(sets)
