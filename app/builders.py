@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from app.config import Config
+from app.metrics import ClassifierFeatures, EvaluatorMissing, FeatureNet, ImageEvaluator, load_classifier, load_feature_net
 from models.factory import build_discriminator, build_generator
 from models.losses import make_optimizer
 
@@ -51,3 +52,28 @@ def make_discriminator(cfg: Config) -> nn.Module:
 
 def optimizer_for(cfg: Config, module: nn.Module, lr: float) -> torch.optim.Optimizer:
     return make_optimizer(cfg.loss, module.parameters(), lr, (cfg.adam_beta1, cfg.adam_beta2))
+
+
+def feature_net(cfg: Config, device: str = "cpu") -> FeatureNet:
+    """The run's feature network (``eval-extractor``) for its dataset and geometry."""
+    g = geometry(cfg)
+    return load_feature_net(cfg.eval_extractor, dataset=cfg.dataset, image_size=g.image_size, channels=g.channels,
+                            evaluator_dir=cfg.evaluator_dir, inception_weights=cfg.inception_weights, device=device)
+
+
+def image_evaluator(cfg: Config, device: str = "cpu", *, tv_name: str,
+                    labels_required: bool = True) -> ImageEvaluator:
+    """The run's feature network plus the dataset classifier that labels fakes (the feature net
+    itself when it is the classifier). With ``labels_required=False`` a missing classifier
+    only drops the label histograms (returns an evaluator without a labeller)."""
+    net = feature_net(cfg, device)
+    labeller = net if isinstance(net, ClassifierFeatures) else None
+    if labeller is None:
+        g = geometry(cfg)
+        try:
+            labeller = ClassifierFeatures(*load_classifier(cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir,
+                                                           device))
+        except EvaluatorMissing:
+            if labels_required:
+                raise
+    return ImageEvaluator(net, labeller, tv_name=tv_name)

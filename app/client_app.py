@@ -16,10 +16,10 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from app.builders import geometry, make_discriminator, make_generator
+from app.builders import geometry, image_evaluator, make_discriminator, make_generator
 from app.config import Config, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
-from app.metrics import ClassifierFeatures, ImageEvaluator, load_classifier, load_feature_net
+from app.metrics import ImageEvaluator
 from strategies import bpgan, client_eval, dataparallel, fedavg, local, mggan, wire
 from strategies.privacygan import client_discriminate
 
@@ -31,15 +31,9 @@ _evaluators: dict[tuple, ImageEvaluator] = {}
 def own_data_evaluator(cfg: Config, data: ArrayDataset, pid: int | None) -> ImageEvaluator:
     """This client's evaluator: the run's feature net, the dataset classifier for labels, and
     the features of (up to 10,000 of) its own images. Built once per process and reused."""
-    g, device = geometry(cfg), resolve_device(cfg.device)
-    key = (cfg.eval_extractor, cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, cfg.inception_weights,
-           device, pid, len(data), cfg.seed)
+    key = (cfg, pid, len(data))
     if key not in _evaluators:
-        net = load_feature_net(cfg.eval_extractor, dataset=cfg.dataset, image_size=g.image_size, channels=g.channels,
-                               evaluator_dir=cfg.evaluator_dir, inception_weights=cfg.inception_weights, device=device)
-        labeller = net if isinstance(net, ClassifierFeatures) else ClassifierFeatures(
-            *load_classifier(cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, device))
-        ev = ImageEvaluator(net, labeller, tv_name="tv_own")
+        ev = image_evaluator(cfg, resolve_device(cfg.device), tv_name="tv_own")
         own = data
         if len(own) > MAX_REAL_FOR_EVAL:
             own = own.subset(torch.randperm(len(own), generator=torch.Generator().manual_seed(cfg.seed))

@@ -19,11 +19,10 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from app.builders import geometry, make_discriminator, make_generator, optimizer_for
+from app.builders import geometry, image_evaluator, make_discriminator, make_generator, optimizer_for
 from app.config import Config, ConfigError, config_from_context, parse_config, resolve_device
 from app.data import client_dataset, mode_means, partition_summary, server_dataset, test_dataset
-from app.metrics import (ClassifierFeatures, EvaluatorMissing, ImageEvaluator, density_plot, describe_scores,
-                         load_classifier, load_feature_net, mode_metrics)
+from app.metrics import EvaluatorMissing, density_plot, describe_scores, mode_metrics
 from app.runs import Progress, RunFolder, eval_sets
 from strategies.base import log
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
@@ -184,32 +183,6 @@ def client_eval_enabled(cfg: Config) -> bool:
     return cfg.client_eval and image_evaluation(cfg) and cfg.strategy in ("privacygan", "local")
 
 
-def feature_net(cfg: Config, device: str = "cpu"):
-    """The run's feature network (``eval-extractor``); a missing weights file stops the run at
-    start with the message that says how to provide it."""
-    g = geometry(cfg)
-    try:
-        return load_feature_net(cfg.eval_extractor, dataset=cfg.dataset, image_size=g.image_size, channels=g.channels,
-                                evaluator_dir=cfg.evaluator_dir, inception_weights=cfg.inception_weights,
-                                device=device)
-    except EvaluatorMissing as exc:
-        raise ConfigError(f"run config 'eval-every' = {cfg.eval_every} asks for quality scores with "
-                          f"'eval-extractor' = {cfg.eval_extractor!r}, but {exc}") from exc
-
-
-def label_classifier(cfg: Config, net, device: str = "cpu"):
-    """The dataset classifier that labels fakes (label histograms): the feature net itself, or
-    the cached classifier when the extractor is Inception (None when there is none)."""
-    if isinstance(net, ClassifierFeatures):
-        return net
-    g = geometry(cfg)
-    try:
-        return ClassifierFeatures(*load_classifier(cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, device))
-    except EvaluatorMissing:
-        say("no dataset classifier cached: label histograms and client fidelity are skipped")
-        return None
-
-
 def global_label_histogram(cfg: Config) -> list[int] | None:
     """The population's label histogram (the run config's test split), for ``tv_global``."""
     if not image_evaluation(cfg):
@@ -224,12 +197,17 @@ def sample_evaluator(cfg: Config, device: str = "cpu"):
     if geometry(cfg).kind != "mlp":
         if not image_evaluation(cfg):
             return None
-        net = feature_net(cfg, device)
+        try:  # a missing weights file stops the run at start, saying how to provide it
+            evaluator = image_evaluator(cfg, device, tv_name="tv_global", labels_required=False)
+        except EvaluatorMissing as exc:
+            raise ConfigError(f"run config 'eval-every' = {cfg.eval_every} asks for quality scores with "
+                              f"'eval-extractor' = {cfg.eval_extractor!r}, but {exc}") from exc
+        if evaluator.labeller is None:
+            say("no dataset classifier cached: label histograms and client fidelity are skipped")
         test = test_dataset(cfg.data_spec())
-        evaluator = ImageEvaluator(net, label_classifier(cfg, net, device), tv_name="tv_global")
         evaluator.set_real(test.x, test.y, test.num_classes)
-        say(f"quality: FID/KID/IS with {net.name} features, {cfg.eval_samples:,} samples per generator against "
-            f"the {len(test):,} test images, every {cfg.eval_every} round(s)")
+        say(f"quality: FID/KID/IS with {evaluator.net.name} features, {cfg.eval_samples:,} samples per generator "
+            f"against the {len(test):,} test images, every {cfg.eval_every} round(s)")
 
         def evaluate_images(sets: dict[str, torch.Tensor]) -> dict:
             return {name: evaluator.score(x) for name, x in sets.items()}
