@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from models.steps import train_gan_step
-from strategies.base import GANSettings, Recorder, log, should
+from strategies.base import GANSettings, Recorder, log
 from strategies.dataparallel import GlobalGANServer, param_dtype
 
 
@@ -79,13 +79,7 @@ class Centralized(GlobalGANServer):
             t0 = time.monotonic()
             record = self.run_round(rnd)
             record["wall_time"] = time.monotonic() - t0
-            self.eval_into(record, rnd)
-            self.recorder.log_round(record)
-            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
-            if should(s.sample_every, rnd, s.num_rounds):
-                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
-            if should(s.checkpoint_every, rnd, s.num_rounds):
-                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            self.finish_round(record, rnd)
             last = record
         return {"rounds": s.num_rounds, "last": last, "bytes_down": 0, "bytes_up": 0, "dropped_replies": 0,
                 "clients": {}, "eval": self.last_eval, "steps": self.steps}

@@ -327,12 +327,20 @@ class GlobalGANServer:
         with torch.no_grad():
             return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
 
-    def eval_into(self, record: dict, rnd: int) -> None:
-        """Score the global generator every ``eval_every`` rounds and at the last one."""
-        if self.evaluate is not None and should(self.s.eval_every, rnd, self.s.num_rounds):
+    def finish_round(self, record: dict, rnd: int) -> None:
+        """After a round: score the global generator (every ``eval_every`` rounds and at the
+        last), log the record and progress, save the sample grid and checkpoint when due."""
+        s = self.s
+        if self.evaluate is not None and should(s.eval_every, rnd, s.num_rounds):
             t_eval = time.monotonic()
             self.last_eval = record["eval"] = self.final_eval()
             record["eval_time"] = time.monotonic() - t_eval
+        self.recorder.log_round(record)
+        self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+        if should(s.sample_every, rnd, s.num_rounds):
+            self.recorder.save_samples(f"round{rnd:05d}", self.samples())
+        if should(s.checkpoint_every, rnd, s.num_rounds):
+            self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
 
     def final_eval(self) -> dict:
         if self.evaluate is None:
@@ -353,14 +361,8 @@ class GlobalGANServer:
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)
             record["wall_time"] = time.monotonic() - t0
-            self.eval_into(record, rnd)
-            self.recorder.log_round(record)
             self.recorder.log_comm(self.comm.round_rows(rnd))
-            self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
-            if should(s.sample_every, rnd, s.num_rounds):
-                self.recorder.save_samples(f"round{rnd:05d}", self.samples())
-            if should(s.checkpoint_every, rnd, s.num_rounds):
-                self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+            self.finish_round(record, rnd)
             last = record
         return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
                 "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
