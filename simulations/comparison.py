@@ -37,12 +37,13 @@ No Flower import here: the analytic formula builds the networks through ``app.bu
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from app.runs import RunFolder, eval_sets
 
 # ======================================================================================
 # Reading a run folder
@@ -69,36 +70,17 @@ class RunData:
         return str(self.config.get("strategy", "?"))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """JSON lines of ``path`` ([] when missing); blank and torn lines are skipped (as app/runs.py does)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def read_run(path: str | Path) -> RunData:
     """Read ``config.json``, ``metrics.jsonl`` and ``comm.jsonl`` of a finished run folder.
 
     Raises FileNotFoundError naming the folder when it is not a run folder (no config.json).
     Metrics records are sorted by round (a resumed run keeps every round once).
     """
-    folder = Path(path).expanduser().absolute()
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{folder} is not a run folder (no config.json)")
-    metrics = sorted(_read_jsonl(folder / "metrics.jsonl"), key=lambda r: int(r.get("round", 0)))
-    return RunData(folder, json.loads(cfg.read_text()), metrics, _read_jsonl(folder / "comm.jsonl"))
+    run = RunFolder(path)
+    if not (run.path / RunFolder.CONFIG).is_file():
+        raise FileNotFoundError(f"{run.path} is not a run folder (no config.json)")
+    metrics = sorted(run.read_jsonl(RunFolder.METRICS), key=lambda r: int(r.get("round", 0)))
+    return RunData(run.path, run.read_config(), metrics, run.read_jsonl(RunFolder.COMM))
 
 
 def traffic_class(row: Mapping[str, Any]) -> str:
@@ -596,27 +578,21 @@ def headline_quality(evaluation: Mapping[str, Any] | None, key: str = "fid") -> 
     """
     if not isinstance(evaluation, Mapping) or not evaluation:
         return None
-    if "per_gb" in evaluation and isinstance(evaluation.get("mean"), Mapping):
-        sets = {k: v for k, v in evaluation["per_gb"].items() if isinstance(v, Mapping)}
-        value = _num(evaluation["mean"].get(key))
-        if value is None:
-            return None
-        any_set = next((v for v in sets.values() if key in v), {})
-        return {"value": value, "extractor": any_set.get("extractor"), "num_samples": any_set.get("num_samples"),
-                "source": f"mean of {len(sets)} generator blocks"}
-    for name in ("mixture", "global"):
-        scores = evaluation.get(name)
-        if isinstance(scores, Mapping) and _num(scores.get(key)) is not None:
-            return {"value": _num(scores[key]), "extractor": scores.get("extractor"),
-                    "num_samples": scores.get("num_samples"), "source": name}
-    sets = {n: s for n, s in evaluation.items()
-            if isinstance(s, Mapping) and n != "teacher" and _num(s.get(key)) is not None}
+    nested = "per_gb" in evaluation  # BPGAN: its generator blocks' sets
+    if not nested:
+        for name in ("mixture", "global"):
+            scores = evaluation.get(name)
+            if isinstance(scores, Mapping) and _num(scores.get(key)) is not None:
+                return {"value": _num(scores[key]), "extractor": scores.get("extractor"),
+                        "num_samples": scores.get("num_samples"), "source": name}
+    sets = {n: s for n, s in eval_sets(dict(evaluation)).items() if n != "teacher" and _num(s.get(key)) is not None}
     if not sets:
         return None
     first = next(iter(sets.values()))
+    source = (f"mean of {len(sets)} generator blocks" if nested else
+              next(iter(sets)) if len(sets) == 1 else f"mean of {len(sets)} sets")
     return {"value": statistics.fmean(_num(s[key]) for s in sets.values()), "extractor": first.get("extractor"),
-            "num_samples": first.get("num_samples"),
-            "source": next(iter(sets)) if len(sets) == 1 else f"mean of {len(sets)} sets"}
+            "num_samples": first.get("num_samples"), "source": source}
 
 
 def client_fidelity(client_eval: Mapping[str, Any] | None) -> dict | None:
