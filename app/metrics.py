@@ -35,7 +35,6 @@ import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
