@@ -27,6 +27,7 @@ MODELS = ("auto", "dcgan", "mlp")
 IMAGE_SIZES = (0, 16, 32, 64)
 INITS = ("teacher", "random")
 DEVICES = ("auto", "cpu", "cuda")
+DATAPARALLEL_MODES = ("simultaneous", "alternating")
 
 
 class ConfigError(ValueError):
@@ -75,9 +76,15 @@ class Config:
     client_disc_lr: float = 0.0002
     client_disc_steps: int = 1
     steps_per_round: int = 4
+    # --- the clipped WGAN's own schedule (Arjovsky et al. 2017), for every network trained with
+    #     loss "wgan": RMSProp at wgan-lr, wgan-critic-steps critic updates per generator update
+    wgan_critic_steps: int = 5
+    wgan_lr: float = 0.00005
     # --- BPGAN (SPEC 4.3, thesis ch. 4) -----------------------------------------
     bpgan_model: str = "dcgan"
     bpgan_pipeline: bool = True
+    # --- data-parallel baseline (thesis Fig. 4.7, Eq. 4.1) ------------------------
+    dataparallel_mode: str = "simultaneous"
     # --- MGGAN (SPEC 4.4, thesis ch. 3) -----------------------------------------
     local_steps: int = 25
     mggan_losses: str = "bce"
@@ -133,6 +140,16 @@ class Config:
             server_share=self.server_share,
             seed=self.seed,
         )
+
+    def lr_for(self, loss: str, lr: float) -> float:
+        """The learning rate a network trained with ``loss`` uses: ``wgan-lr`` for the clipped
+        WGAN (its paper's RMSProp rate), else ``lr`` (the role's own key)."""
+        return self.wgan_lr if loss == "wgan" else lr
+
+    def disc_steps_for(self, loss: str) -> int:
+        """Discriminator / critic updates per generator update for ``loss``: ``wgan-critic-steps``
+        (n_critic of the WGAN paper) for the clipped WGAN, else ``client-disc-steps``."""
+        return self.wgan_critic_steps if loss == "wgan" else self.client_disc_steps
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat hyphenated mapping (what ``context.run_config`` holds)."""
@@ -244,12 +261,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.dirichlet_alpha > 0, k("dirichlet-alpha"), cfg.dirichlet_alpha, "> 0")
     _check(0.0 <= cfg.adam_beta1 < 1.0, k("adam-beta1"), cfg.adam_beta1, "in [0, 1)")
     _check(0.0 <= cfg.adam_beta2 < 1.0, k("adam-beta2"), cfg.adam_beta2, "in [0, 1)")
+    _one_of(k("dataparallel-mode"), cfg.dataparallel_mode, DATAPARALLEL_MODES)
     for name_ in ("num_rounds", "latent_dim", "gen_features", "disc_features", "batch_size", "client_disc_steps",
+                  "wgan_critic_steps",
                   "steps_per_round", "min_nodes", "min_replies", "samples_per_client", "classes_per_client"):
         _check(getattr(cfg, name_) >= 1, k(name_), getattr(cfg, name_), "an integer >= 1")
     for name_ in ("teacher_steps", "sample_every", "checkpoint_every"):
         _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), "an integer >= 0 (0 = never)")
-    for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "server_disc_lr", "client_disc_lr",
+    for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "server_disc_lr", "client_disc_lr", "wgan_lr",
                   "round_timeout", "node_wait_timeout"):
         _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
     _check(cfg.min_replies <= cfg.min_nodes, k("min-replies"), cfg.min_replies,
