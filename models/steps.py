@@ -50,6 +50,20 @@ def sample_latent(
 
 
 # ---------------------------------------------------------------------------
+# Forward pass of a frozen network
+# ---------------------------------------------------------------------------
+def forward_keeping_buffers(module: nn.Module, *inputs: Tensor) -> Tensor:
+    """``module(*inputs)`` in whatever train / eval mode ``module`` is in, but on cloned
+    buffers: in train mode BatchNorm normalises with the batch's statistics as usual,
+    while the module's own running statistics and ``num_batches_tracked`` stay exactly
+    as they were. This is how a frozen teacher is sampled or queried.
+    """
+    state: dict[str, Tensor] = dict(module.named_parameters())
+    state.update({name: buf.clone() for name, buf in module.named_buffers()})
+    return functional_call(module, state, inputs)
+
+
+# ---------------------------------------------------------------------------
 # Discriminator update
 #   objective: min_D  L_D(D(real), D(fake))             (losses.discriminator_loss)
 #              + gp_weight * GP(D, real, fake)          (wgan-gp only)
@@ -141,9 +155,7 @@ def generator_feedback(
     x = fake.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         if keep_buffers:
-            state: dict[str, Tensor] = dict(D.named_parameters())
-            state.update({name: buf.clone() for name, buf in D.named_buffers()})
-            out = functional_call(D, state, (x,))
+            out = forward_keeping_buffers(D, x)
         else:
             out = D(x)
         loss = generator_loss(kind, out)
@@ -276,6 +288,7 @@ def train_gan_step(
 __all__ = [
     "apply_feedback",
     "discriminator_step",
+    "forward_keeping_buffers",
     "generator_feedback",
     "generator_step",
     "jrlf_feedback",

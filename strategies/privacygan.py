@@ -14,9 +14,13 @@ Per round and selected client i:
    α = 1 is a plain federated GAN (the teacher term vanishes).
 
 With ``steps-per-round`` K > 1 the message carries K fake batches and the reply K
-feedbacks; feedback k was computed on fakes that G_i produced before its updates
-1..k−1 of this round, so steps 2..K use feedback that is up to K−1 generator
-steps stale (K = 1 is exact).
+feedbacks. The K batches are generated one batch of B at a time, exactly as each update
+recomputes G_i(z_k) (with BatchNorm a single call on all K·B latents would normalise with
+other statistics and the client would judge other fakes than those back-propagated), so
+step 1 of every round is the exact centralized JRLF update. Feedback k was computed on
+fakes that G_i produced before its updates 1..k−1 of this round, so steps 2..K use
+feedback that is up to K−1 generator steps stale; :func:`stale_feedback_errors`
+measures by how much.
 
 Everything that is math lives in pure functions below (and in ``models/steps.py``); the
 :class:`PrivacyGAN` class only packs, sends, receives, unpacks and calls them.
@@ -37,7 +41,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from models.losses import generator_loss, make_optimizer
-from models.steps import (discriminator_step, generator_feedback, jrlf_feedback,
+from models.steps import (discriminator_step, forward_keeping_buffers, generator_feedback, jrlf_feedback,
                           sample_latent, train_gan_step)
 from strategies import client_eval, wire
 from strategies.base import NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, should, wait_for_nodes
@@ -68,6 +72,54 @@ def student_update(G: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, lo
     x.backward(grad)
     opt.step()
     return {"g_loss_teacher": teacher_loss}
+
+
+def generate_batches(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Fakes for latents ``z`` of shape (K, B, latent): G is called once per batch of B, as
+    :func:`student_update` will recompute it, so the fakes a client judges are exactly the
+    ones the server back-propagates through at step 1 (BatchNorm's batch statistics)."""
+    with torch.no_grad():
+        return torch.stack([G(z_k) for z_k in z])
+
+
+def stale_feedback_errors(G: nn.Module, opt: torch.optim.Optimizer, D: nn.Module, d_opt: torch.optim.Optimizer,
+                          teacher_d: nn.Module | None, z: torch.Tensor,
+                          sample_real: Callable[[int, torch.Generator], torch.Tensor], gen: torch.Generator, *,
+                          alpha: float, loss: str, disc_steps: int = 1) -> list[float]:
+    """Play one K-step PrivacyGAN round in one process and measure the staleness of each step.
+
+    ``z`` has shape (K, B, latent). The round runs as the protocol does: all K fake batches
+    come from G_i before any update; for batch k the client's D_i makes ``disc_steps``
+    updates on (a real batch, x̃_k) and returns its feedback on x̃_k; the server applies
+    step k with that feedback. Before applying it, the gradient the exact (K = 1)
+    protocol would use at that point is computed too: the same D_i's feedback on the
+    fakes G_i makes *now*, G_i(z_k) with the updates 1..k−1 applied. Returns, per step k,
+    ‖g_used − g_exact‖ / ‖g_exact‖ over G_i's parameters (JRLF gradients, thesis Eq. 5.9;
+    the teacher term is the same in both). Step 1 gives 0 up to rounding.
+    """
+    params = [p for p in G.parameters() if p.requires_grad]
+    fakes = generate_batches(G, z)
+    errors = []
+    for k in range(z.shape[0]):
+        for _ in range(disc_steps):
+            discriminator_step(D, d_opt, sample_real(z.shape[1], gen).to(fakes.device), fakes[k], loss)
+        _, stale = generator_feedback(D, fakes[k], loss)
+        x = G(z[k])
+        _, fresh = generator_feedback(D, x.detach(), loss, keep_buffers=True)
+        teacher = None
+        if alpha < 1.0:
+            _, teacher = generator_feedback(teacher_d, x.detach(), loss, keep_buffers=True)
+        used = torch.autograd.grad(x, params, jrlf_feedback(stale, teacher, alpha), retain_graph=True)
+        exact = torch.autograd.grad(x, params, jrlf_feedback(fresh, teacher, alpha))
+        diff = torch.sqrt(sum(((u - e) ** 2).sum() for u, e in zip(used, exact)))
+        norm = torch.sqrt(sum((e ** 2).sum() for e in exact))
+        errors.append(float(diff / norm))
+        # the protocol's update: step k with the stale feedback
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, used):
+            p.grad = g
+        opt.step()
+    return errors
 
 
 def train_teacher(G: nn.Module, D: nn.Module, sample_real: Callable[[int, torch.Generator], torch.Tensor], *,
@@ -264,7 +316,7 @@ class PrivacyGAN:
         self.restored: dict[tuple[str, int], dict] = {}
         self.control_bytes = 0   # resume handshake, kept out of the training totals
         with torch.no_grad():
-            probe = copy.deepcopy(self.teacher_g)(self.fixed_z[:2])
+            probe = forward_keeping_buffers(self.teacher_g, self.fixed_z[:2])
         self.sample_shape = tuple(sample_shape or probe.shape[1:])
 
     # --- students -------------------------------------------------------------------
@@ -293,9 +345,8 @@ class PrivacyGAN:
         """The fakes G_i(z) for node ``nid`` (K batches) and the latents they came from."""
         K, B = self.s.steps_per_round, self.s.batch_size
         G, _ = self.student(nid)
-        z = sample_latent(K * B, self.s.latent_dim, generator=self.torch_gen, device=self.device)
-        with torch.no_grad():
-            fakes = G(z).reshape(K, B, *self.sample_shape)
+        z = sample_latent(K * B, self.s.latent_dim, generator=self.torch_gen, device=self.device).reshape(K, B, -1)
+        fakes = generate_batches(G, z).reshape(K, B, *self.sample_shape)
         content = RecordDict({
             wire.FAKES: wire.tensor_record(**{wire.FAKES: wire.encode_fakes(fakes, self.s.fakes_dtype)}),
             wire.CONFIG: ConfigRecord({
@@ -305,7 +356,7 @@ class PrivacyGAN:
         })
         if self.s.client_d_init == "teacher" and nid not in self.d_init_sent and self.teacher_d is not None:
             content[wire.D_INIT] = ArrayRecord(self.teacher_d.state_dict())
-        return content, z.reshape(K, B, -1)
+        return content, z
 
     def parse_reply(self, nid: int, reply: Message) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return self.parse_content(reply.content)
@@ -395,7 +446,7 @@ class PrivacyGAN:
         """Fixed-z samples: the teacher's row, then one row per client's student."""
         rows = {}
         with torch.no_grad():
-            rows["teacher"] = copy.deepcopy(self.teacher_g)(self.fixed_z).cpu()
+            rows["teacher"] = forward_keeping_buffers(self.teacher_g, self.fixed_z).cpu()
             for nid in self.nodes.order(self.students):
                 G, _ = self.students[nid]
                 rows[self.label(nid)] = G(self.fixed_z).cpu()
@@ -408,9 +459,11 @@ class PrivacyGAN:
 
     @torch.no_grad()
     def eval_sets(self) -> dict[str, torch.Tensor]:
-        """``eval_samples`` samples of the teacher and of every student (node order)."""
+        """``eval_samples`` samples of the teacher and of every student (node order). The frozen
+        teacher is sampled in train mode like the students, on cloned buffers: evaluation never
+        writes its BatchNorm statistics."""
         z = self.eval_latents()
-        sets = {"teacher": torch.cat([self.teacher_g(c) for c in z.split(500)]).cpu()}
+        sets = {"teacher": torch.cat([forward_keeping_buffers(self.teacher_g, c) for c in z.split(500)]).cpu()}
         for nid in self.nodes.order(self.students):
             G, _ = self.students[nid]
             sets[self.label(nid)] = torch.cat([G(c) for c in z.split(500)]).cpu()
@@ -523,5 +576,6 @@ class PrivacyGAN:
                 "eval_bytes": self.eval_comm.down_total + self.eval_comm.up_total}
 
 
-__all__ = ["PrivacyGAN", "PrivacyGANSettings", "student_update", "train_teacher", "freeze",
+__all__ = ["PrivacyGAN", "PrivacyGANSettings", "student_update", "generate_batches", "stale_feedback_errors",
+           "train_teacher", "freeze",
            "client_discriminate", "CLIENT_STATE"]

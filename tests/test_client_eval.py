@@ -74,9 +74,17 @@ def check_eval_replies(seen, message_type, cfg):
 @pytest.mark.e2e
 def test_privacygan_clients_score_the_fakes_they_are_sent_against_their_own_data(tmp_path, evaluators):
     cfg = parse_config({**TINY, "strategy": "privacygan", "evaluator-dir": str(evaluators),
-                        "output-dir": str(tmp_path / "out")})
+                        "output-dir": str(tmp_path / "out"), "sample-every": 1, "checkpoint-every": 1})
     (tmp_path / "taps").mkdir()
     run, seen = run_with_tap(cfg, 2, tmp_path / "taps")
+    # the frozen teacher stays frozen through evaluation, sample grids and checkpoints: weights and
+    # BatchNorm buffers in server.pt are bit-identical to teacher.pt written after the teacher phase
+    teacher, server = run.load_checkpoint("teacher.pt"), run.load_checkpoint("server.pt")
+    for part in ("g", "d"):
+        assert teacher[part].keys() == server[f"teacher_{part}"].keys()
+        for k, v in teacher[part].items():
+            assert torch.equal(v, server[f"teacher_{part}"][k]), (part, k)
+    assert any("running_mean" in k for k in teacher["g"])
     evals = check_eval_replies(seen, client_eval.EVAL_FAKES, cfg)
     for r in evals:   # only the fakes (8-bit) travel down
         assert set(r["down_arrays"]) == {"fakes.fakes"}

@@ -14,7 +14,7 @@ from models import DCGANDiscriminator, DCGANGenerator, generator_loss
 from strategies import wire
 from strategies.base import NullRecorder
 from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, _load_state,
-                                   client_discriminate, student_update)
+                                   client_discriminate, stale_feedback_errors, student_update)
 
 SIDE, C, NZ, F = 16, 1, 8, 8
 
@@ -25,7 +25,7 @@ def nets(seed=0):
 
 
 def real_sampler(seed=1):
-    data = torch.rand(50, C, SIDE, SIDE) * 2 - 1
+    data = torch.rand(50, C, SIDE, SIDE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     return lambda b, gen: data[torch.randint(len(data), (b,), generator=gen)]
 
 
@@ -51,21 +51,36 @@ def client_d(state):
     return D
 
 
+def first_batch(content):
+    """The same message cut to its first fake batch: what the exact K = 1 protocol would send."""
+    fakes = wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES)
+    return RecordDict({wire.FAKES: wire.tensor_record(**{wire.FAKES: fakes[:1].contiguous()}),
+                       wire.CONFIG: content.config_records[wire.CONFIG]})
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
 @pytest.mark.parametrize("loss", ["bce", "wgan"])
 @pytest.mark.parametrize("alpha", [0.3, 0.7, 1.0])
-def test_federated_jrlf_update_equals_autograd_in_one_process(loss, alpha):
+def test_first_step_of_a_k_step_round_equals_the_centralized_jrlf_update(loss, alpha, K):
     G_T, D_T, _ = nets()
-    strat = make_strategy(G_T, D_T, alpha=alpha, loss=loss)
+    strat = make_strategy(G_T, D_T, alpha=alpha, loss=loss, steps_per_round=K)
     G_before = copy.deepcopy(strat.student(7)[0])
     content, z = strat.build_content(7, 1)
-    state = RecordDict()
-    reply = client(content, state, loss)
+    assert z.shape == (K, 8, NZ)
+    # the fakes the client judges are exactly G_i(z_1) as the update recomputes it (BatchNorm on B, not K·B)
+    sent = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), "float32")
+    with torch.no_grad():
+        assert torch.equal(sent[0], copy.deepcopy(G_before)(z[0]))
+    reply = client(content, RecordDict(), loss)
     labels, feedback, _ = strat.parse_content(reply)
     G, opt = strat.student(7)
     student_update(G, opt, z[0], feedback[0], strat.teacher_d, alpha, loss)
 
-    # reference: one process, autograd of the JRLF objective (thesis Eq. 5.9) with the same D_i, D_T, z
-    D_i = client_d(state).train()
+    # reference: one process, autograd of the JRLF objective (thesis Eq. 5.9) on the same z, with D_i as
+    # it is after its update on the first fake batch (the client's own function on that batch alone)
+    ref_state = RecordDict()
+    client(first_batch(content), ref_state, loss)
+    D_i = client_d(ref_state).train()
     ref = copy.deepcopy(G_before)
     x = ref(z[0])
     objective = alpha * generator_loss(loss, D_i(x))
@@ -74,9 +89,21 @@ def test_federated_jrlf_update_equals_autograd_in_one_process(loss, alpha):
     grads = torch.autograd.grad(objective, list(ref.parameters()))
     for p_fed, p0, g in zip(G.parameters(), G_before.parameters(), grads):
         torch.testing.assert_close(p0 - p_fed, g, atol=1e-5, rtol=0)  # SGD lr=1: the step is the gradient
-    # the labels the client sent are D_i's outputs on the fakes it received
-    torch.testing.assert_close(labels[0], D_i(wire.decode_fakes(
-        wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), "float32")[0]).detach())
+    # the labels the client sent for batch 1 are D_i's outputs on the fakes it received
+    torch.testing.assert_close(labels[0], D_i(sent[0]).detach())
+
+
+def test_staleness_is_zero_at_the_first_step_and_grows_after_it():
+    G_T, D_T, _ = nets()
+    G = copy.deepcopy(G_T)
+    torch.manual_seed(5)
+    D = DCGANDiscriminator(C, SIDE, F)
+    z = torch.randn(4, 8, NZ, generator=torch.Generator().manual_seed(3))
+    errors = stale_feedback_errors(G, torch.optim.Adam(G.parameters(), 1e-2), D, torch.optim.Adam(D.parameters(), 1e-3),
+                                   D_T, z, real_sampler(), torch.Generator().manual_seed(0), alpha=0.5, loss="bce")
+    assert len(errors) == 4
+    assert errors[0] < 1e-5                       # step 1 is exact
+    assert all(e > 1e-3 for e in errors[1:])      # steps 2..K apply feedback on outdated fakes
 
 
 def test_alpha_one_is_exactly_the_plain_federated_gan_update():
@@ -122,11 +149,18 @@ def test_teacher_never_changes_during_student_updates():
     assert not torch.equal(next(strat.student(1)[0].parameters()), next(strat.teacher_g.parameters()))
 
 
+def contains(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
+    """True when the values of ``needle`` appear in ``haystack`` as one contiguous run."""
+    h, n = haystack.detach().float().flatten(), needle.detach().float().flatten()
+    if n.numel() > h.numel():
+        return False
+    return bool((h.unfold(0, n.numel(), 1) == n).all(dim=1).any())
+
+
 def test_discriminator_state_persists_on_the_client_and_never_travels():
     G_T, D_T, _ = nets()
     strat = make_strategy(G_T, D_T, steps_per_round=2, client_disc_steps=3)
     state = RecordDict()
-    d_shapes = {tuple(p.shape) for p in DCGANDiscriminator(C, SIDE, F).state_dict().values()}
     for rnd in (1, 2, 3):
         content, _ = strat.build_content(1, rnd)
         reply = client(content, state)
@@ -135,9 +169,21 @@ def test_discriminator_state_persists_on_the_client_and_never_travels():
         assert metrics["d_fresh"] == (1 if rnd == 1 else 0)
         assert set(reply.keys()) == {wire.REPLY, wire.METRICS}
         assert set(reply.array_records[wire.REPLY].keys()) == {wire.LABELS, wire.FEEDBACK}
-        for arr in reply.array_records[wire.REPLY].values():
-            assert tuple(arr.shape) not in d_shapes or tuple(arr.shape) == (2, 8)
+        # no weight, buffer or optimizer moment of D_i is in the reply, in any position or shape
+        D_i = client_d(state)
+        opt_state = _opt_state(state)
+        secrets = [t for t in D_i.state_dict().values() if t.is_floating_point() and t.numel() >= 4]
+        secrets += [t for st in opt_state.values() for t in st.values()
+                    if torch.is_tensor(t) and t.is_floating_point() and t.numel() >= 4]
+        for key in reply.array_records[wire.REPLY].keys():
+            sent = wire.get_tensor(reply.array_records[wire.REPLY], key)
+            assert not any(contains(sent, t) for t in secrets), key
     assert state.config_records[CLIENT_STATE]["d-steps-total"] == 18
+
+
+def _opt_state(state):
+    blob = torch.load(__import__("io").BytesIO(state.config_records[CLIENT_STATE]["blob"]), weights_only=False)
+    return blob["opt"]["state"]
 
 
 def test_client_d_init_teacher_loads_the_teachers_weights_once():
@@ -178,13 +224,38 @@ def test_bytes_of_one_round_equal_hand_arithmetic(fakes_dtype, fake_item, feedba
 
 
 def test_lossy_codecs_are_what_the_client_trains_on():
+    """uint8 fakes: the client's D_i step and its labels use the decoded 8-bit values, not the
+    server's float fakes; float16 feedback: the server's update uses the decoded values."""
     G_T, D_T, _ = nets()
-    strat = make_strategy(G_T, D_T, fakes_dtype="uint8")
-    content, _ = strat.build_content(1, 1)
+    strat = make_strategy(G_T, D_T, fakes_dtype="uint8", feedback_dtype="float16")
+    content, z = strat.build_content(1, 1)
     raw = wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES)
     assert raw.dtype == torch.uint8
-    assert isinstance(content.config_records[wire.CONFIG], ConfigRecord)
-    assert content.config_records[wire.CONFIG]["fakes-dtype"] == "uint8"
+    decoded = wire.decode_fakes(raw, "uint8")[0]
+    exact = strat.student(1)[0](z[0]).detach()
+    assert 0 < (decoded - exact).abs().max() <= 1 / 127.5 + 1e-6       # lossy, within half a level
+
+    def d_after_one_step(fakes):
+        """Reference: the client's first D step on (its first real batch, ``fakes``)."""
+        state = RecordDict()
+        client(RecordDict({wire.FAKES: wire.tensor_record(**{wire.FAKES: fakes.unsqueeze(0)}),
+                           wire.CONFIG: ConfigRecord({**dict(content.config_records[wire.CONFIG]),
+                                                      "fakes-dtype": "float32"})}), state)
+        return client_d(state)
+
+    state = RecordDict()
+    reply = client(content, state)
+    trained = client_d(state).state_dict()
+    on_decoded, on_exact = d_after_one_step(decoded).state_dict(), d_after_one_step(exact).state_dict()
+    for k, v in trained.items():
+        assert torch.equal(v, on_decoded[k]), k
+    assert any(not torch.equal(v, on_exact[k]) for k, v in trained.items())
+    labels, feedback, _ = strat.parse_content(reply)
+    torch.testing.assert_close(labels[0], client_d(state).train()(decoded).detach())
+    # float16 feedback: what the server applies is the decoded float16 value
+    fb16 = wire.get_tensor(reply.array_records[wire.REPLY], wire.FEEDBACK)
+    assert fb16.dtype == torch.float16
+    assert torch.equal(feedback, fb16.float() / 8)
 
 
 def test_a_rejoining_node_takes_over_the_student_of_its_partition():
