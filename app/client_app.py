@@ -122,7 +122,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
 
         reply = client_discriminate(
             msg.content, context.state, sample_real=sample_real,
-            build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.client_disc_lr,
+            build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid)
         return Message(content=reply, reply_to=msg)
 
@@ -169,6 +169,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             build_discriminator=lambda: make_discriminator(d_cfg), device=resolve_device(cfg.device), seed=cfg.seed)
         return Message(content=reply, reply_to=msg)
 
+    app.train("dp_step")(handler(dataparallel.client_dp_step, data=True))
     app.train("dp_discriminator")(handler(dataparallel.client_dp_discriminator, data=True))
     app.train("dp_generator")(handler(dataparallel.client_dp_generator, data=False))
     app.train("fedavg")(handler(fedavg.client_fedavg, data=True))

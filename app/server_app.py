@@ -113,9 +113,9 @@ def prepare_teacher(cfg: Config, folder: RunFolder, device: str) -> tuple[torch.
             progress.update(step, {"g_loss": stats["g_loss"], "d_loss": stats["d_loss"]})
 
     train_teacher(G, D, lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], steps=cfg.teacher_steps,
-                  loss=cfg.loss, gen_lr=cfg.teacher_gen_lr, disc_lr=cfg.teacher_disc_lr,
-                  betas=(cfg.adam_beta1, cfg.adam_beta2), batch_size=cfg.batch_size, seed=cfg.seed,
-                  on_step=on_step)
+                  loss=cfg.loss, gen_lr=cfg.lr_for(cfg.loss, cfg.teacher_gen_lr),
+                  disc_lr=cfg.lr_for(cfg.loss, cfg.teacher_disc_lr), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                  batch_size=cfg.batch_size, seed=cfg.seed, on_step=on_step, d_steps=cfg.disc_steps_for(cfg.loss))
     folder.save_checkpoint("teacher.pt", {"g": G.state_dict(), "d": D.state_dict(), "config": cfg.to_run_config()})
     return G, D
 
@@ -144,7 +144,8 @@ def partition_labeller(cfg: Config):
 
 def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
     fields = PrivacyGANSettings.__dataclass_fields__
-    return PrivacyGANSettings(**{**{k: getattr(cfg, k) for k in fields}, "client_eval": client_eval_enabled(cfg)})
+    return PrivacyGANSettings(**{**{k: getattr(cfg, k) for k in fields}, "client_eval": client_eval_enabled(cfg),
+                                 "client_disc_steps": cfg.disc_steps_for(cfg.loss)})
 
 
 def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder,
@@ -158,7 +159,7 @@ def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, reco
     strategy = PrivacyGAN(
         privacygan_settings(cfg), teacher_g=teacher_g, teacher_d=teacher_d,
         make_generator=lambda: make_generator(cfg),
-        make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.server_gen_lr),
+        make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.lr_for(cfg.loss, cfg.server_gen_lr)),
         recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
         describe_partition=partition_labeller(cfg), evaluate=sample_evaluator(cfg, device),
         global_histogram=global_label_histogram(cfg))
@@ -229,7 +230,7 @@ def run_mggan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder:
 def _settings(cls, cfg: Config, **mapped):
     """A strategy's Settings from the Config fields of the same name, plus explicit mappings."""
     fields = cls.__dataclass_fields__
-    mapped = {"client_eval": client_eval_enabled(cfg), **mapped}
+    mapped = {"client_eval": client_eval_enabled(cfg), "client_disc_steps": cfg.disc_steps_for(cfg.loss), **mapped}
     return cls(**{**{k: getattr(cfg, k) for k in fields if hasattr(cfg, k)},
                   **{k: v for k, v in mapped.items() if k in fields}})
 
@@ -240,17 +241,18 @@ def _common(cfg: Config, device: str, recorder: RunRecorder) -> dict:
 
 
 def _on_client_lrs(cfg: Config) -> dict:
-    return {"gen_lr": cfg.client_gen_lr, "disc_lr": cfg.client_disc_lr, "beta1": cfg.adam_beta1,
-            "beta2": cfg.adam_beta2}
+    return {"gen_lr": cfg.lr_for(cfg.loss, cfg.client_gen_lr), "disc_lr": cfg.lr_for(cfg.loss, cfg.client_disc_lr),
+            "beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2}
 
 
 def _on_server_lrs(cfg: Config) -> dict:
-    return {"gen_lr": cfg.server_gen_lr, "disc_lr": cfg.server_disc_lr, "beta1": cfg.adam_beta1,
-            "beta2": cfg.adam_beta2}
+    return {"gen_lr": cfg.lr_for(cfg.loss, cfg.server_gen_lr), "disc_lr": cfg.lr_for(cfg.loss, cfg.server_disc_lr),
+            "beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2}
 
 
 def run_dataparallel(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
-    return DataParallel(_settings(DataParallelSettings, cfg, **_on_server_lrs(cfg)),
+    return DataParallel(_settings(DataParallelSettings, cfg, **_on_server_lrs(cfg), mode=cfg.dataparallel_mode,
+                                  disc_steps=cfg.disc_steps_for(cfg.loss)),
                         make_generator=lambda: make_generator(cfg), make_discriminator=lambda: make_discriminator(cfg),
                         describe_partition=partition_labeller(cfg), **_common(cfg, device, recorder)).run(grid)
 
@@ -321,6 +323,12 @@ def run(grid: Grid, cfg: Config) -> Path:
               f"groups' losses={cfg.mggan_losses} local-steps={cfg.local_steps} regroup-interval={cfg.regroup_interval}")
     say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} rounds={cfg.num_rounds} "
         f"{detail} device={device}")
+    if cfg.strategy == "privacygan" and cfg.steps_per_round > 1:
+        say(f"steps-per-round={cfg.steps_per_round}: step 1 of each round is the exact JRLF update; steps "
+            f"2..{cfg.steps_per_round} apply feedback on fakes made before the round's earlier updates (stale by up "
+            f"to {cfg.steps_per_round - 1} generator steps; on the embedded demo's settings a relative gradient "
+            f"error of 1.9-2.7 % at K = 4 and up to 5.3 % at K = 8, measured by simulations/staleness.py). "
+            f"steps-per-round=1 is exact")
     started = time.monotonic()
     try:
         means = mode_means(cfg.dataset)[0] if geometry(cfg).kind == "mlp" else None

@@ -50,6 +50,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "feedback-float16": ("privacygan", {"feedback-dtype": "float16"}, "privacygan feedback float16"),
     "K2": ("privacygan", {"steps-per-round": 2}, "privacygan K=2"),
     "K4": ("privacygan", {"steps-per-round": 4}, "privacygan K=4"),
+    "dp-alternating": ("dataparallel", {"dataparallel-mode": "alternating"}, "dataparallel alternating"),
 }
 TWO_D = ("ring", "grid")
 
@@ -130,7 +131,7 @@ def plan_runs(base: dict[str, Any], strategies: list[str], variants: list[tuple[
         try:
             full = parse_config(raw).to_run_config()   # every key resolved, defaults included
             raw["num-rounds"] = cmp.rounds_for_steps(full, steps)
-            per_round = max(1, cmp.generator_steps_per_round(full))
+            per_round = cmp.mean_generator_steps_per_round(full)
             every = max(1, round(eval_steps / per_round)) if eval_steps > 0 else 0
             raw["eval-every"], raw["sample-every"] = every, every
             cfg = parse_config(raw)
@@ -230,6 +231,16 @@ def write_outputs(results: Path, rows: list[dict], runs: list[dict], profiles: d
               "through one link, as the thesis' M·ω/v) + one round-trip latency. "
               + ("Round 1's compute is replaced by the median of the later rounds (engine start excluded)."
                  if args.warmup == "median" else "Round 1's compute includes the engine start."), ""]
+    thesis = thesis_model(rows, profiles, args) if final else []
+    if thesis:
+        lines += ["## The thesis' closed-form model next to the measured bytes (data-parallel vs BPGAN)", "",
+                  cmp.render_thesis_table(thesis), "",
+                  f"Thesis §4.3 for {thesis[0]['iterations']:,} iterations of M = {thesis[0]['system']['M']} nodes: "
+                  "ω and g the mean of G's and D's weight / gradient records, F a fake batch, L its labels and "
+                  "feedback, v the harmonic mean of the profile's uplink and downlink, t_D, t_G, t_S measured on "
+                  "this machine (one D gradient, one G gradient, one server optimizer step per byte); T_d = D/v is "
+                  "left out (the data never moves). Measured bytes: the same runs' recorded bytes over one shared "
+                  "link of the profile plus their measured compute and one round trip per exchange.", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     lines += [f"Wall time of the whole comparison: {(time.monotonic() - started) / 60:.1f} min."]
@@ -238,13 +249,24 @@ def write_outputs(results: Path, rows: list[dict], runs: list[dict], profiles: d
     payload = {"setup": {"clients": args.clients_used, "steps": args.steps_used, "quality_key": quality_key,
                          "target": target, "link": args.link, "warmup": args.warmup,
                          "profiles": {n: vars(p) for n, p in profiles.items()}, "baselines": base},
-               "rows": rows, "notes": notes, "final": final}
+               "rows": rows, "notes": notes, "final": final, "thesis_model": thesis}
     (results / "comparison.json").write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
     if final:
         cmp.plot_bytes(rows, results / "bytes.png")
         cmp.plot_quality(rows, results / "quality_vs_bytes.png", x="bytes", quality_key=quality_key, target=target)
         cmp.plot_quality(rows, results / "quality_vs_time.png", x="wall", quality_key=quality_key, target=target)
     return text
+
+
+def thesis_model(rows: list[dict], profiles: dict, args) -> list[dict]:
+    """Thesis Eq. 4.1–4.3 next to the measured-bytes model, when the comparison has both a
+    plain data-parallel and a plain BPGAN run (empty otherwise)."""
+    by_label = {r["label"]: r for r in rows if not r.get("error")}
+    if "dataparallel" not in by_label or "bpgan" not in by_label:
+        return []
+    dp, bp = cmp.read_run(by_label["dataparallel"]["run"]), cmp.read_run(by_label["bpgan"]["run"])
+    times = cmp.measure_step_times(dp.config)
+    return cmp.thesis_rows(dp, bp, args.clients_used, profiles, times, warmup=args.warmup)
 
 
 def _rounds_done(folder: Path) -> int:
@@ -361,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
           f"steps each; results in {results}", flush=True)
     rows: list[dict] = []
     for i, entry in enumerate(runs, 1):
-        print(f"[compare] {i}/{len(runs)} {entry['label']}: {entry['rounds']} rounds x {entry['steps_per_round']} "
+        print(f"[compare] {i}/{len(runs)} {entry['label']}: {entry['rounds']} rounds x {entry['steps_per_round']:g} "
               f"generator step(s), eval every {entry['raw']['eval-every']} round(s) ...", flush=True)
         folder, seconds, error = run_one(entry, clients, args, results / "logs")
         row: dict[str, Any]

@@ -104,7 +104,8 @@ def exchange_key(row: Mapping[str, Any]) -> str:
     Rows of one ``send_and_receive`` share a ``phase`` when the strategy writes one (BPGAN:
     ``prime``, ``train``, ``generate``, ``discriminate``, ``flush`` — its DB and GB messages of
     a pipelined round are ONE exchange); otherwise one action is one exchange
-    (data-parallel: ``train.dp_discriminator`` then ``train.dp_generator``).
+    (data-parallel: ``train.dp_step``; alternating: ``train.dp_discriminator`` then
+    ``train.dp_generator``).
     """
     phase = row.get("phase")
     return f"phase:{phase}" if phase else f"action:{row.get('action', '')}"
@@ -119,7 +120,9 @@ def generator_steps_per_round(config: Mapping[str, Any], record: Mapping[str, An
     * ``privacygan``: K = ``steps-per-round`` (K fake batches, K feedbacks, K student steps);
     * ``bpgan``: 1 (per round every generator block applies one feedback; the last round's
       feedback is applied by the final flush, so R rounds make R steps per pair);
-    * ``dataparallel``: 1 (one D step and one G step of the global GAN per round);
+    * ``dataparallel``: 1 (one D step and one G step of the global GAN per round); with n D
+      steps per G step (``wgan-critic-steps`` for ``loss=wgan``, else ``client-disc-steps``) a
+      round steps G only when its number is a multiple of n (``g_step`` in the record);
     * ``fedavg``, ``local``, ``mggan``, ``centralized``: ``local-steps`` base-GAN iterations
       (one G update each). MGGAN cuts a round short so a regrouping lands on its iteration:
       when ``record`` (a metrics.jsonl line) carries ``steps``, that number is used.
@@ -127,7 +130,17 @@ def generator_steps_per_round(config: Mapping[str, Any], record: Mapping[str, An
     strategy = str(config.get("strategy", ""))
     if strategy == "privacygan":
         return int(config.get("steps-per-round", 1))
-    if strategy in ("bpgan", "dataparallel"):
+    if strategy == "dataparallel":
+        if record is not None and "g_step" in record:
+            return int(record["g_step"])
+        n = dataparallel_disc_steps(config)
+        if n == 1:
+            return 1
+        if record is not None and "round" in record:
+            return int(int(record["round"]) % n == 0)
+        raise ValueError(f"dataparallel with {n} D steps per G step: generator steps depend on the round; "
+                         "pass its record")
+    if strategy == "bpgan":
         return 1
     if strategy in ("fedavg", "local", "mggan", "centralized"):
         if strategy == "mggan" and record is not None and "steps" in record:
@@ -135,6 +148,21 @@ def generator_steps_per_round(config: Mapping[str, Any], record: Mapping[str, An
         return int(config.get("local-steps", 1))
     raise ValueError(f"strategy {strategy!r}: no generator-step rule (known: privacygan, bpgan, dataparallel, "
                      f"fedavg, local, mggan, centralized)")
+
+
+def mean_generator_steps_per_round(config: Mapping[str, Any]) -> float:
+    """Generator steps per client per round on average (a data-parallel round with n D steps
+    per G step makes 1/n); what the comparison divides step counts by."""
+    if str(config.get("strategy", "")) == "dataparallel":
+        return 1.0 / dataparallel_disc_steps(config)
+    return float(max(1, generator_steps_per_round(config)))
+
+
+def dataparallel_disc_steps(config: Mapping[str, Any]) -> int:
+    """D steps per G step of a data-parallel run (``wgan-critic-steps`` for the clipped WGAN)."""
+    if str(config.get("loss", "bce")) == "wgan":
+        return int(config.get("wgan-critic-steps", 5))
+    return int(config.get("client-disc-steps", 1))
 
 
 def mggan_plan(config: Mapping[str, Any], rounds: int) -> list[tuple[int, bool]]:
@@ -181,6 +209,8 @@ def rounds_for_steps(config: Mapping[str, Any], steps: int) -> int:
         while sum(s for s, _ in mggan_plan(config, rounds)) < steps:
             rounds += 1
         return rounds
+    if str(config.get("strategy")) == "dataparallel":
+        return steps * dataparallel_disc_steps(config)
     return math.ceil(steps / generator_steps_per_round(config))
 
 
@@ -385,8 +415,10 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
       + |labels (B,)| + |feedback (B,*S)| + metrics; GB: down |config| (+ |labels| +
       |feedback| when it relays), up |fakes| + metrics. Pipelined: a priming GB exchange in
       round 1; both schedules end with a flush (feedback down, no fakes up). 1 step per round.
-    * ``dataparallel`` — twice per round down |G weights| + |D weights| + |config|; up
-      |D grads| + metrics, then |G grads| + metrics. 1 step per round.
+    * ``dataparallel`` (thesis Fig. 4.7) — once per round down |G weights| + |D weights| +
+      |config|; up |D grads| + |G grads| + metrics (a round without a G step: no |G grads|).
+      ``dataparallel-mode = alternating``: that download twice, up |D grads| + metrics, then
+      |G grads| + metrics. One G step per n rounds (n D steps per G step).
     * ``fedavg`` — down and up |G weights| + |D weights| (+ config / metrics); ``local-steps``
       steps per round.
     * ``local`` — a config down and metrics up; ``mggan`` — config down, the loss trace
@@ -427,15 +459,28 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
     elif strategy in ("dataparallel", "fedavg"):
         weights = entries_bytes(sizes["g_state"]) + entries_bytes(sizes["d_state"])
         if strategy == "dataparallel":
-            down = weights + config_bytes({"round": 0, "loss": cfg.loss, "batch-size": 0, "latent-seed": 0})
-            up_d = entries_bytes(sizes["d_grads"]) + metric_bytes(
-                ["num-examples", "d_loss", "d_real_acc", "d_fake_acc", "d_real_out", "d_fake_out", "partition_id"])
-            up_g = entries_bytes(sizes["g_grads"]) + metric_bytes(["num-examples", "g_loss", "partition_id"])
-            for i in range(N):
-                t.add(f"client {i}", R * 2 * down, R * (up_d + up_g))
-            t.steps = R
-            msgs = {"train.dp_discriminator down": down, "train.dp_discriminator up": up_d,
-                    "train.dp_generator down": down, "train.dp_generator up": up_g}
+            n = cfg.disc_steps_for(cfg.loss)
+            g_rounds = R // n                      # rounds whose number is a multiple of n step G
+            config = {"round": 0, "loss": cfg.loss, "batch-size": 0, "latent-seed": 0}
+            d_metrics = ["num-examples", "d_loss", "d_real_acc", "d_fake_acc", "d_real_out", "d_fake_out",
+                         "partition_id"]
+            if cfg.dataparallel_mode == "simultaneous":
+                down = weights + config_bytes({**config, "want-g": True})
+                up_d = entries_bytes(sizes["d_grads"]) + metric_bytes(d_metrics)
+                up_g = entries_bytes(sizes["g_grads"]) + metric_bytes(["g_loss"])
+                for i in range(N):
+                    t.add(f"client {i}", R * down, R * up_d + g_rounds * up_g)
+                msgs = {"train.dp_step down": down, "train.dp_step up": up_d + up_g,
+                        "train.dp_step up (critic-only round)": up_d}
+            else:
+                down = weights + config_bytes(config)
+                up_d = entries_bytes(sizes["d_grads"]) + metric_bytes(d_metrics)
+                up_g = entries_bytes(sizes["g_grads"]) + metric_bytes(["num-examples", "g_loss", "partition_id"])
+                for i in range(N):
+                    t.add(f"client {i}", (R + g_rounds) * down, R * up_d + g_rounds * up_g)
+                msgs = {"train.dp_discriminator down": down, "train.dp_discriminator up": up_d,
+                        "train.dp_generator down": down, "train.dp_generator up": up_g}
+            t.steps = g_rounds
         else:
             down = weights + config_bytes(_gan_config(cfg))
             up = weights + metric_bytes(["num-examples", "g_loss", "d_loss", "d_real_acc", "d_fake_acc",
@@ -804,6 +849,162 @@ def modeled_time(rounds: Iterable[RoundCost], profile: Profile, *, link: str = "
     return total
 
 
+# ======================================================================================
+# The thesis' closed-form model (§4.3, Eq. 4.1–4.3), next to the measured-bytes model
+# ======================================================================================
+@dataclass(frozen=True)
+class ThesisSystem:
+    """The variables of thesis §4.3 for one synchronous iteration (one D and one G update).
+
+    Volumes in bytes, ``v`` in bytes/s, times in seconds: ``D`` the training data the system
+    processes, ``M`` the work nodes, ``t_D`` / ``t_G`` seconds per byte of training data to
+    train the discriminator / generator, ``t_S`` the parameter server's seconds per byte of
+    model data, ``omega`` / ``g`` the weights / gradients of one network (the thesis takes G
+    and D of equal size), ``F`` the fakes and ``L`` the labels a node pair exchanges.
+    """
+
+    v: float
+    D: float
+    M: int
+    t_D: float
+    t_G: float
+    t_S: float
+    omega: float
+    g: float
+    F: float
+    L: float
+
+
+def thesis_t_dp(s: ThesisSystem, *, load_data: bool = True) -> dict[str, float]:
+    """Data parallelism, thesis Eq. 4.1: T_DP = T_d + T_b + T_r + T_f + T_u with
+    T_d = D/v, T_b = M·2ω/v, T_f = M·2g/v (weights and gradients of both networks),
+    T_r = D(t_D + t_G)/M, T_u = t_S(g + ω)M. (The sum as printed in Eq. 4.1 writes Mω/v + Mg/v,
+    dropping the factor 2 of its own term definitions; Eq. 4.3 uses 2Mω/v + 2Mg/v, as here.)
+    ``load_data=False`` leaves out T_d: federated data is already on the clients."""
+    terms = {"T_d": s.D / s.v if load_data else 0.0, "T_b": s.M * 2 * s.omega / s.v, "T_f": s.M * 2 * s.g / s.v,
+             "T_r": s.D * (s.t_D + s.t_G) / s.M, "T_u": s.t_S * (s.g + s.omega) * s.M}
+    return {**terms, "total": sum(terms.values())}
+
+
+def thesis_t_bp(s: ThesisSystem, *, load_data: bool = True) -> dict[str, float]:
+    """BPGAN, thesis Eq. 4.2: T_BP = T_d + T_b + T_f + T_m + T_n + T_r + T_u with T_b = Mω/v and
+    T_f = Mg/v (only the discriminator's weights and gradients), T_m = (M/2)F/v and
+    T_n = (M/2)L/v (fakes and labels within the M/2 pairs), T_r = D·t_D/(M/2) (D is trained on
+    the M/2 discriminator blocks while the generator blocks train in parallel) and
+    T_u = t_S(g + ω)M/2."""
+    half = s.M / 2
+    terms = {"T_d": s.D / s.v if load_data else 0.0, "T_b": s.M * s.omega / s.v, "T_f": s.M * s.g / s.v,
+             "T_m": half * s.F / s.v, "T_n": half * s.L / s.v, "T_r": s.D * s.t_D / half,
+             "T_u": s.t_S * (s.g + s.omega) * half}
+    return {**terms, "total": sum(terms.values())}
+
+
+def thesis_difference(s: ThesisSystem) -> float:
+    """Thesis Eq. 4.3, the closed form of T_DP − T_BP when t_D = t_G:
+    (M/v)(ω + g − (F + L)/2) + t_S(g + ω)M/2 (with t_D ≠ t_G the term D(t_G − t_D)/M adds)."""
+    return (s.M / s.v) * (s.omega + s.g - (s.F + s.L) / 2) + s.t_S * (s.g + s.omega) * s.M / 2 \
+        + s.D * (s.t_G - s.t_D) / s.M
+
+
+def measure_step_times(config: Mapping[str, Any], *, repeats: int = 10) -> dict[str, float]:
+    """t_D, t_G (seconds per byte of training data) and t_S (seconds per byte of model data) on
+    this machine, for the run's networks and batch: the median time of one discriminator
+    gradient on (B real, B fake), one generator gradient through D on B latents, and one
+    optimizer step of D, divided by the bytes of the B real samples (float32) and of D's
+    gradients."""
+    import time
+
+    import torch
+
+    from app.builders import make_discriminator, make_generator, optimizer_for
+    from models.losses import discriminator_loss, generator_loss
+    from models.steps import sample_latent
+    sizes = model_sizes(config)
+    cfg = sizes["cfg"]
+    G, D = make_generator(cfg), make_discriminator(cfg)
+    B = cfg.batch_size
+    real = torch.rand(B, *sizes["sample_shape"]) * 2 - 1
+    z = sample_latent(B, cfg.latent_dim, generator=torch.Generator().manual_seed(0))
+    opt = optimizer_for(cfg, D, 1e-4)
+
+    def timed(fn) -> float:
+        fn()   # warm-up
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    def d_grad() -> None:
+        with torch.no_grad():
+            fake = G(z)
+        torch.autograd.grad(discriminator_loss(cfg.loss, D(real), D(fake)), list(D.parameters()))
+
+    def g_grad() -> None:
+        torch.autograd.grad(generator_loss(cfg.loss, D(G(z))), list(G.parameters()))
+
+    def server_step() -> None:
+        for p in D.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+
+    data_bytes = B * math.prod(sizes["sample_shape"]) * 4
+    return {"t_D": timed(d_grad) / data_bytes, "t_G": timed(g_grad) / data_bytes,
+            "t_S": timed(server_step) / entries_bytes(sizes["d_grads"]), "batch_bytes": data_bytes}
+
+
+def thesis_system(config: Mapping[str, Any], num_nodes: int, profile: Profile,
+                  step_times: Mapping[str, float]) -> ThesisSystem:
+    """The thesis' variables for one iteration of a run's setup: ω and g the mean of G's and
+    D's record sizes (weights, gradients), F one fake batch, L its labels and feedback (this
+    protocol's "labels"), D the real samples of M nodes' batches, v the harmonic mean of the
+    profile's uplink and downlink in bytes/s (equal volumes down and up take as long as at
+    that single speed), t_D, t_G, t_S measured (:func:`measure_step_times`)."""
+    sizes = model_sizes(config)
+    cfg = sizes["cfg"]
+    S, B = sizes["sample_shape"], cfg.batch_size
+    v = 2 / (8 / profile.downlink_bps + 8 / profile.uplink_bps)
+    return ThesisSystem(
+        v=v, D=num_nodes * step_times["batch_bytes"], M=int(num_nodes),
+        t_D=step_times["t_D"], t_G=step_times["t_G"], t_S=step_times["t_S"],
+        omega=(entries_bytes(sizes["g_state"]) + entries_bytes(sizes["d_state"])) / 2,
+        g=(entries_bytes(sizes["g_grads"]) + entries_bytes(sizes["d_grads"])) / 2,
+        F=array_bytes("fakes", (B, *S), DTYPE_BYTES[cfg.fakes_dtype]),
+        L=array_bytes("labels", (B,), 4) + array_bytes("feedback", (B, *S), DTYPE_BYTES[cfg.feedback_dtype]))
+
+
+def thesis_rows(dp: RunData, bp: RunData, num_nodes: int, profiles: Mapping[str, Profile],
+                step_times: Mapping[str, float], *, warmup: str = "median") -> list[dict]:
+    """Per profile: the thesis' T_DP, T_BP and Eq. 4.3 for as many iterations as the runs made
+    generator steps, next to the measured-bytes model of the two runs with one shared link (the
+    thesis' accounting: every node's volume over one speed v). T_d is left out of the thesis
+    terms (data never moves here); both sides include their compute."""
+    steps = sum(generator_steps_of(dp))
+    dp_costs, bp_costs = round_costs(dp, warmup=warmup), round_costs(bp, warmup=warmup)
+    out = []
+    for name, p in profiles.items():
+        s = thesis_system(dp.config, num_nodes, p, step_times)
+        t_dp, t_bp = thesis_t_dp(s, load_data=False)["total"] * steps, thesis_t_bp(s, load_data=False)["total"] * steps
+        m_dp, m_bp = modeled_time(dp_costs, p, link="shared"), modeled_time(bp_costs, p, link="shared")
+        out.append({"profile": name, "iterations": steps, "thesis_dp_s": t_dp, "thesis_bp_s": t_bp,
+                    "thesis_diff_s": thesis_difference(s) * steps, "measured_dp_s": m_dp, "measured_bp_s": m_bp,
+                    "measured_diff_s": m_dp - m_bp, "system": vars(s)})
+    return out
+
+
+def render_thesis_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: the thesis' closed form next to the measured-bytes model, per profile."""
+    head = ["profile", "T_DP thesis Eq. 4.1", "data-parallel run, measured bytes", "T_BP thesis Eq. 4.2",
+            "BPGAN run, measured bytes", "T_DP − T_BP thesis Eq. 4.3", "measured difference"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['profile']} | {_fmt_seconds(r['thesis_dp_s'])} | {_fmt_seconds(r['measured_dp_s'])} | "
+                     f"{_fmt_seconds(r['thesis_bp_s'])} | {_fmt_seconds(r['measured_bp_s'])} | "
+                     f"{_fmt_seconds(r['thesis_diff_s'])} | {_fmt_seconds(r['measured_diff_s'])} |")
+    return "\n".join(lines)
+
+
 def round_costs(run: RunData, *, warmup: str = "median") -> list[RoundCost]:
     """The run's rounds as :class:`RoundCost`: compute = the round's recorded ``wall_time`` (the
     strategies time training apart from scoring, which goes to ``eval_time`` and is not
@@ -1083,6 +1284,9 @@ def plot_quality(rows: Sequence[Mapping[str, Any]], path: str | Path, *, x: str,
 
 
 __all__ = ["RunData", "read_run", "traffic_class", "training_rows", "exchange_key", "generator_steps_per_round",
+           "mean_generator_steps_per_round", "dataparallel_disc_steps", "ThesisSystem", "thesis_t_dp",
+           "thesis_t_bp", "thesis_difference", "measure_step_times", "thesis_system", "thesis_rows",
+           "render_thesis_table",
            "mggan_plan", "recorded_mggan_plan", "rounds_for_steps", "generator_steps_of", "bytes_by_node",
            "measured_bytes", "cumulative_training_bytes", "progress_of", "array_bytes", "config_bytes", "metric_bytes",
            "model_sizes", "analytic_bytes", "headline_quality", "client_fidelity", "quality_curve", "final_quality",

@@ -111,11 +111,21 @@ class NodeBook:
         self.partition_of: dict[int, int] = {}
         self.seen: set[int] = set()
         self.num_nodes = 0
+        self.identified = False
 
     def note(self, nid: int, metrics: dict[str, float]) -> None:
         self.seen.add(nid)
         if "partition_id" in metrics:
             self.partition_of[nid] = int(metrics["partition_id"])
+
+    def identify(self, metrics_by_node: dict[int, dict[str, float]]) -> None:
+        """Note the partitions of a round's replies; at the run's first exchange also check
+        that the nodes can be told apart (:func:`check_identities`) before any reply is used."""
+        if not self.identified and metrics_by_node:
+            check_identities(metrics_by_node)
+            self.identified = True
+        for nid, metrics in metrics_by_node.items():
+            self.note(nid, metrics)
 
     def label(self, nid: int) -> str:
         pid = self.partition_of.get(nid)
@@ -127,6 +137,32 @@ class NodeBook:
 
     def order(self, nids) -> list[int]:
         return sorted(nids, key=lambda n: (self.partition_of.get(n, 1 << 62), n))
+
+
+def check_identities(metrics_by_node: dict[int, dict[str, float]]) -> None:
+    """RunFailed, naming the nodes, unless every node reports its own non-negative partition id.
+
+    A node's partition id keys its random streams (real batches, latents), its row in the
+    outputs and its state on resume; two nodes with the same one, or one without, would
+    share streams (in data-parallel: identical latents in one global batch) and merge rows.
+    """
+    missing = sorted(nid for nid, m in metrics_by_node.items() if "partition_id" not in m)
+    if missing:
+        raise RunFailed(f"node(s) {', '.join(map(str, missing))} report no partition id; give every SuperNode its "
+                        "own --node-config \"partition-id=<n>\" (it keys the node's random streams and its rows)")
+    by_pid: dict[int, list[int]] = {}
+    for nid, m in sorted(metrics_by_node.items()):
+        by_pid.setdefault(int(m["partition_id"]), []).append(nid)
+    negative = {pid: nids for pid, nids in by_pid.items() if pid < 0}
+    if negative:
+        pid, nids = next(iter(negative.items()))
+        raise RunFailed(f"node(s) {', '.join(map(str, nids))} report partition id {pid}; partition ids are "
+                        "integers >= 0")
+    shared = {pid: nids for pid, nids in by_pid.items() if len(nids) > 1}
+    if shared:
+        pid, nids = next(iter(shared.items()))
+        raise RunFailed(f"nodes {', '.join(map(str, nids))} all report partition id {pid}; every SuperNode needs "
+                        "its own partition-id (it keys the node's random streams and its rows)")
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -203,5 +239,5 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     return out
 
 
-__all__ = ["should", "NodeBook", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+__all__ = ["should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

@@ -1,36 +1,43 @@
-"""Synchronous data-parallel GAN (thesis ch. 4, "DP" baseline; SPEC 1 and 4.5).
+"""Synchronous data-parallel GAN (thesis ch. 4, "DP" baseline, Fig. 4.7 and Eq. 4.1; SPEC 1 and 4.5).
 
-The server owns G, D and both optimizers; clients own only their data. One round is
-one optimizer step of each network, made of two exchanges with the selected clients:
+The server owns G, D and both optimizers; clients own only their data. One round is one
+exchange with the selected clients, as the thesis defines data parallelism (Fig. 4.7: per
+iteration a worker downloads the weights once and uploads the gradients once):
 
-(a) ``train.dp_discriminator``: G's and D's weights go down with a latent seed and the
-    batch size. Client i draws a real batch from its own data and fakes G(z_i), where
-    z_i comes from that seed offset by its partition id, and returns ∂L_D/∂θ_D of the
-    discriminator loss on (real, fakes) — two forward passes, plus the gradient
-    penalty for ``wgan-gp`` — with the number of samples it used. The server averages
-    the gradients weighted by those counts and steps D (weights clamped to ±WGAN_CLIP
-    for ``wgan``).
-(b) ``train.dp_generator``: the updated D and G go down with a fresh latent seed;
-    client i returns ∂L_G/∂θ_G of the generator loss on D(G(z_i)) and its count; the
-    server averages and steps G.
+``train.dp_step`` (``dataparallel-mode = "simultaneous"``, the default): G's and D's weights go
+down with a latent seed and the batch size. Client i draws a real batch from its own data and
+latents z_i (the seed offset by its partition id), makes x = G(z_i) and returns, both at the
+weights it received, ∂L_D/∂θ_D of the discriminator loss on (real, x) — two forward passes, plus
+the gradient penalty for ``wgan-gp`` — and ∂L_G/∂θ_G of the generator loss on D(x). The server
+averages each network's gradients over the clients, weighted by the batch size it asked each
+one for, and steps D and G from the same weights (simultaneous gradient descent; D's weights
+clamped to ±WGAN_CLIP for ``wgan``). With ``disc_steps`` = n > 1 (``wgan-critic-steps`` for
+the clipped WGAN, else ``client-disc-steps``) only every n-th round asks for G's gradient and
+steps G: n critic steps per generator step, one exchange each.
 
-Exactness: every loss is a mean over samples, so the count-weighted mean of the
-clients' gradients is the gradient of the same loss on the concatenation of their
-batches, and each round is exactly one centralized step on that concatenated batch
-(same latents, same real samples, same optimizer state). This holds when the networks
-couple no samples inside a batch — MLPs, or a DCGAN discriminator with
-``norm="layer"``/``"none"``. With BatchNorm (the DCGAN generator always has it, the DCGAN
-discriminator has it unless the loss is ``wgan-gp``) each client normalises with the
-statistics of its own batch rather than those of the concatenated one, so the step is
-a close approximation instead; the running statistics of the server's networks are
-never updated (the clients' forward passes run on throw-away copies), which is
-harmless here because every sample is drawn in train mode (batch statistics). For
-``wgan-gp`` each client draws its own interpolation weights, so the penalty term
-matches a centralized step in distribution, not bit for bit.
+``dataparallel-mode = "alternating"`` keeps the earlier two-exchange form: (a)
+``train.dp_discriminator`` returns D's gradient, the server steps D, then (b)
+``train.dp_generator`` sends the updated D and G again and returns G's gradient through it.
+It costs the weights twice per step and two round trips, but each round is then exactly one
+step of the alternating centralized GAN training that every other strategy here uses, which is
+why it is kept as a named option.
 
-Privacy: what leaves a client is one gradient per network per round (and a sample
-count, the batch size the server asked for). Gradients of a single small batch can
-leak information about it (gradient inversion); that is the price of this baseline.
+Exactness: every loss is a mean over samples, so the batch-size-weighted mean of the clients'
+gradients is the gradient of the same loss on the concatenation of their batches, and each
+round is exactly one centralized step (simultaneous or alternating) on that concatenated batch
+(same latents, same real samples, same optimizer state). This holds when the networks couple
+no samples inside a batch — MLPs, or a DCGAN discriminator with ``norm="layer"``/``"none"``.
+With BatchNorm (the DCGAN generator always has it, the DCGAN discriminator has it unless the
+loss is ``wgan-gp``) each client normalises with the statistics of its own batch rather than
+those of the concatenated one, so the step is a close approximation instead; the running
+statistics of the server's networks are never updated (the clients' forward passes run on
+throw-away copies), which is harmless here because every sample is drawn in train mode (batch
+statistics). For ``wgan-gp`` each client draws its own interpolation weights, so the penalty
+term matches a centralized step in distribution, not bit for bit.
+
+Privacy: what leaves a client is one gradient per network per step (and a sample count, the
+batch size the server asked for, which is checked, not trusted). Gradients of a single small
+batch can leak information about it (gradient inversion); that is the price of this baseline.
 
 The module also holds the small helpers the other baselines (``fedavg``, ``local``,
 ``centralized``) share: model records, seeded model construction, node labels.
@@ -56,13 +63,17 @@ from strategies import wire
 from strategies.base import (FederatedSettings, NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, should,
                              wait_for_nodes)
 
-DP_DISCRIMINATOR = "train.dp_discriminator"
-DP_GENERATOR = "train.dp_generator"
+DP_STEP = "train.dp_step"                    # simultaneous: G and D down once, both gradients up once
+DP_DISCRIMINATOR = "train.dp_discriminator"  # alternating (a): D's gradient
+DP_GENERATOR = "train.dp_generator"          # alternating (b): G's gradient through the updated D
+MODES = ("simultaneous", "alternating")
 
 # record names inside a message's RecordDict
 G_WEIGHTS = "g"        # ArrayRecord: G's state_dict (parameters and buffers)
 D_WEIGHTS = "d"        # ArrayRecord: D's state_dict
-GRADS = "grad"         # ArrayRecord: one gradient per named parameter of the network stepped
+GRADS = "grad"         # ArrayRecord: one gradient per named parameter of the network stepped (alternating)
+D_GRADS = "grad_d"     # ArrayRecord: D's gradient per named parameter (simultaneous)
+G_GRADS = "grad_g"     # ArrayRecord: G's gradient per named parameter (simultaneous, when asked for)
 NUM_EXAMPLES = "num-examples"   # metric: weight of a reply in the average (Flower's usual name)
 
 # Offsets that keep the seeds of different clients / purposes apart.
@@ -115,13 +126,16 @@ def require_tensors(content: RecordDict, record: str, reference: dict[str, torch
     return out
 
 
-def require_count(metrics: dict[str, float]) -> int:
-    """The positive integer sample count a reply is weighted by."""
+def require_count(metrics: dict[str, float], expected: int | None = None) -> int:
+    """The positive integer sample count of a reply; with ``expected`` (what the server asked
+    for) any other value is a bad reply — a client does not get to choose its own weight."""
     if NUM_EXAMPLES not in metrics:
         raise wire.BadReply(f"missing metric '{NUM_EXAMPLES}'")
     n = metrics[NUM_EXAMPLES]
     if n < 1 or n != int(n):
         raise wire.BadReply(f"metric '{NUM_EXAMPLES}' = {n} is not a positive integer")
+    if expected is not None and int(n) != expected:
+        raise wire.BadReply(f"metric '{NUM_EXAMPLES}' = {int(n)}, but the server asked for a batch of {expected}")
     return int(n)
 
 
@@ -280,6 +294,37 @@ def client_dp_discriminator(content: RecordDict, state: RecordDict | None = None
     return _reply(grads, {NUM_EXAMPLES: batch, **stats}, partition_id)
 
 
+def client_dp_step(content: RecordDict, state: RecordDict | None = None, *,
+                   sample_real: Callable[[int, torch.Generator], torch.Tensor],
+                   build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
+                   device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+    """``train.dp_step`` (thesis Fig. 4.7): both gradients at the weights received, one reply.
+
+    D's gradient on (own real batch, x) and, when the server asks for it (``want-g``), G's
+    gradient of the generator loss on D(x), with x = G(z_i) the same fakes. ``state`` is not
+    used (the client keeps nothing between rounds).
+    """
+    cfg = content.config_records[wire.CONFIG]
+    loss, batch, rnd = str(cfg["loss"]), int(cfg["batch-size"]), int(cfg["round"])
+    G, D = _networks(content, build_generator, build_discriminator, device)
+    real = client_real_batch(sample_real, seed, partition_id, rnd, batch).to(device=device, dtype=param_dtype(D))
+    z = client_latents(int(cfg["latent-seed"]), partition_id, batch, G.latent_dim, device).to(param_dtype(G))
+    want_g = bool(cfg["want-g"])
+    with torch.set_grad_enabled(want_g):
+        fake = G(z)
+    d_grads, stats = discriminator_gradients(D, real, fake.detach().to(param_dtype(D)), loss)
+    metrics = {NUM_EXAMPLES: batch, **stats}
+    reply = RecordDict({D_GRADS: wire.tensor_record(**d_grads)})
+    if want_g:
+        g_loss = generator_loss(loss, D(fake.to(param_dtype(D))))
+        reply[G_GRADS] = wire.tensor_record(**_grads_of(G, g_loss))
+        metrics["g_loss"] = float(g_loss.detach())
+    if partition_id is not None:
+        metrics["partition_id"] = int(partition_id)
+    reply[wire.METRICS] = MetricRecord(metrics)
+    return reply
+
+
 def client_dp_generator(content: RecordDict, state: RecordDict | None = None, *,
                         build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
                         device: str, partition_id: int | None = None) -> RecordDict:
@@ -373,9 +418,20 @@ class GlobalGANServer:
 @dataclass(frozen=True)
 class DataParallelSettings(FederatedSettings):
     """What the data-parallel server loop needs. ``batch_size`` is per client: with N
-    replies a step sees N·batch_size samples."""
+    replies a step sees N·batch_size samples. ``mode``: one exchange per step with a
+    simultaneous G/D update (the thesis' form) or two with alternating updates.
+    ``disc_steps``: D steps per G step (a G step every ``disc_steps``-th round)."""
 
     num_rounds: int = 100
+    mode: str = "simultaneous"
+    disc_steps: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
+        if self.disc_steps < 1:
+            raise ValueError(f"disc_steps = {self.disc_steps} must be at least 1")
 
 
 class DataParallel(GlobalGANServer):
@@ -394,30 +450,55 @@ class DataParallel(GlobalGANServer):
         self.comm = wire.CommLog()
         self.rng = random.Random(settings.seed)
         self.dropped_total = 0
+        self.g_steps = 0
+
+    def wants_g(self, rnd: int) -> bool:
+        """Whether round ``rnd`` also steps G (every ``disc_steps``-th round)."""
+        return rnd % self.s.disc_steps == 0
 
     # --- message contents (pure: testable without a Flower run) -----------------------
-    def config(self, rnd: int, latent_seed: int) -> ConfigRecord:
+    def config(self, rnd: int, latent_seed: int, **extra) -> ConfigRecord:
         return ConfigRecord({"round": rnd, "loss": self.s.loss, "batch-size": self.s.batch_size,
-                             "latent-seed": latent_seed})
+                             "latent-seed": latent_seed, **extra})
+
+    def weights_content(self, config: ConfigRecord) -> RecordDict:
+        return RecordDict({G_WEIGHTS: weights_record(self.G), D_WEIGHTS: weights_record(self.D), wire.CONFIG: config})
+
+    def step_content(self, rnd: int, latent_seed: int, want_g: bool = True) -> RecordDict:
+        """Simultaneous: G and D down once, with the latent seed, the batch size and whether
+        this round steps G."""
+        return self.weights_content(self.config(rnd, latent_seed, **{"want-g": want_g}))
 
     def discriminator_content(self, rnd: int, latent_seed: int) -> RecordDict:
-        """(a): G and D down, with the latent seed and the per-client batch size."""
-        return RecordDict({G_WEIGHTS: weights_record(self.G), D_WEIGHTS: weights_record(self.D),
-                           wire.CONFIG: self.config(rnd, latent_seed)})
+        """Alternating (a): G and D down, with the latent seed and the per-client batch size."""
+        return self.weights_content(self.config(rnd, latent_seed))
 
     def generator_content(self, rnd: int, latent_seed: int) -> RecordDict:
-        """(b): the updated D and G down, with a fresh latent seed."""
-        return self.discriminator_content(rnd, latent_seed)
+        """Alternating (b): the updated D and G down, with a fresh latent seed."""
+        return self.weights_content(self.config(rnd, latent_seed))
+
+    def parse_grads(self, content: RecordDict, record: str, model: nn.Module) -> dict[str, torch.Tensor]:
+        """A reply's gradients for ``model``: one per named trainable parameter, checked."""
+        return require_tensors(content, record, {n: p for n, p in model.named_parameters() if p.requires_grad})
 
     def parse_content(self, content: RecordDict, model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
-        """A reply's gradients (one per named parameter of ``model``), count and metrics."""
-        reference = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        grads = require_tensors(content, GRADS, reference)
+        """An alternating reply's gradients (one per named parameter of ``model``), count and metrics."""
+        grads = self.parse_grads(content, GRADS, model)
         metrics = wire.metrics_of(content)
-        return grads, require_count(metrics), metrics
+        return grads, require_count(metrics, self.s.batch_size), metrics
+
+    def parse_step(self, content: RecordDict, want_g: bool) -> tuple[dict, dict | None, int, dict]:
+        """A simultaneous reply: D's gradients, G's (when asked for), the count and the metrics."""
+        d_grads = self.parse_grads(content, D_GRADS, self.D)
+        g_grads = self.parse_grads(content, G_GRADS, self.G) if want_g else None
+        if not want_g and G_GRADS in content.array_records:
+            raise wire.BadReply(f"unexpected array record '{G_GRADS}': no generator step this round")
+        metrics = wire.metrics_of(content)
+        require_metrics(metrics, ("d_loss", "d_real_acc", "d_fake_acc") + (("g_loss",) if want_g else ()))
+        return d_grads, g_grads, require_count(metrics, self.s.batch_size), metrics
 
     def step_discriminator(self, replies: list[tuple[dict, int, dict]]) -> dict[str, float]:
-        """Average the clients' D gradients (weighted by count) and step D."""
+        """Average the clients' D gradients (weighted by the batch sizes asked for) and step D."""
         weights = [n for _, n, _ in replies]
         apply_gradients(self.D, self.opt_d, average_gradients([g for g, _, _ in replies], weights),
                         clip=WGAN_CLIP if self.s.loss == "wgan" else None)
@@ -425,24 +506,19 @@ class DataParallel(GlobalGANServer):
                 for k in ("d_loss", "d_real_acc", "d_fake_acc")}
 
     def step_generator(self, replies: list[tuple[dict, int, dict]]) -> dict[str, float]:
-        """Average the clients' G gradients (weighted by count) and step G."""
+        """Average the clients' G gradients (weighted by the batch sizes asked for) and step G."""
         weights = [n for _, n, _ in replies]
         apply_gradients(self.G, self.opt_g, average_gradients([g for g, _, _ in replies], weights))
+        self.g_steps += 1
         return {"g_loss": weighted_mean([m["g_loss"] for _, _, m in replies], weights)}
 
     # --- one round ----------------------------------------------------------------------
     def _exchange(self, grid: Grid, rnd: int, selected: list[int], mtype: str,
-                  content: Callable[[], RecordDict], model: nn.Module, metric_keys: tuple[str, ...]):
-        def parse(nid: int, reply: Message):
-            out = self.parse_content(reply.content, model)
-            require_metrics(out[2], metric_keys)
-            return out
-
+                  content: Callable[[], RecordDict], parse: Callable[[RecordDict], tuple]):
         msgs = {nid: make_message(content(), nid, mtype, rnd) for nid in selected}
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=parse)
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, reply: parse(reply.content))
         self.dropped_total += len(ex.dropped)
-        for nid, (_, _, metrics) in ex.replies.items():
-            self.nodes.note(nid, metrics)
+        self.nodes.identify({nid: rep[-1] for nid, rep in ex.replies.items()})
         for nid in selected:
             self.comm.add(rnd, nid, mtype, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
@@ -451,13 +527,50 @@ class DataParallel(GlobalGANServer):
 
     def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
         selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
+        if self.s.mode == "alternating":
+            return self.run_alternating_round(grid, rnd, selected)
+        want_g = self.wants_g(rnd)
+        seed = self.rng.randrange(1 << 31)
+        ex = self._exchange(grid, rnd, selected, DP_STEP, lambda: self.step_content(rnd, seed, want_g),
+                            lambda content: self.parse_step(content, want_g))
+        # both updates from the weights the clients received (simultaneous gradient descent)
+        d_stats = self.step_discriminator([(d, n, m) for d, _, n, m in ex.replies.values()])
+        g_stats = self.step_generator([(g, n, m) for _, g, n, m in ex.replies.values()]) if want_g else {}
+        clients: dict[str, dict] = {}
+        for nid in self.nodes.order(ex.replies):
+            _, _, n, m = ex.replies[nid]
+            clients[self.nodes.label(nid)] = {"node": nid, "num_examples": n,
+                                              **{k: m[k] for k in ("d_loss", "d_real_acc", "d_fake_acc", "g_loss")
+                                                 if k in m}}
+        return {"round": rnd, "g_loss": g_stats.get("g_loss", math.nan), **d_stats, "g_step": int(want_g),
+                "g_steps_total": self.g_steps, "replies": len(ex.replies), "dropped": len(ex.dropped),
+                "dropped_reasons": {str(n): f"{DP_STEP}: {why}" for n, why in ex.dropped.items()},
+                "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
+                "clients": clients}
+
+    def run_alternating_round(self, grid: Grid, rnd: int, selected: list[int]) -> dict:
+        """The two-exchange form: D's gradients, a D step, then G's gradients through the new D."""
+        want_g = self.wants_g(rnd)
         seed_d, seed_g = self.rng.randrange(1 << 31), self.rng.randrange(1 << 31)
+
+        def parse(model: nn.Module, keys: tuple[str, ...]):
+            def parse_content(content: RecordDict):
+                out = self.parse_content(content, model)
+                require_metrics(out[2], keys)
+                return out
+            return parse_content
+
         ex_d = self._exchange(grid, rnd, selected, DP_DISCRIMINATOR, lambda: self.discriminator_content(rnd, seed_d),
-                              self.D, ("d_loss", "d_real_acc", "d_fake_acc"))
+                              parse(self.D, ("d_loss", "d_real_acc", "d_fake_acc")))
         d_stats = self.step_discriminator(list(ex_d.replies.values()))
-        ex_g = self._exchange(grid, rnd, selected, DP_GENERATOR, lambda: self.generator_content(rnd, seed_g),
-                              self.G, ("g_loss",))
-        g_stats = self.step_generator(list(ex_g.replies.values()))
+        exchanges = [(DP_DISCRIMINATOR, ex_d)]
+        g_stats: dict = {}
+        ex_g = None
+        if want_g:
+            ex_g = self._exchange(grid, rnd, selected, DP_GENERATOR, lambda: self.generator_content(rnd, seed_g),
+                                  parse(self.G, ("g_loss",)))
+            g_stats = self.step_generator(list(ex_g.replies.values()))
+            exchanges.append((DP_GENERATOR, ex_g))
 
         clients: dict[str, dict] = {}
         for nid in self.nodes.order(selected):
@@ -465,30 +578,31 @@ class DataParallel(GlobalGANServer):
             if nid in ex_d.replies:
                 _, n, m = ex_d.replies[nid]
                 row.update(num_examples=n, d_loss=m["d_loss"], d_real_acc=m["d_real_acc"], d_fake_acc=m["d_fake_acc"])
-            if nid in ex_g.replies:
+            if ex_g is not None and nid in ex_g.replies:
                 row["g_loss"] = ex_g.replies[nid][2]["g_loss"]
             if len(row) > 1:
                 clients[self.nodes.label(nid)] = row
         reasons: dict[str, str] = {}
-        for action, ex in ((DP_DISCRIMINATOR, ex_d), (DP_GENERATOR, ex_g)):
+        for action, ex in exchanges:
             for nid, why in ex.dropped.items():
                 reasons[str(nid)] = (reasons[str(nid)] + "; " if str(nid) in reasons else "") + f"{action}: {why}"
-        return {"round": rnd, **g_stats, **d_stats,
-                "replies": min(len(ex_d.replies), len(ex_g.replies)),
-                "dropped": len(ex_d.dropped) + len(ex_g.dropped), "dropped_reasons": reasons,
-                "bytes_down": sum(ex_d.bytes_down.values()) + sum(ex_g.bytes_down.values()),
-                "bytes_up": sum(ex_d.bytes_up.values()) + sum(ex_g.bytes_up.values()),
+        return {"round": rnd, "g_loss": g_stats.get("g_loss", math.nan), **d_stats, "g_step": int(want_g),
+                "g_steps_total": self.g_steps,
+                "replies": min(len(ex.replies) for _, ex in exchanges),
+                "dropped": sum(len(ex.dropped) for _, ex in exchanges), "dropped_reasons": reasons,
+                "bytes_down": sum(sum(ex.bytes_down.values()) for _, ex in exchanges),
+                "bytes_up": sum(sum(ex.bytes_up.values()) for _, ex in exchanges),
                 "clients": clients}
 
     def checkpoint(self, rnd: int) -> dict:
         return {"round": rnd, "settings": asdict(self.s), "g": self.G.state_dict(), "d": self.D.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "g_steps": self.g_steps,
                 "partition_of": dict(self.nodes.partition_of), "comm": self.comm.state(),
                 "dropped_total": self.dropped_total, "rng": self.rng.getstate()}
 
 
-__all__ = ["DataParallel", "DataParallelSettings", "client_dp_discriminator", "client_dp_generator",
+__all__ = ["DataParallel", "DataParallelSettings", "client_dp_step", "client_dp_discriminator", "client_dp_generator",
            "client_latents", "client_real_batch", "discriminator_gradients", "generator_gradients",
-           "average_gradients", "apply_gradients", "DP_DISCRIMINATOR", "DP_GENERATOR", "G_WEIGHTS", "D_WEIGHTS",
-           "GRADS", "NUM_EXAMPLES", "make_message", "weights_record", "load_weights", "require_tensors",
+           "average_gradients", "apply_gradients", "DP_STEP", "DP_DISCRIMINATOR", "DP_GENERATOR", "MODES", "G_WEIGHTS",
+           "D_WEIGHTS", "GRADS", "D_GRADS", "G_GRADS", "NUM_EXAMPLES", "make_message", "weights_record", "load_weights", "require_tensors",
            "require_count", "seeded_models", "fixed_latents", "should"]

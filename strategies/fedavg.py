@@ -156,8 +156,7 @@ class FedAvg(GlobalGANServer):
         msgs = {nid: make_message(self.build_content(rnd), nid, FEDAVG, rnd) for nid in selected}
         ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_content(r.content))
         self.dropped_total += len(ex.dropped)
-        for nid, (_, _, _, m) in ex.replies.items():
-            self.nodes.note(nid, m)
+        self.nodes.identify({nid: m for nid, (_, _, _, m) in ex.replies.items()})
         for nid in selected:
             self.comm.add(rnd, nid, FEDAVG, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)

@@ -204,8 +204,8 @@ class Local:
         msgs = {nid: make_message(self.train_content(rnd), nid, ALONE, rnd) for nid in selected}
         ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_train(r.content))
         self.dropped_total += len(ex.dropped)
+        self.nodes.identify(dict(ex.replies))
         for nid, m in ex.replies.items():
-            self.nodes.note(nid, m)
             self.steps_of[nid] = int(m["steps_total"])
         for nid in selected:
             self.comm.add(rnd, nid, ALONE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),

@@ -124,10 +124,12 @@ def stale_feedback_errors(G: nn.Module, opt: torch.optim.Optimizer, D: nn.Module
 
 def train_teacher(G: nn.Module, D: nn.Module, sample_real: Callable[[int, torch.Generator], torch.Tensor], *,
                   steps: int, loss: str, gen_lr: float, disc_lr: float, betas: tuple[float, float],
-                  batch_size: int, seed: int, on_step: Callable[[int, dict], None] | None = None) -> dict:
+                  batch_size: int, seed: int, on_step: Callable[[int, dict], None] | None = None,
+                  d_steps: int = 1) -> dict:
     """Teacher phase: train (G_T, D_T) on the server's own data for ``steps`` G steps.
 
-    Plain centralized GAN training (the base loss of the run). Returns the last stats.
+    Plain centralized GAN training (the base loss of the run, ``d_steps`` D updates per G
+    update). Returns the last stats.
     """
     opt_g = make_optimizer(loss, G.parameters(), gen_lr, betas)
     opt_d = make_optimizer(loss, D.parameters(), disc_lr, betas)
@@ -137,7 +139,7 @@ def train_teacher(G: nn.Module, D: nn.Module, sample_real: Callable[[int, torch.
     stats: dict = {}
     for step in range(1, steps + 1):
         real = sample_real(batch_size, gen).to(device)
-        stats = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, generator=latent_gen)
+        stats = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, d_steps=d_steps, generator=latent_gen)
         if on_step is not None:
             on_step(step, stats)
     return stats
@@ -381,9 +383,7 @@ class PrivacyGAN:
             messages[nid], latents[nid] = self.build_message(grid, nid, rnd)
         ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self.parse_reply)
         self.dropped_total += len(ex.dropped)
-        for nid, (_, _, metrics) in ex.replies.items():
-            if "partition_id" in metrics:
-                self.partition_of[nid] = int(metrics["partition_id"])
+        self.nodes.identify({nid: metrics for nid, (_, _, metrics) in ex.replies.items()})
         for nid in selected:
             self.comm.add(rnd, nid, wire.DISCRIMINATE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.partition_of.get(nid), dropped=nid in ex.dropped)

@@ -14,12 +14,14 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from models import MLPDiscriminator, MLPGenerator
 from models.losses import make_optimizer
+from models.losses import discriminator_loss, generator_loss
 from models.steps import discriminator_step, generator_step
 from strategies import dataparallel, wire
 from strategies.base import NullRecorder, RunFailed
 from strategies.centralized import Centralized, CentralizedSettings
-from strategies.dataparallel import (DP_DISCRIMINATOR, DP_GENERATOR, DataParallel, DataParallelSettings,
-                                     client_dp_discriminator, client_dp_generator, client_latents, client_real_batch)
+from strategies.dataparallel import (DP_DISCRIMINATOR, DP_GENERATOR, DP_STEP, DataParallel, DataParallelSettings,
+                                     client_dp_discriminator, client_dp_generator, client_dp_step, client_latents,
+                                     client_real_batch)
 from strategies.fedavg import CLIENT_STATE as FEDAVG_STATE
 from strategies.fedavg import FEDAVG, FedAvg, FedAvgSettings, client_fedavg, fedavg_aggregate
 from strategies.local import ALONE, ALONE_SAMPLE, Local, LocalSettings, client_alone, client_alone_sample
@@ -118,9 +120,13 @@ def fake_messages(monkeypatch):
     monkeypatch.setattr(dataparallel, "Message", FakeMessage)
 
 
-def dp_handlers(make_gen=make_g, make_disc=make_d):
+def dp_handlers(make_gen=make_g, make_disc=make_d, partition=lambda p: p):
+    """Client handlers of the data-parallel messages; node k holds data set k and reports
+    ``partition(k)`` as its partition id."""
     build = {"build_generator": make_gen, "build_discriminator": make_disc, "device": "cpu"}
     return {
+        DP_STEP: lambda c, s, p: client_dp_step(c, s, sample_real=sampler(p), seed=SEED, partition_id=partition(p),
+                                                **build),
         DP_DISCRIMINATOR: lambda c, s, p: client_dp_discriminator(c, s, sample_real=sampler(p), seed=SEED,
                                                                   partition_id=p, **build),
         DP_GENERATOR: lambda c, s, p: client_dp_generator(c, s, partition_id=p, **build),
@@ -130,10 +136,65 @@ def dp_handlers(make_gen=make_g, make_disc=make_d):
 # =====================================================================================
 # dataparallel
 # =====================================================================================
+def simultaneous_reference_step(G, D, opt_g, opt_d, real, z, loss, step_g=True):
+    """One centralized simultaneous GAN step on one batch: both gradients at the same weights,
+    then both optimizers step (D's weights clamped for the clipped WGAN)."""
+    x = G(z)
+    d_loss = discriminator_loss(loss, D(real), D(x.detach()))
+    d_grads = torch.autograd.grad(d_loss, list(D.parameters()))
+    g_grads = torch.autograd.grad(generator_loss(loss, D(x)), list(G.parameters())) if step_g else None
+    for p, g in zip(D.parameters(), d_grads):
+        p.grad = g
+    opt_d.step()
+    if loss == "wgan":
+        with torch.no_grad():
+            for p in D.parameters():
+                p.clamp_(-0.01, 0.01)
+    if step_g:
+        for p, g in zip(G.parameters(), g_grads):
+            p.grad = g
+        opt_g.step()
+
+
+@pytest.mark.parametrize("disc_steps", [1, 2])
 @pytest.mark.parametrize("loss", ["bce", "wgan", "hinge"])
-def test_dataparallel_step_equals_centralized_step_on_the_concatenated_batch(loss):
+def test_dataparallel_round_equals_a_centralized_simultaneous_step_on_the_concatenated_batch(loss, disc_steps):
+    """Thesis Fig. 4.7: one exchange per step; the server's update from the clients' gradients
+    equals one process stepping G and D from the same weights on all clients' samples."""
     B = 8
-    s = DataParallelSettings(latent_dim=NZ, batch_size=B, loss=loss, gen_lr=1e-2, disc_lr=1e-2, seed=3)
+    s = DataParallelSettings(latent_dim=NZ, batch_size=B, loss=loss, gen_lr=1e-2, disc_lr=1e-2, seed=3,
+                             disc_steps=disc_steps)
+    strat = DataParallel(s, make_generator=make_g64, make_discriminator=make_d64, recorder=NullRecorder())
+    G, D = copy.deepcopy(strat.G), copy.deepcopy(strat.D)
+    opt_g = make_optimizer(loss, G.parameters(), s.gen_lr, (s.beta1, s.beta2))
+    opt_d = make_optimizer(loss, D.parameters(), s.disc_lr, (s.beta1, s.beta2))
+    build = {"build_generator": make_g64, "build_discriminator": make_d64, "device": "cpu"}
+    for rnd, seed in ((1, 11), (2, 21), (3, 31), (4, 41)):   # optimizer moments carry over
+        want_g = strat.wants_g(rnd)
+        assert want_g == (rnd % disc_steps == 0)
+        content = strat.step_content(rnd, seed, want_g)
+        replies = [strat.parse_step(client_dp_step(content, RecordDict(), sample_real=sampler(p), seed=SEED,
+                                                   partition_id=p, **build), want_g) for p in (0, 1)]
+        assert [n for _, _, n, _ in replies] == [B, B] and all((g is not None) == want_g for _, g, _, _ in replies)
+        strat.step_discriminator([(d, n, m) for d, _, n, m in replies])
+        if want_g:
+            strat.step_generator([(g, n, m) for _, g, n, m in replies])
+        real = torch.cat([client_real_batch(sampler(p), SEED, p, rnd, B) for p in (0, 1)]).double()
+        z = torch.cat([client_latents(seed, p, B, NZ) for p in (0, 1)]).double()
+        simultaneous_reference_step(G, D, opt_g, opt_d, real, z, loss, step_g=want_g)
+        for (name, p), q in zip(strat.D.named_parameters(), D.parameters()):
+            assert torch.allclose(p, q, atol=1e-10, rtol=0), f"D.{name} differs in round {rnd}"
+        for (name, p), q in zip(strat.G.named_parameters(), G.parameters()):
+            assert torch.allclose(p, q, atol=1e-10, rtol=0), f"G.{name} differs in round {rnd}"
+    assert strat.g_steps == 4 // disc_steps
+    assert not torch.allclose(strat.G.net[0].weight, make_g64().net[0].weight)  # it did move
+
+
+@pytest.mark.parametrize("loss", ["bce", "wgan", "hinge"])
+def test_alternating_dataparallel_step_equals_centralized_step_on_the_concatenated_batch(loss):
+    B = 8
+    s = DataParallelSettings(latent_dim=NZ, batch_size=B, loss=loss, gen_lr=1e-2, disc_lr=1e-2, seed=3,
+                             mode="alternating")
     strat = DataParallel(s, make_generator=make_g64, make_discriminator=make_d64, recorder=NullRecorder())
     G, D = copy.deepcopy(strat.G), copy.deepcopy(strat.D)
     opt_g = make_optimizer(loss, G.parameters(), s.gen_lr, (s.beta1, s.beta2))
@@ -171,7 +232,11 @@ def test_dataparallel_clients_use_different_latents_and_data():
     assert not torch.equal(client_real_batch(sampler(0), SEED, 0, 1, 4), client_real_batch(sampler(0), SEED, 1, 1, 4))
 
 
+STEP_METRICS = ["num-examples", "d_loss", "d_real_acc", "d_fake_acc", "d_real_out", "d_fake_out", "partition_id"]
+
+
 def test_dataparallel_run_bytes_and_records_equal_hand_arithmetic(fake_messages):
+    """Simultaneous (thesis Eq. 4.1): per client and step, G and D down once, both gradients up once."""
     B = 8
     rec = NullRecorder()
     evaluated = {}
@@ -182,34 +247,65 @@ def test_dataparallel_run_bytes_and_records_equal_hand_arithmetic(fake_messages)
     grid = FakeGrid(dp_handlers())
     out = strat.run(grid)
     G, D = make_g(), make_d()
-    cfg = {"round": 1, "loss": "bce", "batch-size": B, "latent-seed": 1}
-    down_one = state_bytes(G) + state_bytes(D) + config_bytes(cfg)          # same for (a) and (b)
-    up_d = grad_bytes(D) + metric_bytes(["num-examples", "d_loss", "d_real_acc", "d_fake_acc", "d_real_out",
-                                         "d_fake_out", "partition_id"])
-    up_g = grad_bytes(G) + metric_bytes(["num-examples", "g_loss", "partition_id"])
+    cfg = {"round": 1, "loss": "bce", "batch-size": B, "latent-seed": 1, "want-g": True}
+    down_one = state_bytes(G) + state_bytes(D) + config_bytes(cfg)
+    up_one = grad_bytes(D) + grad_bytes(G) + metric_bytes(STEP_METRICS + ["g_loss"])
     assert len(rec.rounds) == 2
     for r in rec.rounds:
-        assert r["bytes_down"] == 2 * 2 * down_one
-        assert r["bytes_up"] == 2 * (up_d + up_g)
+        assert r["bytes_down"] == 2 * down_one and r["bytes_up"] == 2 * up_one
         assert r["replies"] == 2 and r["dropped"] == 0 and set(r["clients"]) == {"client 0", "client 1"}
         assert math.isfinite(r["g_loss"]) and math.isfinite(r["d_loss"]) and r["wall_time"] >= 0
     rows = [c for c in rec.comm if c["round"] == 1]
-    assert sorted((c["node"], c["action"]) for c in rows) == sorted(
-        (n, a) for n in (101, 102) for a in (DP_DISCRIMINATOR, DP_GENERATOR))
-    assert all(c["down"] == down_one for c in rows)
-    assert out["bytes_down"] == 2 * 2 * 2 * down_one and out["bytes_up"] == 2 * 2 * (up_d + up_g)
+    assert sorted((c["node"], c["action"]) for c in rows) == [(101, DP_STEP), (102, DP_STEP)]
+    assert all(c["down"] == down_one and c["up"] == up_one for c in rows)
+    assert out["bytes_down"] == 2 * 2 * down_one and out["bytes_up"] == 2 * 2 * up_one
     assert set(out) >= {"rounds", "last", "bytes_down", "bytes_up", "dropped_replies", "clients", "eval"}
     assert out["eval"] == {"ok": 1} and evaluated == {"global": (50, DIM)}
     assert set(rec.samples) == {"round00001", "round00002"} and rec.samples["round00002"]["global"].shape == (4, DIM)
     assert "server.pt" in rec.checkpoints and rec.checkpoints["server.pt"]["round"] == 2
-    # only gradients and metrics went up
+    # only the two gradients and metrics went up, each message once per client and step
+    assert all(set(dict(up.items())) == {"grad_d", "grad_g", "metrics"} for _, _, _, up in grid.log)
+    assert len(grid.log) == 2 * 2
+
+
+def test_dataparallel_critic_rounds_skip_the_generator_gradient(fake_messages):
+    """With 3 critic steps per generator step, only every third round asks for (and carries) G's gradient."""
+    B = 8
+    rec = NullRecorder()
+    s = DataParallelSettings(num_rounds=6, latent_dim=NZ, batch_size=B, sample_every=0, disc_steps=3)
+    grid = FakeGrid(dp_handlers())
+    out = DataParallel(s, make_generator=make_g, make_discriminator=make_d, recorder=rec).run(grid)
+    G, D = make_g(), make_d()
+    up_d_only = grad_bytes(D) + metric_bytes(STEP_METRICS)
+    up_both = up_d_only + grad_bytes(G) + metric_bytes(["g_loss"])
+    assert [r["g_step"] for r in rec.rounds] == [0, 0, 1, 0, 0, 1]
+    assert [r["bytes_up"] for r in rec.rounds] == [2 * (up_both if r["g_step"] else up_d_only) for r in rec.rounds]
+    assert rec.rounds[-1]["g_steps_total"] == 2 and out["last"]["g_steps_total"] == 2
+    assert [math.isnan(r["g_loss"]) for r in rec.rounds] == [True, True, False, True, True, False]
+
+
+def test_alternating_dataparallel_run_bytes_equal_hand_arithmetic(fake_messages):
+    B = 8
+    rec = NullRecorder()
+    s = DataParallelSettings(num_rounds=2, latent_dim=NZ, batch_size=B, sample_every=0, mode="alternating")
+    grid = FakeGrid(dp_handlers())
+    out = DataParallel(s, make_generator=make_g, make_discriminator=make_d, recorder=rec).run(grid)
+    G, D = make_g(), make_d()
+    cfg = {"round": 1, "loss": "bce", "batch-size": B, "latent-seed": 1}
+    down_one = state_bytes(G) + state_bytes(D) + config_bytes(cfg)          # same for (a) and (b)
+    up_d = grad_bytes(D) + metric_bytes(STEP_METRICS)
+    up_g = grad_bytes(G) + metric_bytes(["num-examples", "g_loss", "partition_id"])
+    for r in rec.rounds:
+        assert r["bytes_down"] == 2 * 2 * down_one
+        assert r["bytes_up"] == 2 * (up_d + up_g)
+    assert out["bytes_down"] == 2 * 2 * 2 * down_one and out["bytes_up"] == 2 * 2 * (up_d + up_g)
     assert all(set(dict(up.items())) == {"grad", "metrics"} for _, _, _, up in grid.log)
 
 
 def test_dataparallel_drops_a_bad_reply_and_fails_below_min_replies(fake_messages):
     def poison(nid, mtype, reply):
-        if nid == 102 and mtype == DP_DISCRIMINATOR:
-            rec = reply.array_records["grad"]
+        if nid == 102:
+            rec = reply.array_records["grad_d"]
             key = next(iter(rec.keys()))
             t = wire.get_tensor(rec, key)
             t.view(-1)[0] = float("nan")
@@ -222,12 +318,45 @@ def test_dataparallel_drops_a_bad_reply_and_fails_below_min_replies(fake_message
         FakeGrid(dp_handlers(), tamper=poison))
     r = rec.rounds[0]
     assert r["dropped"] == 1 and "NaN" in r["dropped_reasons"]["102"] and out["dropped_replies"] == 1
-    assert set(r["clients"]["client 1"]) == {"node", "g_loss"}          # its D gradient was not used
-    assert set(r["clients"]["client 0"]) >= {"d_loss", "g_loss", "num_examples"}
+    assert set(r["clients"]) == {"client 0"}                            # neither of its gradients was used
     with pytest.raises(RunFailed, match="min-replies"):
         DataParallel(DataParallelSettings(num_rounds=1, latent_dim=NZ, batch_size=4, min_replies=2),
                      make_generator=make_g, make_discriminator=make_d,
                      recorder=NullRecorder()).run(FakeGrid(dp_handlers(), tamper=poison))
+
+
+def test_dataparallel_weights_replies_by_the_batch_size_it_asked_for(fake_messages):
+    """A client that claims a larger batch does not get a larger weight: its reply is dropped."""
+    def inflate(nid, mtype, reply):
+        if nid == 102:
+            metrics = reply.metric_records["metrics"]
+            metrics["num-examples"] = 1000
+        return reply
+
+    rec = NullRecorder()
+    strat = DataParallel(DataParallelSettings(num_rounds=1, latent_dim=NZ, batch_size=4, sample_every=0),
+                         make_generator=make_g, make_discriminator=make_d, recorder=rec)
+    strat.run(FakeGrid(dp_handlers(), tamper=inflate))
+    reason = rec.rounds[0]["dropped_reasons"]["102"]
+    assert "'num-examples' = 1000, but the server asked for a batch of 4" in reason
+    assert set(rec.rounds[0]["clients"]) == {"client 0"}
+
+
+@pytest.mark.parametrize("partition,match", [
+    (lambda p: 0, "nodes 101, 102 all report partition id 0"),
+    (lambda p: None, "node\\(s\\) 101, 102 report no partition id"),
+    (lambda p: p - 1, "node\\(s\\) 101 report partition id -1"),
+])
+def test_nodes_that_cannot_be_told_apart_are_refused_before_any_step(fake_messages, partition, match):
+    """Two nodes with one partition id (or none) would draw identical latents into one global batch."""
+    if partition(0) == partition(1) == 0:   # the defect this guards against: the same latents on both nodes
+        assert torch.equal(client_latents(7, 0, 4, NZ), client_latents(7, None, 4, NZ))
+    strat = DataParallel(DataParallelSettings(num_rounds=2, latent_dim=NZ, batch_size=4, sample_every=0),
+                         make_generator=make_g, make_discriminator=make_d, recorder=NullRecorder())
+    before = copy.deepcopy(strat.D.state_dict())
+    with pytest.raises(RunFailed, match=match):
+        strat.run(FakeGrid(dp_handlers(partition=partition)))
+    assert all(torch.equal(v, strat.D.state_dict()[k]) for k, v in before.items())   # nothing was applied
 
 
 # =====================================================================================

@@ -45,6 +45,12 @@ def test_every_strategy_runs_for_the_same_generator_steps_into_one_results_folde
     assert (folder / "bytes.png").stat().st_size > 0
     assert "## Modeled time per bandwidth profile" in compared["md"]
     assert "7/7 runs match their recorded bytes exactly" in compared["md"]
+    # the thesis' closed form (Eq. 4.1-4.3) next to the measured-bytes model of the same two runs
+    thesis = compared["json"]["thesis_model"]
+    assert [t["profile"] for t in thesis] == list(cmp.PROFILES) and all(t["iterations"] == 4 for t in thesis)
+    assert all(t["thesis_diff_s"] == pytest.approx(t["thesis_dp_s"] - t["thesis_bp_s"], rel=1e-6) for t in thesis)
+    assert all(t["measured_diff_s"] == pytest.approx(t["measured_dp_s"] - t["measured_bp_s"]) for t in thesis)
+    assert "T_DP − T_BP thesis Eq. 4.3" in compared["md"]
 
 
 @pytest.mark.e2e
@@ -300,21 +306,74 @@ def test_bad_flags_stop_before_any_run_with_a_message_naming_the_flag(argv, need
 
 
 def test_analytic_bytes_of_data_parallel_count_every_weight_and_gradient():
-    """Data-parallel per round and client: G+D weights down twice, D's gradient then G's up."""
+    """Data-parallel per round and client (thesis Fig. 4.7): G+D weights down once, D's and G's
+    gradients up once; alternating: the weights down twice, the gradients in two replies."""
     from app.builders import make_discriminator, make_generator
     from app.config import parse_config
 
     cfg = parse_config({"strategy": "dataparallel", "gen-features": 8, "disc-features": 8, "latent-dim": 16})
     G, D = make_generator(cfg), make_discriminator(cfg)
     weights = sum(128 + v.numel() * v.element_size() + len(k) for m in (G, D) for k, v in m.state_dict().items())
-    a = cmp.analytic_bytes(cfg.to_run_config(), 3, 5)
     config = len("round") + len("loss") + len("batch-size") + len("latent-seed") + 3 * 8 + len("bce")
-    assert a["down_total"] == 3 * 5 * 2 * (weights + config)
     g_grads = sum(128 + p.numel() * 4 + len(n) for n, p in G.named_parameters())
     d_grads = sum(128 + p.numel() * 4 + len(n) for n, p in D.named_parameters())
     metrics_d = sum(len(k) + 8 for k in ("num-examples", "d_loss", "d_real_acc", "d_fake_acc", "d_real_out",
                                          "d_fake_out", "partition_id"))
-    metrics_g = sum(len(k) + 8 for k in ("num-examples", "g_loss", "partition_id"))
-    assert a["up_total"] == 3 * 5 * (d_grads + metrics_d + g_grads + metrics_g)
-    assert a["down_per_step"] == 2 * (weights + config) and a["steps"] == 5
+    a = cmp.analytic_bytes(cfg.to_run_config(), 3, 5)
+    down = weights + config + len("want-g") + 1
+    assert a["down_total"] == 3 * 5 * down
+    assert a["up_total"] == 3 * 5 * (d_grads + g_grads + metrics_d + len("g_loss") + 8)
+    assert a["down_per_step"] == down and a["steps"] == 5
     assert a["g_params"] == sum(p.numel() for p in G.parameters()) and not math.isnan(a["up_per_step"])
+
+    alt = cmp.analytic_bytes({**cfg.to_run_config(), "dataparallel-mode": "alternating"}, 3, 5)
+    metrics_g = sum(len(k) + 8 for k in ("num-examples", "g_loss", "partition_id"))
+    assert alt["down_total"] == 3 * 5 * 2 * (weights + config)
+    assert alt["up_total"] == 3 * 5 * (d_grads + metrics_d + g_grads + metrics_g)
+
+    # the clipped WGAN: 5 critic steps per generator step, so 10 rounds make 2 generator steps
+    wgan = cmp.analytic_bytes({**cfg.to_run_config(), "loss": "wgan"}, 3, 10)
+    assert wgan["steps"] == 2
+    assert wgan["up_total"] == 3 * (10 * (d_grads + metrics_d) + 2 * (g_grads + len("g_loss") + 8))
+    assert cmp.rounds_for_steps({"strategy": "dataparallel", "loss": "wgan", "wgan-critic-steps": 5}, 10) == 50
+    assert cmp.rounds_for_steps({"strategy": "dataparallel", "client-disc-steps": 2}, 10) == 20
+    assert [cmp.generator_steps_per_round({"strategy": "dataparallel", "loss": "wgan", "wgan-critic-steps": 5},
+                                          {"round": r}) for r in range(1, 11)] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+
+
+# ======================================================================================
+# The thesis' closed-form model (§4.3, Eq. 4.1-4.3) against hand arithmetic
+# ======================================================================================
+def test_thesis_closed_form_model_on_hand_numbers():
+    """v = 1 MB/s, D = 100 MB, M = 4, t_D = t_G = 1 µs/B, t_S = 1 ns/B, ω = g = 1 MB, F = 100 kB, L = 1 kB.
+    T_DP = 100 + 4·2·1 + 4·2·1 + 100·2/4 + 1e-9·2e6·4 = 100 + 8 + 8 + 50 + 0.008 = 166.008 s;
+    T_BP = 100 + 4 + 4 + 2·0.1 + 2·0.001 + 100·1/2 + 1e-9·2e6·2 = 158.206 s;
+    Eq. 4.3: (4/1e6)(1e6 + 1e6 − 50,500) + 0.004 = 7.798 + 0.004 = 7.802 s = T_DP − T_BP."""
+    s = cmp.ThesisSystem(v=1e6, D=1e8, M=4, t_D=1e-6, t_G=1e-6, t_S=1e-9, omega=1e6, g=1e6, F=1e5, L=1e3)
+    dp, bp = cmp.thesis_t_dp(s), cmp.thesis_t_bp(s)
+    assert dp == pytest.approx({"T_d": 100, "T_b": 8, "T_f": 8, "T_r": 50, "T_u": 0.008, "total": 166.008})
+    assert bp == pytest.approx({"T_d": 100, "T_b": 4, "T_f": 4, "T_m": 0.2, "T_n": 0.002, "T_r": 50, "T_u": 0.004,
+                                "total": 158.206})
+    assert cmp.thesis_difference(s) == pytest.approx(7.802) == pytest.approx(dp["total"] - bp["total"])
+    assert cmp.thesis_t_dp(s, load_data=False)["total"] == pytest.approx(66.008)
+    # with t_G != t_D the closed form keeps the compute term D(t_G - t_D)/M
+    s2 = cmp.ThesisSystem(v=1e6, D=1e8, M=4, t_D=1e-6, t_G=3e-6, t_S=1e-9, omega=1e6, g=1e6, F=1e5, L=1e3)
+    assert cmp.thesis_difference(s2) == pytest.approx(cmp.thesis_t_dp(s2)["total"] - cmp.thesis_t_bp(s2)["total"])
+    assert cmp.thesis_difference(s2) == pytest.approx(7.802 + 1e8 * 2e-6 / 4)
+
+
+def test_thesis_system_takes_its_volumes_from_the_run_and_v_from_the_profile():
+    from app.builders import make_discriminator, make_generator
+    from app.config import parse_config
+
+    cfg = parse_config({"strategy": "dataparallel", "gen-features": 8, "disc-features": 8, "latent-dim": 16,
+                        "batch-size": 4})
+    G, D = make_generator(cfg), make_discriminator(cfg)
+    times = {"t_D": 1e-9, "t_G": 2e-9, "t_S": 3e-9, "batch_bytes": 4 * 256 * 4}
+    s = cmp.thesis_system(cfg.to_run_config(), 4, cmp.Profile("x", uplink_bps=8e6, downlink_bps=24e6, latency_s=0),
+                          times)
+    assert s.v == pytest.approx(1.5e6)                 # harmonic mean of 1 MB/s up and 3 MB/s down
+    state = sum(128 + v.numel() * v.element_size() + len(k) for m in (G, D) for k, v in m.state_dict().items())
+    assert s.omega == state / 2 and s.M == 4 and s.D == 4 * 4096
+    assert s.F == 128 + 4 * 256 * 4 + len("fakes")
+    assert s.L == (128 + 4 * 4 + len("labels")) + (128 + 4 * 256 * 4 + len("feedback"))
