@@ -72,3 +72,56 @@ def test_summary_lists_bpgan_scores_per_generator_node(scores, expected):
               "eval": summarize_scores({"pair 0": scores})}   # {"per_gb", "mean", "best"}
     text = _summary(parse_config({"strategy": "bpgan"}), result, 1.0, status="success")
     assert expected in text.splitlines()
+
+
+def record_optimizer_steps():
+    """Every optimizer step from now on, as (optimizer class, lr, number of parameters), through
+    torch's global step hook; returns (records, handle to remove)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    seen = []
+    handle = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: seen.append((type(opt).__name__, opt.param_groups[0]["lr"],
+                                               sum(p.numel() for g in opt.param_groups for p in g["params"]))))
+    return seen, handle
+
+
+def test_the_clipped_wgan_teacher_follows_its_papers_schedule(tmp_path):
+    """loss=wgan: RMSProp at wgan-lr and wgan-critic-steps critic updates per generator update."""
+    cfg = parse_config({"gen-features": 8, "disc-features": 8, "teacher-steps": 2, "batch-size": 8, "loss": "wgan",
+                        "wgan-critic-steps": 3, "wgan-lr": 7e-5})
+    seen, handle = record_optimizer_steps()
+    try:
+        prepare_teacher(cfg, RunFolder.create(tmp_path, "privacygan", "digits", {}), "cpu")
+    finally:
+        handle.remove()
+    g_params = sum(p.numel() for p in make_generator(cfg).parameters())
+    assert [(name, lr) for name, lr, _ in seen] == [("RMSprop", 7e-5)] * (2 * (3 + 1))
+    assert [n == g_params for _, _, n in seen] == [False, False, False, True] * 2   # 3 critic steps, then G
+    # the same schedule for every other loss keeps the role's own keys
+    seen, handle = record_optimizer_steps()
+    try:
+        prepare_teacher(cfg.replace(loss="bce"), RunFolder.create(tmp_path / "b", "privacygan", "digits", {}), "cpu")
+    finally:
+        handle.remove()
+    assert [(name, lr) for name, lr, _ in seen] == [("Adam", cfg.teacher_disc_lr), ("Adam", cfg.teacher_gen_lr)] * 2
+
+
+def test_wgan_schedule_reaches_every_strategys_settings():
+    from app.server_app import _on_client_lrs, _on_server_lrs, _settings, privacygan_settings
+    from strategies.centralized import CentralizedSettings
+    from strategies.dataparallel import DataParallelSettings
+    from strategies.fedavg import FedAvgSettings
+    from strategies.local import LocalSettings
+
+    wgan = parse_config({"loss": "wgan", "client-disc-steps": 2})
+    bce = wgan.replace(loss="bce")
+    assert privacygan_settings(wgan).client_disc_steps == 5 and privacygan_settings(bce).client_disc_steps == 2
+    for cls, lrs in ((FedAvgSettings, _on_client_lrs), (LocalSettings, _on_client_lrs),
+                     (CentralizedSettings, _on_server_lrs)):
+        s = _settings(cls, wgan, **lrs(wgan))
+        assert (s.client_disc_steps, s.gen_lr, s.disc_lr) == (5, 5e-5, 5e-5), cls
+        s = _settings(cls, bce, **lrs(bce))
+        assert s.client_disc_steps == 2 and s.gen_lr == 2e-4, cls
+    dp = _settings(DataParallelSettings, wgan, **_on_server_lrs(wgan), disc_steps=wgan.disc_steps_for(wgan.loss))
+    assert (dp.disc_steps, dp.gen_lr, dp.disc_lr) == (5, 5e-5, 5e-5)
