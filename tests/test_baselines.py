@@ -24,7 +24,8 @@ from strategies.dataparallel import (DP_DISCRIMINATOR, DP_GENERATOR, DP_STEP, Da
                                      client_real_batch)
 from strategies.fedavg import CLIENT_STATE as FEDAVG_STATE
 from strategies.fedavg import FEDAVG, FedAvg, FedAvgSettings, client_fedavg, fedavg_aggregate
-from strategies.local import ALONE, ALONE_SAMPLE, Local, LocalSettings, client_alone, client_alone_sample
+from strategies.local import (ALONE, ALONE_SAMPLE, Local, LocalSettings, client_alone, client_alone_sample,
+                              load_alone)
 
 NZ, H, DIM, SEED = 4, 16, 2, 5
 
@@ -450,7 +451,11 @@ def test_local_client_state_persists_and_only_metrics_go_up():
         assert srv.parse_train(reply)["steps_total"] == 3 * rnd
     sample = local_handlers()[ALONE_SAMPLE](srv.sample_content(3, 5, 9), state, 0)
     x = srv.parse_samples(sample, 5)
-    assert x.shape == (5, DIM)
+    # exactly the trained G_i's outputs for the latents of the seed the server sent
+    G_i, _, _, _, _ = load_alone(state, srv.train_content(3).config_records[wire.CONFIG], make_g, make_d, "cpu")
+    with torch.no_grad():
+        expected = G_i(torch.randn(5, NZ, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(x, expected)
     fresh = local_handlers()[ALONE_SAMPLE](srv.sample_content(3, 5, 9), RecordDict(), 0)
     assert not torch.allclose(x, srv.parse_samples(fresh, 5))     # the trained G_i, not a new one
     bad = RecordDict({"metrics": MetricRecord({"g_loss": 1.0}), "leak": ArrayRecord({"x": torch.zeros(2)})})
