@@ -18,9 +18,13 @@ exactly on its iteration i_T.
   stays with its own G. D's optimizer moments move with it or are reset
   (``move-d-moments``). Each move is one D up to the server and one D down.
 * Learning rate (Algorithm 1, VRL Eq. 3.1) runs on the client from its own loss trace and
-  the regrouping iterations the server sends; it scales both G's and D's rates.
+  the regrouping iterations the server sends; the rate of iteration i is decided before i
+  runs, and D's rate follows G's by a fixed ratio (``client_local``).
 * Groups may use different base losses (e.g. ``bce`` and ``wgan``) with one D
-  architecture, so discriminators can move between them.
+  architecture, so discriminators can move between them. Each group trains with its base
+  GAN's own schedule (``MGGANSettings.group_config``): a ``wgan`` group uses RMSProp at
+  ``wgan-lr`` (its L0) and ``wgan-critic-steps`` critic updates per G update, the others
+  ``client-gen-lr`` / ``client-disc-lr`` and ``client-disc-steps``.
 * Samples come from the uniform mixture of the K generators (``query.sample``).
 """
 
@@ -41,8 +45,9 @@ from torch import nn
 from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
-from strategies.base import Recorder, RunFailed, exchange, log, wait_for_nodes
-from strategies.mggan_rules import LearningRateController, RegroupSchedule, period_a_end, random_derangement
+from strategies.base import Recorder, RunFailed, check_identities, exchange, log, wait_for_nodes
+from strategies.mggan_rules import (LearningRateController, RegroupSchedule, group_lr_max, period_a_end,
+                                    random_derangement, regroup_anchor)
 
 LOCAL = "train.local"
 GET_D = "query.get_discriminator"
@@ -113,14 +118,10 @@ def load_group(state: RecordDict, content_cfg: ConfigRecord, build_g, build_d, d
     return g
 
 
-def nearest_regroup(i: int, next_at: int, last_at: int, a: int) -> int | None:
-    """The regrouping iteration Algorithm 1 looks at for iteration i: the coming one once
-    inside its window, else the last one (for the reset at i_T + a + 1)."""
-    if next_at >= 0 and i >= next_at - a:
-        return next_at
-    if last_at >= 0:
-        return last_at
-    return None
+def _iteration_or_none(v) -> int | None:
+    """``next-regroup`` / ``last-regroup`` on the wire: an iteration, or -1 for none."""
+    v = int(v)
+    return None if v < 0 else v
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -130,36 +131,51 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def client_local(content: RecordDict, state: RecordDict, *, sample_real, build_generator, build_discriminator,
                  device: str, seed: int, partition_id: int | None = None) -> RecordDict:
-    """``train.local``: ``steps`` iterations of the group's base GAN on this client's data.
+    """``train.local``: ``steps`` iterations ``i = start-iter, …`` of the group's base GAN on
+    this client's data.
 
-    Each iteration: the learning rate from Algorithm 1 (when ``lr-rule`` is on), one
-    base-GAN step (``client-disc-steps`` D updates, one G update), the G loss appended
-    to the trace that goes back to the server with scalar metrics.
+    Each iteration ``i``:
+
+    1. when ``lr-rule`` is on, the rate Algorithm 1 (thesis §3.2.2) gives for index ``i`` is
+       set on G's optimizer *before* the update, so the raise inside [i_T − a, i_T + a]
+       and the reset to L0 at i_T + a + 1 apply at exactly those iterations. i_T is
+       :func:`~strategies.mggan_rules.regroup_anchor` of ``i`` and the server's
+       ``next-regroup`` / ``last-regroup``. The VRL γ it tests (Eq. 3.1) is the latest one
+       known before iteration ``i`` runs: ``|L_{i-2} − L_{i-1}| / |L_{i-1}|``, where ``L_j``
+       is the generator loss of iteration ``j`` (G's loss on its update batch, before G's
+       step) — across message boundaries and regroupings alike; γ = ∞ (no raise) while
+       fewer than two losses exist. D's optimizer gets ``disc-lr`` scaled by the same
+       factor L / L0 (so D keeps the ratio of the group's configured rates, and exactly
+       ``disc-lr`` whenever G is at L0);
+    2. one base-GAN step: ``client-disc-steps`` D updates, then one G update;
+    3. the G loss L_i is recorded for Algorithm 1 and appended to the trace that goes
+       back to the server with scalar metrics (``lr``: the rate G used at the message's
+       last iteration).
     """
     cfg = content.config_records[wire.CONFIG]
     g = load_group(state, cfg, build_generator, build_discriminator, device)
     moments_loaded = receive_discriminator(g, content) if D_WEIGHTS in content.array_records else -1
     start, steps = int(cfg["start-iter"]), int(cfg["steps"])
-    next_at, last_at = int(cfg["next-regroup"]), int(cfg["last-regroup"])
+    next_at, last_at = _iteration_or_none(cfg["next-regroup"]), _iteration_or_none(cfg["last-regroup"])
     lr_rule, disc_steps = bool(cfg["lr-rule"]), int(cfg["client-disc-steps"])
-    ratio_d = float(cfg["disc-lr"]) / float(cfg["gen-lr"])
+    disc_lr0 = float(cfg["disc-lr"])
     gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + start)
     latent = torch.Generator(device=device).manual_seed(seed * 31 + (partition_id or 0) * 131 + start)
     trace, stats = [], []
     batch = int(cfg["batch-size"])
     for n in range(steps):
         i = start + n
+        if lr_rule:  # Algorithm 1 at index i, before iteration i runs
+            lr = g.lr.rate(i, regroup_anchor(i, next_at, last_at, g.lr.a))
+            _set_lr(g.opt_g, lr)
+            _set_lr(g.opt_d, disc_lr0 * (lr / g.lr.lr0))
         real = sample_real(batch, gen).to(device)
         out = train_gan_step(g.G, g.D, g.opt_g, g.opt_d, real, kind=g.loss, d_steps=disc_steps, generator=latent)
-        loss = out["g_loss"]
-        trace.append(loss)
+        g.d_steps_total += disc_steps
+        g.lr.observe(out["g_loss"])
+        trace.append(out["g_loss"])
         stats.append(out)
-        if lr_rule:  # Algorithm 1: the rate for the next iteration, from this iteration's loss
-            lr = g.lr.step(i, loss, nearest_regroup(i, next_at, last_at, g.lr.a))
-            _set_lr(g.opt_g, lr)
-            _set_lr(g.opt_d, lr * ratio_d)
     g.iteration = start + steps
-    g.d_steps_total += steps * disc_steps
     state.config_records[CLIENT_STATE] = _save_group(g)
     mean = lambda k: sum(s[k] for s in stats) / max(1, len(stats))  # noqa: E731
     metrics = {TRACE: [float(x) for x in trace], "d_loss": mean("d_loss"), "d_real_acc": mean("d_real_acc"),
@@ -287,6 +303,32 @@ class MGGANSettings:
     eval_every: int = 0
     eval_samples: int = 2500
     seed: int = 0
+    wgan_lr: float = 5e-5               # a "wgan" group's L0 for G and D (RMSProp), run config wgan-lr
+    wgan_critic_steps: int = 5          # a "wgan" group's critic updates per G update, wgan-critic-steps
+
+    def __post_init__(self) -> None:
+        if self.lr_max < self.gen_lr:   # Algorithm 1's limit L̄ must not lie below L0 (every group, scaled)
+            raise ValueError(f"lr-max ({self.lr_max}) must be >= client-gen-lr ({self.gen_lr}): it is the upper "
+                             "limit of the learning rate Algorithm 1 raises from L0")
+        if not self.wgan_lr > 0 or self.wgan_critic_steps < 1:
+            raise ValueError(f"wgan_lr must be > 0 and wgan_critic_steps >= 1, got {self.wgan_lr}, "
+                             f"{self.wgan_critic_steps}")
+
+    def group_config(self, loss: str) -> dict:
+        """The schedule of a group whose base loss is ``loss``, as ``train.local`` config keys.
+
+        A ``wgan`` group (weight clipping) follows the WGAN paper: G and D at ``wgan_lr``
+        (RMSProp, ``models.losses.make_optimizer``) and ``wgan_critic_steps`` critic updates
+        per G update; ``wgan_lr`` is its L0 for Algorithm 1 and its upper limit L̄ is
+        ``lr_max`` scaled by ``wgan_lr / gen_lr`` (:func:`~strategies.mggan_rules.group_lr_max`).
+        Every other group uses ``gen_lr`` (its L0), ``disc_lr``, ``client_disc_steps`` and
+        ``lr_max``.
+        """
+        if loss == "wgan":
+            return {"gen-lr": self.wgan_lr, "disc-lr": self.wgan_lr, "client-disc-steps": self.wgan_critic_steps,
+                    "lr-max": group_lr_max(self.lr_max, self.gen_lr, self.wgan_lr)}
+        return {"gen-lr": self.gen_lr, "disc-lr": self.disc_lr, "client-disc-steps": self.client_disc_steps,
+                "lr-max": self.lr_max}
 
 
 class MGGAN:
@@ -316,6 +358,7 @@ class MGGAN:
         self.rng = random.Random(settings.seed)
         self.dropped_total = 0
         self.period_a = None
+        self.identified = False
         self.pending_d: dict[int, dict] = {}   # node -> the records of the D it receives with its next message
 
     def label(self, nid: int) -> str:
@@ -328,11 +371,15 @@ class MGGAN:
         return self.s.group_losses[self.group_of[nid] % len(self.s.group_losses)]
 
     def config_for(self, nid: int, **extra) -> ConfigRecord:
+        """The config record of a message to node ``nid``: its group's schedule (per base loss,
+        :meth:`MGGANSettings.group_config`) and the run-wide settings, plus ``extra``."""
         s = self.s
+        loss = self.group_loss(nid)
+        group = s.group_config(loss)
         return ConfigRecord({
-            "loss": self.group_loss(nid), "gen-lr": s.gen_lr, "disc-lr": s.disc_lr, "beta1": s.beta1,
-            "beta2": s.beta2, "lr-max": s.lr_max, "lr-delta": s.lr_delta, "lr-window": s.lr_window,
-            "vrl-max": s.vrl_max, "lr-rule": s.lr_rule, "client-disc-steps": s.client_disc_steps,
+            "loss": loss, "gen-lr": group["gen-lr"], "disc-lr": group["disc-lr"], "beta1": s.beta1,
+            "beta2": s.beta2, "lr-max": group["lr-max"], "lr-delta": s.lr_delta, "lr-window": s.lr_window,
+            "vrl-max": s.vrl_max, "lr-rule": s.lr_rule, "client-disc-steps": group["client-disc-steps"],
             "batch-size": s.batch_size, "move-d-moments": s.move_d_moments, **extra})
 
     def _message(self, nid: int, mtype: str, rnd: int, content: RecordDict) -> Message:
@@ -404,6 +451,9 @@ class MGGAN:
             messages[nid] = self._message(nid, LOCAL, rnd, content)
         ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self._parse_local(steps, wants_d))
         self.dropped_total += len(ex.dropped)
+        if not self.identified and ex.replies:   # the first exchange: nodes must be told apart
+            check_identities(dict(ex.replies))
+            self.identified = True
         for nid, rep in ex.replies.items():
             if "partition_id" in rep:
                 self.partition_of[nid] = int(rep["partition_id"])
@@ -519,11 +569,9 @@ class MGGAN:
                     self.last_regroup = self.iteration
                     record["regrouped"] = True
                     record["regroup_pairs"] = event["pairs"]
-                self.schedule.advance()
-                if self.schedule.due(self.iteration):
-                    # the first regroup came late (period A is detected at a round's end):
-                    # count the next interval from where it actually happened
-                    self.schedule.next_at = self.iteration + self.schedule.t
+                # the next interval counts from where this regrouping happened: the first one
+                # can come after T0 (period A is detected at a round's end)
+                self.schedule.advance(self.iteration)
             record["next_regroup"] = self.schedule.next_at
             record["regroup_interval"] = self.schedule.t
             record["wall_time"] = time.monotonic() - t0  # training only
@@ -547,5 +595,5 @@ class MGGAN:
 
 
 __all__ = ["MGGAN", "MGGANSettings", "client_local", "client_get_discriminator", "receive_discriminator",
-           "client_sample", "mixture", "mean_trace", "nearest_regroup", "optimizer_kind", "LOCAL", "GET_D",
+           "client_sample", "mixture", "mean_trace", "optimizer_kind", "LOCAL", "GET_D",
            "SAMPLE"]

@@ -11,6 +11,10 @@ moves weights around can stay thin and these rules can be tested exactly:
 * :func:`vrl` — the Variation Ratio of the Loss, Eq. 3.1 (§3.2.3);
 * :func:`adjust_learning_rate` / :class:`LearningRateController` — Algorithm 1, the
   learning-rate rule around each regrouping (§3.2.2);
+* :func:`regroup_anchor` — which regrouping iteration i_T Algorithm 1 looks at, at a given
+  iteration (the one place this is decided: the client and :class:`RegroupSchedule` use it);
+* :func:`group_lr_max` — the upper limit L̄ of a group whose L0 is not the configured one
+  (a WGAN group trains at ``wgan-lr``);
 * :func:`period_a_end` — a concrete test for "the loss no longer decreases obviously",
   which ends period A and gives T0 (§3.2.2, §3.2.4);
 * :class:`RegroupSchedule` / :func:`schedule` — the regrouping interval
@@ -18,7 +22,8 @@ moves weights around can stay thin and these rules can be tested exactly:
   "off" mode for ablations.
 
 Iterations are counted from 0 by the caller; "iteration i_T" is the iteration at which
-a regrouping is performed.
+a regrouping is performed: the discriminators move after iteration i_T − 1 has run, so
+iteration i_T is the first one of the new pairings.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ __all__ = [
     "vrl",
     "adjust_learning_rate",
     "LearningRateController",
+    "regroup_anchor",
+    "group_lr_max",
     "period_a_end",
     "RegroupSchedule",
     "schedule",
@@ -131,18 +138,25 @@ def adjust_learning_rate(i: int, i_T: int, lr: float, *, lr0: float, lr_max: flo
 
 @dataclass
 class LearningRateController:
-    """Per-group state for Algorithm 1: the current rate and the previous loss.
+    """Per-group state for Algorithm 1: the current rate L and the two latest generator losses.
 
-    Feed one generator loss per iteration with :meth:`step`; it computes γ = VRL from the
-    previous loss (Eq. 3.1; on the very first call there is no previous loss and γ is
-    taken as ∞, i.e. "do not raise") and applies :func:`adjust_learning_rate` around
-    ``i_T``. While no regrouping is scheduled (``i_T is None``, i.e. during period A,
-    or with regrouping switched off) the rate is left untouched, so it stays ``lr0`` —
-    "in period A, we use the learning rate set by the base GAN model" (§3.2.2).
+    The rate an iteration uses must be known *before* that iteration runs, so the
+    controller is driven in two calls per iteration ``i``:
 
-    ``i_T`` should be the regrouping the current iteration belongs to: the upcoming one
-    before and during its window, and the one just performed until its reset at
-    ``i_T + a + 1`` (see :meth:`RegroupSchedule.anchor`).
+    1. :meth:`rate` ``(i, i_T)`` — apply Algorithm 1 at index ``i`` and return the rate the
+       optimizers use for iteration ``i``. The VRL γ it tests (Eq. 3.1) is the newest one
+       that exists at that moment, ``VRL_{i-1} = |L_{i-2} - L_{i-1}| / |L_{i-1}|`` from the
+       generator losses of iterations ``i-2`` and ``i-1`` (:meth:`gamma`). While fewer than
+       two losses have been recorded γ = ∞, i.e. "do not raise".
+    2. :meth:`observe` ``(L_i)`` — record iteration ``i``'s generator loss once it has run.
+
+    While no regrouping is in sight (``i_T is None``: period A, regrouping switched off, or
+    ``i`` outside every regrouping's window and reset, see :func:`regroup_anchor`) the
+    rate is left untouched, so in period A it stays ``lr0`` — "in period A, we use the
+    learning rate set by the base GAN model" (§3.2.2).
+
+    :meth:`rate` must be called once per iteration index, in increasing order: each call
+    is one application of Algorithm 1 (a raise compounds).
     """
 
     lr0: float
@@ -151,7 +165,8 @@ class LearningRateController:
     a: int
     gamma_max: float
     lr: float = field(init=False)
-    previous_loss: float | None = None
+    previous_loss: float | None = None   # L_{n-1} of Eq. 3.1 (iteration i-2 when rating iteration i)
+    latest_loss: float | None = None     # L_n of Eq. 3.1 (iteration i-1 when rating iteration i)
     last_branch: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -167,21 +182,33 @@ class LearningRateController:
             raise ValueError(f"gamma_max must be >= 0, got {self.gamma_max}")
         self.lr = self.lr0
 
-    def step(self, i: int, loss: float, i_T: int | None) -> float:
-        """Record iteration ``i``'s generator loss and return the rate to use next."""
-        loss = float(loss)
-        gamma = math.inf if self.previous_loss is None else vrl(self.previous_loss, loss)
-        self.previous_loss = loss
+    def gamma(self) -> float:
+        """γ = VRL of the two latest recorded losses (Eq. 3.1); ∞ while fewer than two exist."""
+        if self.previous_loss is None or self.latest_loss is None:
+            return math.inf
+        return vrl(self.previous_loss, self.latest_loss)
+
+    def rate(self, i: int, i_T: int | None) -> float:
+        """Algorithm 1 at index ``i`` (before iteration ``i`` runs): the rate iteration ``i`` uses."""
         if i_T is None:
             self.last_branch = HOLD
             return self.lr
         self.lr, self.last_branch = adjust_learning_rate(
             i, i_T, self.lr, lr0=self.lr0, lr_max=self.lr_max, delta=self.delta, a=self.a,
-            gamma=gamma, gamma_max=self.gamma_max)
+            gamma=self.gamma(), gamma_max=self.gamma_max)
         return self.lr
+
+    def observe(self, loss: float) -> None:
+        """Record the generator loss of the iteration that just ran (the newest L_n)."""
+        self.previous_loss, self.latest_loss = self.latest_loss, float(loss)
 
     def state_dict(self) -> dict:
         """Plain ints/floats only (fits a Flower ``ConfigRecord``); ``None`` is encoded by a flag."""
+        def flag(v: float | None) -> int:
+            return int(v is not None)
+
+        def val(v: float | None) -> float:
+            return float(v) if v is not None else 0.0
         return {
             "lr0": float(self.lr0),
             "lr_max": float(self.lr_max),
@@ -189,8 +216,10 @@ class LearningRateController:
             "a": int(self.a),
             "gamma_max": float(self.gamma_max),
             "lr": float(self.lr),
-            "has_previous_loss": int(self.previous_loss is not None),
-            "previous_loss": float(self.previous_loss) if self.previous_loss is not None else 0.0,
+            "has_previous_loss": flag(self.previous_loss),
+            "previous_loss": val(self.previous_loss),
+            "has_latest_loss": flag(self.latest_loss),
+            "latest_loss": val(self.latest_loss),
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -202,6 +231,53 @@ class LearningRateController:
         self.gamma_max = float(d["gamma_max"])
         self.lr = float(d["lr"])
         self.previous_loss = float(d["previous_loss"]) if int(d["has_previous_loss"]) else None
+        self.latest_loss = float(d["latest_loss"]) if int(d["has_latest_loss"]) else None
+
+
+def regroup_anchor(i: int, next_at: int | None, last_at: int | None, a: int) -> int | None:
+    """The regrouping iteration i_T that Algorithm 1 (thesis §3.2.2) uses at iteration ``i``.
+
+    Algorithm 1 acts on the iterations ``[i_T - a, i_T + a]`` (its window) and
+    ``i_T + a + 1`` (the reset to L0); call ``[i_T - a, i_T + a + 1]`` the *region* of a
+    regrouping. Given the upcoming regrouping ``next_at`` and the one performed last,
+    ``last_at`` (``None`` when there is none), the anchor of ``i`` is
+
+    * ``next_at`` if ``i`` lies in its region — the window before a regrouping;
+    * else ``last_at`` if ``i`` lies in its region — the rest of the window after it, and the
+      reset;
+    * else ``None``: no regrouping is close, Algorithm 1 leaves the rate alone.
+
+    When the two regions overlap (an interval T ≤ 2a + 1) the upcoming regrouping wins, so
+    the raise continues into the next window and the reset of the earlier one is skipped.
+    This is the only implementation of the rule: the client applies it to the
+    ``next-regroup`` / ``last-regroup`` the server sends, :meth:`RegroupSchedule.anchor`
+    to its own bookkeeping.
+    """
+    if a < 0:
+        raise ValueError(f"a (the adjusting half-width α) must be >= 0, got {a}")
+    for i_T in (next_at, last_at):
+        if i_T is not None and i_T - a <= i <= i_T + a + 1:
+            return i_T
+    return None
+
+
+def group_lr_max(lr_max: float, lr0_ref: float, lr0: float) -> float:
+    """The upper limit L̄ (Algorithm 1, lines 3–4) for a group whose base rate L0 is ``lr0``.
+
+    ``lr-max`` is set for the configured base rate ``lr0_ref`` (``client-gen-lr``). A group
+    that trains at another L0 (a WGAN group at ``wgan-lr``) gets the limit scaled by the
+    same factor, ``lr_max · lr0 / lr0_ref``: every group may raise its rate by the same
+    ratio L̄/L0 before it is capped, and the cap never falls below the group's own L0
+    (which :class:`LearningRateController` would refuse). A group at ``lr0 == lr0_ref``
+    gets ``lr_max`` itself. Raises ``ValueError`` if ``lr_max < lr0_ref``.
+    """
+    if not lr0_ref > 0 or not lr0 > 0:
+        raise ValueError(f"learning rates must be > 0, got lr0_ref={lr0_ref}, lr0={lr0}")
+    if lr_max < lr0_ref:
+        raise ValueError(f"lr_max ({lr_max}) must be >= the base rate it is set for ({lr0_ref})")
+    if lr0 == lr0_ref:
+        return float(lr_max)
+    return max(float(lr0), lr_max * (lr0 / lr0_ref))   # max(): only guards float rounding
 
 
 # --------------------------------------------------------------------------- period A
@@ -319,30 +395,32 @@ class RegroupSchedule:
         """True when a regrouping should be performed at ``iteration`` (never while unscheduled)."""
         return self.next_at is not None and iteration >= self.next_at
 
-    def advance(self) -> int:
-        """Record the regrouping performed at ``next_at``; grow T (dynamic mode) and return the new ``next_at``."""
+    def advance(self, at: int | None = None) -> int:
+        """Record a regrouping performed at iteration ``at`` (default ``next_at``, when it was due);
+        grow T (dynamic mode) and return the new ``next_at = at + T``.
+
+        T counts from the regrouping actually performed — the thesis defines T as the number
+        of iterations between two consecutive regroupings (§3.2.2, §3.2.4) — so a first
+        regrouping that comes later than T0 (period A is only detected at the end of a round)
+        moves the ones after it. ``at < next_at`` (a regrouping before it is due) raises
+        ``ValueError``.
+        """
         if self.next_at is None or self.t is None:
             raise RuntimeError("no regrouping is scheduled")
+        at = self.next_at if at is None else int(at)
+        if at < self.next_at:
+            raise ValueError(f"a regrouping at iteration {at} comes before it is due ({self.next_at})")
         self.regroups += 1
-        self.last_at = self.next_at
+        self.last_at = at
         if self.dynamic:
             # ⌈T·ξ⌉ with a tiny tolerance, so 100·1.1 = 110.00000000000001 gives 110, not 111.
             self.t = min(math.ceil(self.t * self.xi - 1e-9), self.t_max)
-        self.next_at += self.t
+        self.next_at = at + self.t
         return self.next_at
 
     def anchor(self, iteration: int, a: int) -> int | None:
-        """The i_T that Algorithm 1 should use at ``iteration`` for a window half-width ``a``.
-
-        The upcoming regrouping once ``iteration >= next_at - a``; otherwise the one just
-        performed while ``iteration <= last_at + a + 1`` (its window and reset); otherwise
-        the upcoming one. ``None`` while nothing is scheduled or performed.
-        """
-        if self.next_at is not None and iteration >= self.next_at - a:
-            return self.next_at
-        if self.last_at is not None and iteration <= self.last_at + a + 1:
-            return self.last_at
-        return self.next_at
+        """The i_T Algorithm 1 uses at ``iteration``: :func:`regroup_anchor` of ``next_at`` and ``last_at``."""
+        return regroup_anchor(iteration, self.next_at, self.last_at, a)
 
     def state_dict(self) -> dict:
         """Plain ints/floats only (fits a Flower ``ConfigRecord``); ``None`` is stored as -1."""

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from strategies.mggan_rules import (LearningRateController, RegroupSchedule, adjust_learning_rate,
-                                    period_a_end, random_derangement, schedule, vrl)
+from strategies.mggan_rules import (LearningRateController, RegroupSchedule, adjust_learning_rate, group_lr_max,
+                                    period_a_end, random_derangement, regroup_anchor, schedule, vrl)
 
 
 # --------------------------------------------------------------------------- derangement
@@ -105,64 +105,78 @@ def test_adjust_hold_outside():
 
 # --------------------------------------------------------------------------- controller
 
+def drive(c, losses, anchor):
+    """Run the controller as the client does: the rate of iteration i first, then its loss.
+
+    ``losses`` maps iteration -> generator loss, iterated in order; ``anchor(i)`` is i_T."""
+    got = []
+    for i, loss in losses.items():
+        got.append((c.rate(i, anchor(i)), c.last_branch))
+        c.observe(loss)
+    return got
+
+
 def test_controller_flat_trace_raises_in_window_then_resets():
     c = LearningRateController(lr0=0.001, lr_max=1.0, delta=0.1, a=3, gamma_max=0.05)
     assert c.lr == 0.001
-    got, branches = [], []
-    for i in range(30):
-        got.append(c.step(i, 1.0, 20))
-        branches.append(c.last_branch)
+    got = drive(c, {i: 1.0 for i in range(30)}, lambda i: 20)
     raised = [0.0011, 0.00121, 0.001331, 0.0014641, 0.00161051, 0.001771561, 0.0019487171]
+    # the rate *used at* iteration i: window [17, 23] raised, 24 = i_T + a + 1 back to L0
     expected = [0.001] * 17 + raised + [0.001] * 6
-    assert got == pytest.approx(expected, rel=1e-12)
-    assert branches == ["hold"] * 17 + ["raise"] * 7 + ["reset"] + ["hold"] * 5
+    assert [lr for lr, _ in got] == pytest.approx(expected, rel=1e-12)
+    assert [b for _, b in got] == ["hold"] * 17 + ["raise"] * 7 + ["reset"] + ["hold"] * 5
 
 
-def test_controller_no_schedule_keeps_lr0_and_first_call_has_no_vrl():
+def test_controller_no_schedule_keeps_lr0_and_vrl_needs_two_earlier_losses():
     c = LearningRateController(lr0=0.001, lr_max=1.0, delta=0.1, a=3, gamma_max=0.05)
-    for i in range(10):
-        assert c.step(i, 1.0, None) == 0.001
-        assert c.last_branch == "hold"
-    # first call ever lands inside a window: no previous loss -> gamma = inf -> no raise
+    assert drive(c, {i: 1.0 for i in range(10)}, lambda i: None) == [(0.001, "hold")] * 10
+    # a controller that starts inside a window: before iterations 0 and 1 fewer than two
+    # losses exist, so gamma = inf and Algorithm 1 holds; from iteration 2 on gamma = VRL(L0, L1)
     d = LearningRateController(lr0=0.001, lr_max=1.0, delta=0.1, a=3, gamma_max=0.05)
-    assert d.step(20, 1.0, 20) == 0.001
-    assert d.last_branch == "hold-window"
-    assert d.step(21, 1.0, 20) == pytest.approx(0.0011)
-    assert d.last_branch == "raise"
+    assert d.gamma() == math.inf
+    got = drive(d, {0: 1.0, 1: 1.0, 2: 1.0}, lambda i: 2)
+    assert got == [(0.001, "hold-window"), (0.001, "hold-window"), (pytest.approx(0.0011), "raise")]
+    assert d.gamma() == 0.0 and (d.previous_loss, d.latest_loss) == (1.0, 1.0)
 
 
-def test_controller_spike_holds_and_cap_applies():
+def test_controller_gamma_comes_from_the_two_losses_before_the_iteration():
     c = LearningRateController(lr0=0.001, lr_max=0.0013, delta=0.1, a=2, gamma_max=0.05)
-    losses = {7: 1.0, 8: 1.0, 9: 2.0, 10: 2.0, 11: 2.0, 12: 2.0, 13: 2.0}
-    seq = [(c.step(i, losses[i], 10), c.last_branch) for i in range(7, 14)]
-    # i=8: gamma=0 -> 0.0011; i=9: gamma=|1-2|/2=0.5 -> hold-window; i=10: 0.00121;
-    # i=11: 0.001331 >= 0.0013 -> cap; i=12: cap; i=13 = i_T + a + 1: reset
-    assert seq[0] == (0.001, "hold")
-    assert seq[1] == (pytest.approx(0.0011), "raise")
-    assert seq[2] == (pytest.approx(0.0011), "hold-window")
-    assert seq[3] == (pytest.approx(0.00121), "raise")
-    assert seq[4] == (0.0013, "cap")
-    assert seq[5] == (0.0013, "cap")
-    assert seq[6] == (0.001, "reset")
+    # i_T = 10: window [8, 12], reset at 13. The loss jumps at iteration 8, so only the rate
+    # of iteration 9 sees the jump: gamma_9 = VRL(L_7, L_8) = |1 - 2| / 2 = 0.5 > 0.05.
+    losses = {6: 1.0, 7: 1.0, 8: 2.0, 9: 2.0, 10: 2.0, 11: 2.0, 12: 2.0, 13: 2.0, 14: 2.0}
+    got = drive(c, losses, lambda i: 10)
+    assert got == [
+        (0.001, "hold"),                        # i=6: outside the window (and no loss yet)
+        (0.001, "hold"),                        # i=7: outside the window
+        (pytest.approx(0.0011), "raise"),       # i=8: gamma = VRL(L_6, L_7) = 0
+        (pytest.approx(0.0011), "hold-window"),  # i=9: gamma = VRL(L_7, L_8) = 0.5
+        (pytest.approx(0.00121), "raise"),      # i=10: gamma = VRL(L_8, L_9) = 0
+        (0.0013, "cap"),                        # i=11: 0.001331 >= 0.0013
+        (0.0013, "cap"),                        # i=12
+        (0.001, "reset"),                       # i=13 = i_T + a + 1
+        (0.001, "hold"),                        # i=14
+    ]
 
 
 def test_controller_state_dict_round_trip():
     c = LearningRateController(lr0=0.001, lr_max=1.0, delta=0.1, a=3, gamma_max=0.05)
-    for i in range(15, 19):
-        c.step(i, 1.0, 20)
+    drive(c, {15: 1.0, 16: 1.5, 17: 1.4, 18: 1.4}, lambda i: 20)
     d = c.state_dict()
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
     fresh = LearningRateController(lr0=0.5, lr_max=0.5, delta=0.0, a=0, gamma_max=0.0)
     fresh.load_state_dict(d)
     assert fresh.state_dict() == d
-    assert (fresh.lr, fresh.previous_loss) == (c.lr, c.previous_loss)
+    assert (fresh.lr, fresh.previous_loss, fresh.latest_loss) == (c.lr, 1.4, 1.4)
     # both continue identically
-    for i in range(19, 30):
-        assert fresh.step(i, 1.0, 20) == c.step(i, 1.0, 20)
-    # "no previous loss" survives the round trip as None, not 0.0
+    losses = {i: 1.0 + 0.01 * (i % 3) for i in range(19, 30)}
+    assert drive(fresh, losses, lambda i: 20) == drive(c, losses, lambda i: 20)
+    # "no loss yet" / "one loss yet" survive the round trip as None, not 0.0
     empty = LearningRateController(lr0=0.001, lr_max=1.0, delta=0.1, a=3, gamma_max=0.05)
     fresh.load_state_dict(empty.state_dict())
-    assert fresh.previous_loss is None and fresh.lr == 0.001
+    assert (fresh.previous_loss, fresh.latest_loss, fresh.lr) == (None, None, 0.001)
+    empty.observe(0.0)
+    fresh.load_state_dict(empty.state_dict())
+    assert (fresh.previous_loss, fresh.latest_loss) == (None, 0.0) and fresh.gamma() == math.inf
 
 
 def test_controller_validates():
@@ -170,6 +184,39 @@ def test_controller_validates():
         LearningRateController(lr0=0.01, lr_max=0.001, delta=0.1, a=3, gamma_max=0.05)
     with pytest.raises(ValueError):
         LearningRateController(lr0=0.001, lr_max=0.01, delta=0.1, a=-1, gamma_max=0.05)
+
+
+# --------------------------------------------------------------------------- i_T of Algorithm 1
+
+def test_regroup_anchor_is_the_regrouping_whose_window_or_reset_holds_the_iteration():
+    # upcoming regroup at 100, last one at 50, a = 10: regions [40, 61] and [90, 111]
+    assert regroup_anchor(61, 100, 50, 10) == 50       # reset of the last one
+    assert regroup_anchor(62, 100, 50, 10) is None     # between regions: Algorithm 1 holds
+    assert regroup_anchor(89, 100, 50, 10) is None
+    assert regroup_anchor(90, 100, 50, 10) == 100      # window of the upcoming one
+    # after the regroup at 100 (next one at 200): still its window, then its reset
+    assert [regroup_anchor(i, 200, 100, 10) for i in (100, 110, 111, 112, 189, 190)] == [
+        100, 100, 100, None, None, 200]
+    # overlapping regions (T = 10 <= 2a + 1): the upcoming regrouping wins
+    assert regroup_anchor(105, 110, 100, 10) == 110
+    # nothing scheduled or performed; a = 0
+    assert regroup_anchor(5, None, None, 10) is None
+    assert [regroup_anchor(i, 100, None, 0) for i in (99, 100, 101, 102)] == [None, 100, 100, None]
+    assert [regroup_anchor(i, None, 100, 0) for i in (99, 100, 101, 102)] == [None, 100, 100, None]
+    with pytest.raises(ValueError):
+        regroup_anchor(0, 10, None, -1)
+
+
+def test_group_lr_max_keeps_the_headroom_ratio_and_never_undercuts_l0():
+    assert group_lr_max(1e-3, 2e-4, 2e-4) == 1e-3                 # the configured base rate: lr-max itself
+    assert group_lr_max(3 * 2**-10, 2**-10, 2**-12) == 3 * 2**-12  # WGAN group: same L̄/L0 = 3
+    assert group_lr_max(1e-3, 2e-4, 5e-5) == pytest.approx(2.5e-4, rel=1e-15)
+    for lr0_ref, lr0 in ((3e-4, 7e-5), (1e-4, 1e-4 * (1 + 2**-50)), (0.1, 0.3), (2e-4, 5e-5)):
+        cap = group_lr_max(lr0_ref, lr0_ref, lr0)                  # lr-max == the base rate: no headroom
+        assert cap >= lr0 and cap == pytest.approx(lr0, rel=1e-15)
+        LearningRateController(lr0=lr0, lr_max=cap, delta=0.1, a=1, gamma_max=0.1)  # accepted
+    with pytest.raises(ValueError, match="lr_max"):
+        group_lr_max(1e-4, 2e-4, 5e-5)
 
 
 # --------------------------------------------------------------------------- period A
@@ -275,6 +322,16 @@ def test_dynamic_schedule_grows_and_caps():
     assert not s.due(1074) and s.due(1075)
 
 
+def test_late_regrouping_counts_the_next_interval_from_where_it_happened():
+    s = RegroupSchedule(xi=1.5, t_max=300)
+    s.start(17)                            # period A was 17 iterations, detected at a round end (20)
+    assert s.advance(20) == 20 + 26        # T1 = ceil(17 * 1.5) = 26 after the regrouping at 20
+    assert (s.last_at, s.t, s.regroups) == (20, 26, 1)
+    assert s.advance() == 46 + 39          # on time: T2 = 39 after 46
+    with pytest.raises(ValueError, match="before it is due"):
+        s.advance(84)
+
+
 def test_fixed_and_never_modes():
     s = RegroupSchedule(fixed_interval=25)
     assert (s.t, s.next_at) == (25, 25)
@@ -332,15 +389,19 @@ def test_anchor_keeps_the_window_around_a_performed_regroup():
     s = RegroupSchedule(fixed_interval=20)
     c = LearningRateController(lr0=0.001, lr_max=1.0, delta=0.1, a=3, gamma_max=0.05)
     anchors, lrs = [], []
-    for i in range(45):
+    for i in range(46):
         if s.due(i):
             s.advance()
         anchors.append(s.anchor(i, 3))
-        lrs.append(c.step(i, 1.0, anchors[-1]))
-    assert anchors[:21] == [20] * 21
-    assert anchors[21:25] == [20] * 4       # after the regroup at 20: its window and reset
-    assert anchors[25:45] == [40] * 20
-    assert lrs[24] == 0.001 and c.lr == 0.001
-    assert lrs[23] == pytest.approx(0.001 * 1.1 ** 7)
-    assert lrs[43] == pytest.approx(0.001 * 1.1 ** 7)
+        assert anchors[-1] == regroup_anchor(i, s.next_at, s.last_at, 3)
+        lrs.append(c.rate(i, anchors[-1]))
+        c.observe(1.0)
+    assert anchors[:17] == [None] * 17
+    assert anchors[17:21] == [20] * 4       # window before the regroup at 20
+    assert anchors[21:25] == [20] * 4       # after it (next_at has moved to 40): its window and reset
+    assert anchors[25:37] == [None] * 12
+    assert anchors[37:45] == [40] * 8
+    assert anchors[45] is None
+    raised = [0.001 * 1.1 ** k for k in range(1, 8)]
+    assert lrs == pytest.approx([0.001] * 17 + raised + [0.001] * 13 + raised + [0.001] * 2, rel=1e-12)
     assert RegroupSchedule().anchor(5, 3) is None
