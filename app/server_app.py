@@ -169,9 +169,14 @@ def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, reco
 
 
 def mggan_settings(cfg: Config) -> MGGANSettings:
+    """MGGAN's settings. Rates and steps are set per group by base loss (``MGGANSettings.group_config``):
+    ``client-gen-lr`` / ``client-disc-lr`` / ``client-disc-steps`` for most groups, and for a ``wgan``
+    group the clipped WGAN's own schedule, ``wgan-lr`` (its L0) and ``wgan-critic-steps``."""
     direct = {k: getattr(cfg, k) for k in MGGANSettings.__dataclass_fields__ if hasattr(cfg, k)}
     return MGGANSettings(**{**direct, "group_losses": tuple(x.strip() for x in cfg.mggan_losses.split(",")),
                             "gen_lr": cfg.client_gen_lr, "disc_lr": cfg.client_disc_lr,
+                            "client_disc_steps": cfg.client_disc_steps, "wgan_lr": cfg.wgan_lr,
+                            "wgan_critic_steps": cfg.wgan_critic_steps,
                             "beta1": cfg.adam_beta1, "beta2": cfg.adam_beta2})
 
 
@@ -290,10 +295,16 @@ def bpgan_discriminator_config(cfg: Config) -> Config:
 
 
 def run_bpgan(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
+    """BPGAN (SPEC 4.3). The WGAN parts follow the clipped WGAN's own schedule: a ``wgan``
+    generator block's RMSProp and the server's RMSProp for the ``wgan`` critic use ``wgan-lr``,
+    and the critic takes ``wgan-critic-steps`` D steps per G step; a ``dcgan`` generator block
+    uses ``client-gen-lr``, a DCGAN discriminator ``server-disc-lr`` and ``client-disc-steps``
+    (1 by default: one D step per G step)."""
     g_block, d_loss = resolve_model(cfg.bpgan_model)
     settings = _settings(BPGANSettings, cfg, pipeline=cfg.bpgan_pipeline, g_block=g_block, d_loss=d_loss,
-                         gen_lr=cfg.client_gen_lr, disc_lr=cfg.server_disc_lr, beta1=cfg.adam_beta1,
-                         beta2=cfg.adam_beta2, samples_per_node=cfg.samples_per_client)
+                         gen_lr=cfg.lr_for("wgan" if g_block == "wgan" else "bce", cfg.client_gen_lr),
+                         disc_lr=cfg.lr_for(d_loss, cfg.server_disc_lr), critic_steps=cfg.disc_steps_for(d_loss),
+                         beta1=cfg.adam_beta1, beta2=cfg.adam_beta2, samples_per_node=cfg.samples_per_client)
     return BPGAN(settings, discriminator=make_discriminator(bpgan_discriminator_config(cfg)).to(device),
                  **_common(cfg, device, recorder)).run(grid)
 

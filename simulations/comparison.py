@@ -119,7 +119,9 @@ def generator_steps_per_round(config: Mapping[str, Any], record: Mapping[str, An
 
     * ``privacygan``: K = ``steps-per-round`` (K fake batches, K feedbacks, K student steps);
     * ``bpgan``: 1 (per round every generator block applies one feedback; the last round's
-      feedback is applied by the final flush, so R rounds make R steps per pair);
+      feedback is applied by the final flush, so R rounds make R steps per pair); with a
+      clipped WGAN critic (n = ``wgan-critic-steps`` D steps per G step) rounds whose number is
+      a multiple of n count one step, the others none (⌊R/n⌋ in all);
     * ``dataparallel``: 1 (one D step and one G step of the global GAN per round); with n D
       steps per G step (``wgan-critic-steps`` for ``loss=wgan``, else ``client-disc-steps``) a
       round steps G only when its number is a multiple of n (``g_step`` in the record);
@@ -130,18 +132,16 @@ def generator_steps_per_round(config: Mapping[str, Any], record: Mapping[str, An
     strategy = str(config.get("strategy", ""))
     if strategy == "privacygan":
         return int(config.get("steps-per-round", 1))
-    if strategy == "dataparallel":
-        if record is not None and "g_step" in record:
+    if strategy in ("dataparallel", "bpgan"):
+        if strategy == "dataparallel" and record is not None and "g_step" in record:
             return int(record["g_step"])
-        n = dataparallel_disc_steps(config)
+        n = disc_steps_per_g_step(config)
         if n == 1:
             return 1
         if record is not None and "round" in record:
             return int(int(record["round"]) % n == 0)
-        raise ValueError(f"dataparallel with {n} D steps per G step: generator steps depend on the round; "
+        raise ValueError(f"{strategy} with {n} D steps per G step: generator steps depend on the round; "
                          "pass its record")
-    if strategy == "bpgan":
-        return 1
     if strategy in ("fedavg", "local", "mggan", "centralized"):
         if strategy == "mggan" and record is not None and "steps" in record:
             return int(record["steps"])
@@ -153,14 +153,20 @@ def generator_steps_per_round(config: Mapping[str, Any], record: Mapping[str, An
 def mean_generator_steps_per_round(config: Mapping[str, Any]) -> float:
     """Generator steps per client per round on average (a data-parallel round with n D steps
     per G step makes 1/n); what the comparison divides step counts by."""
-    if str(config.get("strategy", "")) == "dataparallel":
-        return 1.0 / dataparallel_disc_steps(config)
+    if str(config.get("strategy", "")) in ("dataparallel", "bpgan"):
+        return 1.0 / disc_steps_per_g_step(config)
     return float(max(1, generator_steps_per_round(config)))
 
 
-def dataparallel_disc_steps(config: Mapping[str, Any]) -> int:
-    """D steps per G step of a data-parallel run (``wgan-critic-steps`` for the clipped WGAN)."""
-    if str(config.get("loss", "bce")) == "wgan":
+def disc_steps_per_g_step(config: Mapping[str, Any]) -> int:
+    """D steps per G step of a data-parallel or BPGAN run: ``wgan-critic-steps`` when its
+    discriminator is the clipped WGAN critic (``loss=wgan``; BPGAN: ``bpgan-model`` wgan / dcwgan),
+    else ``client-disc-steps`` (app.server_app.run_dataparallel / run_bpgan)."""
+    loss = str(config.get("loss", "bce"))
+    if str(config.get("strategy", "")) == "bpgan":
+        from strategies.bpgan import resolve_model
+        loss = resolve_model(str(config.get("bpgan-model", "dcgan")))[1]
+    if loss == "wgan":
         return int(config.get("wgan-critic-steps", 5))
     return int(config.get("client-disc-steps", 1))
 
@@ -209,8 +215,8 @@ def rounds_for_steps(config: Mapping[str, Any], steps: int) -> int:
         while sum(s for s, _ in mggan_plan(config, rounds)) < steps:
             rounds += 1
         return rounds
-    if str(config.get("strategy")) == "dataparallel":
-        return steps * dataparallel_disc_steps(config)
+    if str(config.get("strategy")) in ("dataparallel", "bpgan"):
+        return steps * disc_steps_per_g_step(config)
     return math.ceil(steps / generator_steps_per_round(config))
 
 
@@ -414,7 +420,10 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
     * ``bpgan`` (N/2 pairs) — DB: down |D weights| + |fakes (B,*S)| + |config|, up |D grads|
       + |labels (B,)| + |feedback (B,*S)| + metrics; GB: down |config| (+ |labels| +
       |feedback| when it relays), up |fakes| + metrics. Pipelined: a priming GB exchange in
-      round 1; both schedules end with a flush (feedback down, no fakes up). 1 step per round.
+      round 1; both schedules end with a flush (feedback down, no fakes up). 1 step per round;
+      with n critic steps per G step only every n-th D step's feedback is asked for (the DB
+      config gains ``want-feedback``, critic-only replies carry labels only) and relayed, and
+      the flush happens when R is a multiple of n: ⌊R/n⌋ steps.
     * ``dataparallel`` (thesis Fig. 4.7) — once per round down |G weights| + |D weights| +
       |config|; up |D grads| + |G grads| + metrics (a round without a G step: no |G grads|).
       ``dataparallel-mode = alternating``: that download twice, up |D grads| + metrics, then
@@ -515,15 +524,19 @@ def _gan_config(cfg) -> dict:
 
 
 def _bpgan_traffic(cfg, sizes: dict, N: int, R: int, msgs: dict) -> Traffic:
-    """BPGAN: N/2 pairs (DB 2k, GB 2k+1); see :func:`analytic_bytes`."""
-    from strategies.bpgan import resolve_model
+    """BPGAN: N/2 pairs (DB 2k, GB 2k+1); see :func:`analytic_bytes`. With n critic steps per
+    generator step (a WGAN critic), only every n-th D step's feedback is asked for and relayed."""
+    from strategies.bpgan import generator_step_due, resolve_model
 
     if N % 2:
         raise ValueError(f"bpgan needs an even number of clients, got {N}")
     g_block, d_loss = resolve_model(cfg.bpgan_model)
+    n = cfg.disc_steps_for(d_loss)
     B, S = cfg.batch_size, sizes["sample_shape"]
     fake = array_bytes("fakes", (B, *S), DTYPE_BYTES[cfg.fakes_dtype])
-    relay = array_bytes("labels", (B,), 4) + array_bytes("feedback", (B, *S), DTYPE_BYTES[cfg.feedback_dtype])
+    labels = array_bytes("labels", (B,), 4)
+    feedback = array_bytes("feedback", (B, *S), DTYPE_BYTES[cfg.feedback_dtype])
+    relay = labels + feedback
     g_cfg = config_bytes({"round": 0, "g-block": g_block, "d-loss": d_loss, "gen-lr": 0.0, "beta1": 0.0,
                           "beta2": 0.0, "batch-size": 0, "fakes-dtype": cfg.fakes_dtype,
                           "feedback-dtype": cfg.feedback_dtype, "feedback-for": 0, "make-fakes": True})
@@ -533,27 +546,34 @@ def _bpgan_traffic(cfg, sizes: dict, N: int, R: int, msgs: dict) -> Traffic:
                ["g_steps_total", "partition_id"]
         return (fake if make_fakes else 0) + metric_bytes(keys)
 
-    db_down = entries_bytes(sizes["d_state"]) + fake + config_bytes(
-        {"round": 0, "d-loss": d_loss, "fakes-dtype": cfg.fakes_dtype, "feedback-dtype": cfg.feedback_dtype})
-    db_up = entries_bytes(sizes["d_grads"]) + relay + metric_bytes(
+    d_cfg = {"round": 0, "d-loss": d_loss, "fakes-dtype": cfg.fakes_dtype, "feedback-dtype": cfg.feedback_dtype}
+    if n > 1:
+        d_cfg["want-feedback"] = True              # sent only with n > 1
+    db_down = entries_bytes(sizes["d_state"]) + fake + config_bytes(d_cfg)
+    db_up_g = entries_bytes(sizes["d_grads"]) + relay + metric_bytes(
         ["d_loss", "d_real_acc", "d_fake_acc", "batch_size", "d_steps_total", "partition_id"])
-    # GB messages over the run: without relay (no feedback yet), with relay (+ new fakes), the flush
-    first = 2 if cfg.bpgan_pipeline else 1            # prime + round 1 (pipelined) / round 1
-    plain_down, plain_up = g_cfg, gb_up(False, True)
-    relay_down, relay_up = g_cfg + relay, gb_up(True, True)
-    flush_up = gb_up(True, False)
+    db_up_critic = db_up_g - feedback                  # a critic-only round: labels, no feedback
+    due = [r for r in range(1, R + 1) if generator_step_due(r, n)]   # D steps followed by a G step
+    # GB messages: rounds 1..R (+ priming when pipelined); round r+1 relays F_r for r in due
+    # (r < R); the flush relays F_R when R is due
+    relayed = sum(1 for r in due if r < R)
+    plain = R + (1 if cfg.bpgan_pipeline else 0) - relayed
+    flush = 1 if R in due else 0
     t = Traffic()
     for k in range(N // 2):
         db, gb = f"client {2 * k}", f"client {2 * k + 1}"
         t.roles[db], t.roles[gb] = "discriminator", "generator"
-        t.add(db, R * db_down, R * db_up)
-        t.add(gb, first * plain_down + (R - 1) * relay_down + relay_down,
-              first * plain_up + (R - 1) * relay_up + flush_up)
-    t.steps = R
-    msgs.update({"train.discriminator_grad down": db_down, "train.discriminator_grad up": db_up,
-                 "train.generator_step down (no feedback yet)": plain_down,
-                 "train.generator_step down (relayed feedback)": relay_down,
-                 "train.generator_step up (fakes)": relay_up, "train.generator_step up (flush)": flush_up})
+        t.add(db, R * db_down, len(due) * db_up_g + (R - len(due)) * db_up_critic)
+        t.add(gb, plain * g_cfg + (relayed + flush) * (g_cfg + relay),
+              plain * gb_up(False, True) + relayed * gb_up(True, True) + flush * gb_up(True, False))
+    t.steps = len(due)
+    msgs.update({"train.discriminator_grad down": db_down, "train.discriminator_grad up": db_up_g,
+                 "train.generator_step down (no feedback)": g_cfg,
+                 "train.generator_step down (relayed feedback)": g_cfg + relay,
+                 "train.generator_step up (fakes)": gb_up(True, True), "train.generator_step up (flush)": gb_up(True, False)})
+    if n > 1:
+        msgs.update({"train.discriminator_grad up (critic-only round)": db_up_critic,
+                     "train.generator_step up (fakes, no feedback)": gb_up(False, True)})
     return t
 
 
@@ -1284,7 +1304,7 @@ def plot_quality(rows: Sequence[Mapping[str, Any]], path: str | Path, *, x: str,
 
 
 __all__ = ["RunData", "read_run", "traffic_class", "training_rows", "exchange_key", "generator_steps_per_round",
-           "mean_generator_steps_per_round", "dataparallel_disc_steps", "ThesisSystem", "thesis_t_dp",
+           "mean_generator_steps_per_round", "disc_steps_per_g_step", "ThesisSystem", "thesis_t_dp",
            "thesis_t_bp", "thesis_difference", "measure_step_times", "thesis_system", "thesis_rows",
            "render_thesis_table",
            "mggan_plan", "recorded_mggan_plan", "rounds_for_steps", "generator_steps_of", "bytes_by_node",

@@ -13,31 +13,48 @@ The GAN is cut into two blocks that run on two different nodes of a *pair*:
   through G (chain rule: ∂L_G/∂θ = Σ_x ∂L_G/∂x · ∂x/∂θ) and returns fresh fakes.
 
 The server is the parameter server for D (thesis Fig. 4.6): it averages the DBs' gradients
-weighted by batch size, steps D's optimizer (projecting onto [−c, c] for the clipped WGAN
-critic) and relays each DB's labels/feedback to the GB of its pair. Only D's weights and
-gradients travel between the server and the DBs; between the blocks of a pair only fakes,
-labels and feedback travel — the cost model of thesis Eq. 4.2 (vs. Eq. 4.1 for data
-parallelism, difference Eq. 4.3).
+weighted by the number of fakes it sent each DB (the batch size it asked for: a reply reporting
+another ``batch_size`` is dropped, so no DB can raise its own weight), steps D's optimizer
+(projecting onto [−c, c] for the clipped WGAN critic) and relays each DB's labels/feedback to
+the GB of its pair. Only D's weights and gradients travel between the server and the DBs;
+between the blocks of a pair only fakes, labels and feedback travel — the cost model of thesis
+Eq. 4.2 (vs. Eq. 4.1 for data parallelism, difference Eq. 4.3).
+
+Critic steps per generator step (n = ``critic_steps``; the app sets ``wgan-critic-steps`` when
+the discriminator block is the clipped WGAN critic, else ``client-disc-steps``, default 1, as
+for data parallelism). Every round is
+one D step. Only the feedback of D steps number n, 2n, 3n, ... is relayed, so a GB makes one
+G step after every n-th D step; in the other rounds it gets no feedback, makes no G step and
+only returns fresh fakes for its DB. In those critic-only rounds the DB is told
+(``want-feedback = false``) to return its labels but no feedback; the ``want-feedback`` key
+is sent only when n > 1, so with n = 1 (a DCGAN discriminator by default) the messages are
+exactly those of the plain schedule. A run of R rounds makes R D steps and ⌊R/n⌋ G steps per pair.
 
 Schedules (G_j denotes a GB's generator after j updates, X_r the fakes judged in round r,
-F_r the feedback the DB returned on X_r, computed with D_r):
+F_r the feedback the DB returned on X_r, computed with D_r, the weights before D step r):
 
-* ``pipeline=False`` — two exchanges per round: (1) GBs apply F_{r−1} and return X_r,
-  (2) DBs judge X_r with D_r and the server steps D. X_r = G_{r−1}(z_r) and F_r is applied
-  at the start of round r+1 to that same G_{r−1}: each generator update equals the
-  centralized update through D_r (no staleness).
+* ``pipeline=False`` — two exchanges per round: (1) GBs apply F_{r−1} (when it was relayed)
+  and return X_r, (2) DBs judge X_r with D_r and the server steps D. X_r is made by the G
+  that F_r is later applied to: each generator update equals the centralized update through
+  D_r (no staleness), for every n.
 * ``pipeline=True`` (default) — one exchange per round in which DBs and GBs work at the
   same time (thesis: the DB sends labels "before it is maturely trained"): DBs get
   (D_r, X_r) while GBs get F_{r−1} and return X_{r+1}. Round 1 is preceded by a priming
   generator exchange that produces X_1. So in round r a GB applies exactly the previous
-  round's feedback F_{r−1}; it was computed on X_{r−1} = G_{r−3}(z) (G_0 for r ≤ 3) and is
-  back-propagated through the current G_{r−2} recomputed at the same z: for r ≥ 3 the
-  feedback is one generator update stale (the price of running both blocks in parallel).
+  round's feedback F_{r−1}, computed on X_{r−1}, which was made one round earlier still.
+  With n = 1 a G step lies between making X_{r−1} and applying F_{r−1}: for r ≥ 3 the
+  feedback is back-propagated through G_{r−2} recomputed at the same z while X_{r−1} came
+  from G_{r−3} — one generator update stale (the price of running both blocks in
+  parallel). With n ≥ 2 no G step can lie in between (F_r is relayed only for r a multiple
+  of n, F_{r−1} then is not), so every generator update is exact as in the unpipelined
+  schedule; what the pipeline still costs is that the fakes the critic judges in a round
+  that applies a G step (rounds kn+1) were made before that step (unpipelined: after it).
 
-In both schedules the feedback of the last round is applied by a final ``flush`` generator
-exchange, so a run of R rounds makes R discriminator steps and R generator steps per pair.
-A GB keeps the latent batch of every fake batch it has sent (by its generation number) in
-its ``context.state`` until the feedback for it arrives.
+In both schedules the feedback of the last round (when R is a multiple of n) is applied by a
+final ``flush`` generator exchange (feedback down, no fakes up), so the counts above hold for
+the whole run. A GB keeps the latent batch of every fake batch it has sent (by its generation
+number, at most the last MAX_PENDING_LATENTS) in its ``context.state`` until the feedback for
+it arrives.
 
 Pairs: the server learns each node's role with one ``query.info`` at start; DB with
 partition 2k pairs with GB with partition 2k+1. Hybrid models (thesis 4.4.1) combine a
@@ -75,6 +92,7 @@ RELAY = "relay"           # ArrayRecord {labels: (B,), feedback: (B, *sample)}, 
 SAMPLES = "samples"       # ArrayRecord {samples: (n, *sample)}, GB -> server
 # fakes (wire.FAKES), labels/feedback from a DB (wire.REPLY), config (wire.CONFIG) and
 # metrics (wire.METRICS) use the shared names.
+WANT_FEEDBACK = "want-feedback"   # DB config key, sent only when critic_steps > 1 (absent: true)
 
 GB_STATE = "bpgan.generator"       # context.state ConfigRecord: G, its optimizer, pending latents
 DB_STATE = "bpgan.discriminator"   # context.state ConfigRecord: the DB's step counter only
@@ -83,6 +101,23 @@ ROLE_DISCRIMINATOR, ROLE_GENERATOR, ROLE_UNKNOWN = 0, 1, -1
 G_BLOCKS = ("dcgan", "wgan")
 #: ``bpgan-model`` name -> (generator block, discriminator loss kind). DCWGAN = DCGAN generator
 #: with a (clipped) WGAN critic, WDCGAN = WGAN generator with a DCGAN discriminator (thesis 4.4.1).
+#:
+#: The two generator blocks differ in their optimizer only. ``dcgan``: Adam(beta1, beta2) at
+#: ``client-gen-lr``; ``wgan``: RMSProp (no momentum) at ``wgan-lr`` — the WGAN paper's
+#: optimizer and rate (Arjovsky et al. 2017). Everything else is the same for both: the
+#: network (the app's ``make_generator``: the DCGAN generator — transposed convolutions,
+#: BatchNorm, ReLU, tanh output — or the MLP for 2-D data), its initialisation, the latent
+#: prior, the batch size and the way feedback is applied (back-propagated through G, one
+#: optimizer step). Two things that set a generator's training apart belong to the
+#: *discriminator* block, not to the generator block: the loss whose gradient the feedback is
+#: (∂softplus(−D(x))/∂x, the non-saturating GAN loss, from a DCGAN discriminator; ∂(−D(x))/∂x
+#: from the WGAN critic — so WDCGAN's WGAN generator learns from the DCGAN loss and DCWGAN's
+#: DCGAN generator from the Wasserstein one) and how often the generator steps (n_critic =
+#: ``wgan-critic-steps`` critic steps per G step with the WGAN critic; ``client-disc-steps``,
+#: default 1, with a DCGAN discriminator). The discriminator blocks share one network too (the DCGAN discriminator
+#: with BatchNorm and a linear output; the BCE loss applies the sigmoid): the WGAN critic
+#: differs in its loss, RMSProp at ``wgan-lr``, weight clipping to ±``WGAN_CLIP`` after each
+#: server step and the n_critic schedule.
 HYBRIDS = {"dcgan": ("dcgan", "bce"), "wgan": ("wgan", "wgan"), "dcwgan": ("dcgan", "wgan"),
            "wdcgan": ("wgan", "bce")}
 #: Score keys for which a lower value is better (the "best GB" picks the minimum).
@@ -186,6 +221,21 @@ def generator_optimizer(g_block: str, params, lr: float, betas: tuple[float, flo
     if g_block not in G_BLOCKS:
         raise ValueError(f"g_block {g_block!r}: choose one of {G_BLOCKS}")
     return make_optimizer("wgan" if g_block == "wgan" else "bce", params, lr, betas)
+
+
+def generator_step_due(d_step: int, critic_steps: int) -> bool:
+    """Whether D step number ``d_step`` (1-based) is followed by a G step: every
+    ``critic_steps``-th one (n_critic critic steps per generator step, WGAN paper's
+    Algorithm 1; n = 1: a G step after every D step, thesis Algorithms 2–3)."""
+    if d_step < 1 or critic_steps < 1:
+        raise ValueError(f"d_step = {d_step} and critic_steps = {critic_steps} must be at least 1")
+    return d_step % critic_steps == 0
+
+
+def generator_steps(num_rounds: int, critic_steps: int) -> int:
+    """G steps each GB makes in a run of ``num_rounds`` rounds (= D steps): ⌊R/n⌋, in both
+    schedules (the last due feedback is applied by the flush)."""
+    return sum(generator_step_due(r, critic_steps) for r in range(1, num_rounds + 1))
 
 
 def summarize_scores(per_gb: dict[str, dict]) -> dict:
@@ -324,7 +374,9 @@ def client_discriminator_grad(content: RecordDict, state: RecordDict, *,
     size from its own data, and returns: D's gradient on (real, fakes) (record
     ``d_grads``, by parameter name), the labels D(x̃) and feedback ∂L_G(D(x̃))/∂x̃ for the
     fakes, both with the D it received (record ``reply``), and metrics ``d_loss``,
-    ``d_real_acc``, ``d_fake_acc``, ``batch_size``. No sample leaves the node.
+    ``d_real_acc``, ``d_fake_acc``, ``batch_size``. When the config says
+    ``want-feedback = false`` (a critic-only round of an n_critic > 1 schedule: no G step
+    will use it) the feedback is left out; the labels still go. No sample leaves the node.
     """
     cfg = content.config_records[wire.CONFIG]
     kind = str(cfg["d-loss"])
@@ -343,10 +395,12 @@ def client_discriminator_grad(content: RecordDict, state: RecordDict, *,
                "batch_size": int(B), "d_steps_total": steps + 1}
     if partition_id is not None:
         metrics["partition_id"] = int(partition_id)
-    encoded = wire.encode_feedback(feedback, str(cfg["feedback-dtype"]), B)
+    reply = {wire.LABELS: labels.float()}
+    if bool(cfg.get(WANT_FEEDBACK, True)):
+        reply[wire.FEEDBACK] = wire.encode_feedback(feedback, str(cfg["feedback-dtype"]), B)
     return RecordDict({
         D_GRADS: wire.tensor_record(**{n: g.float() for n, g in grads.items()}),
-        wire.REPLY: wire.tensor_record(**{wire.LABELS: labels.float(), wire.FEEDBACK: encoded}),
+        wire.REPLY: wire.tensor_record(**reply),
         wire.METRICS: MetricRecord(metrics),
     })
 
@@ -423,7 +477,15 @@ def pair_nodes(infos: dict[int, dict]) -> list[Pair]:
 
 @dataclass(frozen=True)
 class BPGANSettings:
-    """What the BPGAN server loop needs (the app builds it from the run config)."""
+    """What the BPGAN server loop needs (the app builds it from the run config:
+    ``app.server_app.run_bpgan``).
+
+    ``gen_lr`` and ``disc_lr`` are the rates the optimizers actually use: the GBs' G optimizer
+    (Adam for a ``dcgan`` block, RMSProp for a ``wgan`` one, see :data:`HYBRIDS`) and the
+    server's D optimizer (RMSProp for the clipped ``wgan`` critic, else Adam); the app fills in
+    ``wgan-lr`` for the WGAN parts. ``critic_steps`` is n: D steps per G step (the app fills in
+    ``wgan-critic-steps`` for the WGAN critic).
+    """
 
     num_rounds: int = 10
     batch_size: int = 64
@@ -433,6 +495,7 @@ class BPGANSettings:
     d_loss: str = "bce"
     gen_lr: float = 2e-4
     disc_lr: float = 2e-4
+    critic_steps: int = 1
     beta1: float = 0.5
     beta2: float = 0.999
     fakes_dtype: str = "float32"
@@ -458,6 +521,10 @@ class BPGANSettings:
             raise ValueError(f"feedback_dtype {self.feedback_dtype!r}: choose one of {wire.FEEDBACK_DTYPES}")
         if self.min_replies < 1:
             raise ValueError(f"min_replies = {self.min_replies} must be at least 1")
+        if self.critic_steps < 1:
+            raise ValueError(f"critic_steps = {self.critic_steps} must be at least 1")
+        if self.gen_lr <= 0 or self.disc_lr <= 0:
+            raise ValueError(f"gen_lr = {self.gen_lr} and disc_lr = {self.disc_lr} must be positive")
 
 
 Contents = dict[int, tuple[str, RecordDict]]   # node -> (message type, content)
@@ -487,6 +554,8 @@ class BPGAN:
         self.fakes: dict[int, tuple[int, torch.Tensor]] = {}        # pair -> (generation, encoded fakes)
         self.feedback: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # pair -> (generation, labels, enc. fb)
         self.judging: dict[int, int] = {}   # pair -> generation of the fakes its DB is judging
+        self.asked: dict[int, int] = {}     # DB node -> number of fakes sent to it this round (its weight)
+        self.wants: dict[int, bool] = {}    # DB node -> whether its feedback was asked for this round
         self.comm = wire.CommLog()
         self.eval_comm = wire.CommLog()  # sample queries for grids and scoring (phase "eval")
         self.control_bytes = 0
@@ -526,14 +595,23 @@ class BPGAN:
 
     def discriminator_content(self, pair: Pair, rnd: int) -> RecordDict | None:
         """DB message: the current D weights and the fakes its GB produced (consumed here);
-        None when the server holds no fakes for this pair (its GB dropped out)."""
+        None when the server holds no fakes for this pair (its GB dropped out).
+
+        The server notes how many fakes it sent (the DB's weight in the average) and, with
+        ``critic_steps`` > 1, asks for feedback (``want-feedback``) only when the coming D step
+        is followed by a G step."""
         pending = self.fakes.pop(pair.index, None)
         if pending is None:
             return None
         self.judging[pair.index] = pending[0]
+        self.asked[pair.db_node] = int(pending[1].shape[0])
+        self.wants[pair.db_node] = generator_step_due(self.d_steps + 1, self.s.critic_steps)
+        cfg = {"round": rnd, "d-loss": self.s.d_loss, "fakes-dtype": self.s.fakes_dtype,
+               "feedback-dtype": self.s.feedback_dtype}
+        if self.s.critic_steps > 1:
+            cfg[WANT_FEEDBACK] = self.wants[pair.db_node]
         return RecordDict({
-            wire.CONFIG: ConfigRecord({"round": rnd, "d-loss": self.s.d_loss, "fakes-dtype": self.s.fakes_dtype,
-                                       "feedback-dtype": self.s.feedback_dtype}),
+            wire.CONFIG: ConfigRecord(cfg),
             D_WEIGHTS: ArrayRecord(self.D.state_dict()),
             wire.FAKES: wire.tensor_record(**{wire.FAKES: pending[1]}),
         })
@@ -542,6 +620,7 @@ class BPGAN:
         return {p.gb_node: (GENERATOR_STEP, self.generator_content(p, rnd, make_fakes)) for p in self.pairs}
 
     def discriminator_contents(self, rnd: int) -> Contents:
+        self.asked, self.wants = {}, {}
         out = {}
         for p in self.pairs:
             content = self.discriminator_content(p, rnd)
@@ -576,16 +655,21 @@ class BPGAN:
                     raise wire.BadReply("missing metric 'generation'")
             return out
         if mtype == DISCRIMINATOR_GRAD:
-            grads = {name: wire.require_array(content, D_GRADS, name, tuple(p.shape), "float32")
-                     for name, p in self.D.named_parameters() if p.requires_grad}
-            labels = wire.require_array(content, wire.REPLY, wire.LABELS, (B,), "float32")
-            fb = wire.require_array(content, wire.REPLY, wire.FEEDBACK, (B, *self.sample_shape),
-                                    self.s.feedback_dtype)
+            # the shapes and the weight are what the server sent this DB, never what it reports
+            n = self.asked.get(nid)
+            if n is None:
+                raise wire.BadReply("the server sent this node no fakes to judge")
             for key in ("d_loss", "d_real_acc", "d_fake_acc", "batch_size"):
                 if key not in metrics:
                     raise wire.BadReply(f"missing metric '{key}'")
-            if metrics["batch_size"] < 1 or metrics["batch_size"] != int(metrics["batch_size"]):
-                raise wire.BadReply(f"batch_size {metrics['batch_size']} is not a positive integer")
+            if metrics["batch_size"] != n:
+                raise wire.BadReply(f"reported batch_size {metrics['batch_size']:g}, but the server sent it {n} "
+                                    f"fakes to judge")
+            grads = {name: wire.require_array(content, D_GRADS, name, tuple(p.shape), "float32")
+                     for name, p in self.D.named_parameters() if p.requires_grad}
+            labels = wire.require_array(content, wire.REPLY, wire.LABELS, (n,), "float32")
+            fb = (wire.require_array(content, wire.REPLY, wire.FEEDBACK, (n, *self.sample_shape),
+                                     self.s.feedback_dtype) if self.wants.get(nid, True) else None)
             return {"grads": grads, "labels": labels, "feedback": fb, "metrics": metrics}
         raise wire.BadReply(f"unexpected message type {mtype!r}")
 
@@ -615,21 +699,29 @@ class BPGAN:
         return out
 
     def absorb_discriminators(self, replies: dict[int, dict]) -> dict[int, dict]:
-        """Average the DBs' gradients (weighted by batch size), step D, keep each DB's
-        labels/feedback for its GB; per-pair DB metrics (with the pair's g_loss)."""
+        """The parameter server's step (thesis Fig. 4.6, Algorithm 2 line 9): average the DBs'
+        gradients weighted by the number of fakes the server sent each (``self.asked``, not the
+        reported ``batch_size``), step D; when this D step is followed by a G step
+        (:func:`generator_step_due`) keep each DB's labels/feedback for its GB. Per-pair DB
+        metrics, with the pair's g_loss and the server's count as ``batch_size``."""
         by_node = {p.db_node: p for p in self.pairs}
         good = {nid: rep for nid, rep in replies.items() if nid in by_node}
         if not good:
             return {}
-        grads = aggregate_gradients([r["grads"] for r in good.values()],
-                                    [int(r["metrics"]["batch_size"]) for r in good.values()])
+        grads = aggregate_gradients([r["grads"] for r in good.values()], [self.asked[nid] for nid in good])
         apply_gradients(self.D, self.opt_d, grads, self.s.d_loss)
         self.d_steps += 1
+        relay = generator_step_due(self.d_steps, self.s.critic_steps)
         out = {}
         for nid, rep in good.items():
             p = by_node[nid]
-            self.feedback[p.index] = (self.judging[p.index], rep["labels"], rep["feedback"])
-            out[p.index] = {**rep["metrics"], "g_loss": float(generator_loss(self.s.d_loss, rep["labels"]))}
+            if relay:
+                if rep["feedback"] is None:
+                    raise RuntimeError(f"D step {self.d_steps} needs the feedback of node {nid}, which was not "
+                                       "asked for")
+                self.feedback[p.index] = (self.judging[p.index], rep["labels"], rep["feedback"])
+            out[p.index] = {**rep["metrics"], "batch_size": self.asked[nid],
+                            "g_loss": float(generator_loss(self.s.d_loss, rep["labels"]))}
         return out
 
     # --- one round ----------------------------------------------------------------------------
@@ -716,7 +808,9 @@ class BPGAN:
         }
 
     def flush(self, grid: Grid, rnd: int, record: dict) -> None:
-        """After the last round: the GBs apply the last feedback (no new fakes)."""
+        """After the last round: the GBs apply the last feedback (no new fakes) — only when
+        the last D step was followed by a G step (the server holds feedback); else nothing
+        is sent."""
         totals: dict = {"down": 0, "up": 0, "dropped": {}}
         contents = {p.gb_node: (GENERATOR_STEP, self.generator_content(p, rnd, make_fakes=False))
                     for p in self.pairs if p.index in self.feedback}
@@ -765,8 +859,9 @@ class BPGAN:
     def run(self, grid: Grid) -> dict:
         nodes = wait_for_nodes(grid, self.s.min_nodes, self.s.node_wait_timeout)
         self.discover_pairs(grid, nodes)
-        log.info("BPGAN: %d pair(s), %d rounds, pipeline=%s, G block %s, D loss %s", len(self.pairs),
-                 self.s.num_rounds, self.s.pipeline, self.s.g_block, self.s.d_loss)
+        log.info("BPGAN: %d pair(s), %d rounds, pipeline=%s, G block %s, D loss %s, %d D step(s) per G step",
+                 len(self.pairs), self.s.num_rounds, self.s.pipeline, self.s.g_block, self.s.d_loss,
+                 self.s.critic_steps)
         last: dict = {}
         evaluation: dict = {}
         for rnd in range(1, self.s.num_rounds + 1):
@@ -793,6 +888,7 @@ class BPGAN:
 
 
 __all__ = ["BPGAN", "BPGANSettings", "Pair", "pair_nodes", "HYBRIDS", "resolve_model", "aggregate_gradients",
+           "generator_step_due", "generator_steps", "WANT_FEEDBACK",
            "discriminator_gradient", "apply_gradients", "generator_optimizer", "summarize_scores",
            "client_generator_step", "client_discriminator_grad", "client_bpgan_sample", "GENERATOR_STEP",
            "DISCRIMINATOR_GRAD", "SAMPLE", "D_WEIGHTS", "D_GRADS", "RELAY", "SAMPLES", "GB_STATE", "DB_STATE",

@@ -1,6 +1,8 @@
 """BPGAN and the baselines end to end through Flower's simulation engine."""
 
+import io
 import pickle
+import time
 import uuid
 from pathlib import Path
 
@@ -8,11 +10,14 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
+from app.builders import make_discriminator
 from app.client_app import make_client_app
 from app.config import parse_config
 from app.runs import RunFolder
 from app.server_app import make_server_app
+from strategies import wire
 from strategies.base import RunFailed
+from strategies.bpgan import GB_STATE, RELAY, WANT_FEEDBACK
 
 pytestmark = pytest.mark.e2e
 TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "samples-per-client": 4, "sample-every": 0,
@@ -60,6 +65,127 @@ def test_bpgan_generator_nodes_get_no_data_and_discriminator_nodes_no_generator(
     metrics = run.read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2] and all(m["dropped"] == 0 for m in metrics)
     assert "status: **success**" in (run.path / "summary.md").read_text()
+
+
+def optimizer_summary(opt_state: dict) -> dict:
+    """Kind, rate and step counts of an optimizer's ``state_dict()``: Adam keeps ``betas`` and the
+    moments exp_avg/exp_avg_sq, RMSProp keeps ``alpha`` and square_avg."""
+    group = opt_state["param_groups"][0]
+    kind = "Adam" if "betas" in group else "RMSprop" if "alpha" in group else "?"
+    return {"kind": kind, "lr": group["lr"], "state": sorted({k for st in opt_state["state"].values() for k in st}),
+            "steps": sorted({int(st["step"]) for st in opt_state["state"].values()})}
+
+
+def bpgan_state_tap(folder):
+    """A Flower client mod: after each message, what came down and went up and — on a generator
+    block — its own G step count and G optimizer, read from ``context.state`` (not from a metric)."""
+    def tap(msg, context, call_next):
+        reply = call_next(msg, context)
+        content = msg.content
+        rec = {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
+               "t": time.time_ns(), "error": reply.has_error(),
+               "config": dict(content.config_records[wire.CONFIG]) if wire.CONFIG in content.config_records else {},
+               "down": names(content), "up": {} if reply.has_error() else names(reply.content)}
+        if GB_STATE in context.state.config_records:
+            blob = torch.load(io.BytesIO(context.state.config_records[GB_STATE]["blob"]), weights_only=False)
+            rec["gb"] = {"g_steps": int(blob["g_steps"]), "opt": optimizer_summary(blob["opt"])}
+        Path(folder, uuid.uuid4().hex).write_bytes(pickle.dumps(rec))
+        return reply
+    return tap
+
+
+def run_hybrid(tmp_path, model, **extra):
+    taps = tmp_path / "taps"
+    taps.mkdir()
+    cfg = parse_config({**TINY, "strategy": "bpgan", "min-nodes": 4, "bpgan-model": model, "wgan-critic-steps": 2,
+                        "wgan-lr": 7e-5, "output-dir": str(tmp_path / "out"), **extra})
+    run = simulate(cfg, 4, [bpgan_state_tap(taps)])
+    seen = sorted((pickle.loads(p.read_bytes()) for p in taps.iterdir()), key=lambda r: r["t"])
+    assert not any(r["error"] for r in seen)
+    assert "status: **success**" in (run.path / "summary.md").read_text()
+    # the comparison's analytic formula (model sizes, the n_critic schedule) equals the recorded bytes
+    from simulations import comparison as cmp
+    data = cmp.read_run(run.path)
+    analytic, measured = cmp.analytic_bytes(data.config, 4, len(data.metrics)), cmp.measured_bytes(data)
+    assert {k: analytic[k] for k in ("down_total", "up_total", "steps")} == \
+        {k: measured[k] for k in ("down_total", "up_total", "steps")}
+    return cfg, run, seen
+
+
+def d_parameters(cfg, server):
+    """The server's D parameters (not BatchNorm's running statistics) from checkpoints/server.pt."""
+    names_ = [n for n, _ in make_discriminator(cfg.replace(loss=server["settings"]["d_loss"])).named_parameters()]
+    return {n: server["d"][n] for n in names_}
+
+
+def generator_blocks(seen):
+    """Per GB partition: the rounds of the generator messages that relayed feedback, and its
+    final state (G steps, optimizer) as its last message left it."""
+    out = {}
+    for rec in seen:
+        if rec["type"] == "train.generator_step":
+            gb = out.setdefault(rec["partition"], {"relayed": []})
+            if any(k.startswith(f"{RELAY}.") for k in rec["down"]):
+                gb["relayed"].append(int(rec["config"]["round"]))
+            gb["final"] = rec["gb"]
+    return out
+
+
+def feedback_by_round(seen, partition):
+    """DB partition's rounds -> (want-feedback in its config or 'absent', feedback in its reply)."""
+    return {int(r["config"]["round"]): (r["config"].get(WANT_FEEDBACK, "absent"),
+                                        f"{wire.REPLY}.{wire.FEEDBACK}" in r["up"])
+            for r in seen if r["partition"] == partition and r["type"] == "train.discriminator_grad"}
+
+
+def test_bpgan_dcwgan_runs_a_clipped_rmsprop_critic_with_n_critic_and_adam_generators(tmp_path):
+    """DCWGAN (thesis 4.4.1): DCGAN generator blocks (Adam at client-gen-lr) with the clipped WGAN
+    critic on the server (RMSProp at wgan-lr, weights within ±0.01), n_critic = 2, pipelined."""
+    cfg, run, seen = run_hybrid(tmp_path, "dcwgan", **{"num-rounds": 4})
+    server = run.load_checkpoint("server.pt")
+    assert (server["settings"]["g_block"], server["settings"]["d_loss"], server["settings"]["critic_steps"]) == (
+        "dcgan", "wgan", 2)
+    params = d_parameters(cfg, server)
+    assert max(float(p.abs().max()) for p in params.values()) == pytest.approx(0.01, abs=1e-9)   # clipped, and hit
+    assert optimizer_summary(server["opt_d"]) == {"kind": "RMSprop", "lr": 7e-5, "state": ["square_avg", "step"],
+                                                  "steps": [4]}
+    assert server["d_steps"] == 4
+    # every GB: Adam at client-gen-lr, G stepped after D steps 2 and 4 only (F_2 in round 3, F_4 in the flush)
+    gbs = generator_blocks(seen)
+    assert sorted(gbs) == [1, 3]
+    for gb in gbs.values():
+        assert gb["relayed"] == [3, 4]
+        assert gb["final"] == {"g_steps": 2, "opt": {"kind": "Adam", "lr": cfg.client_gen_lr,
+                                                     "state": ["exp_avg", "exp_avg_sq", "step"], "steps": [2]}}
+    for db in (0, 2):   # feedback asked for, and sent, only before a G step
+        assert feedback_by_round(seen, db) == {1: (False, False), 2: (True, True), 3: (False, False), 4: (True, True)}
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [(m["d_steps_total"], m["g_steps"]) for m in metrics] == [(1, 0), (2, 0), (3, 2), (4, 2)]
+    assert all(c["g_steps_total"] == 2 for c in metrics[-1]["clients"].values())
+
+
+def test_bpgan_wdcgan_runs_an_adam_dcgan_discriminator_and_rmsprop_generators(tmp_path):
+    """WDCGAN (thesis 4.4.1): WGAN generator blocks (RMSProp at wgan-lr) with a DCGAN discriminator
+    (BatchNorm, Adam at server-disc-lr, unclipped): one D step per G step although
+    wgan-critic-steps = 2; unpipelined."""
+    cfg, run, seen = run_hybrid(tmp_path, "wdcgan", **{"num-rounds": 3, "bpgan-pipeline": False})
+    server = run.load_checkpoint("server.pt")
+    assert (server["settings"]["g_block"], server["settings"]["d_loss"], server["settings"]["critic_steps"]) == (
+        "wgan", "bce", 1)
+    assert any(k.endswith("running_mean") for k in server["d"])                  # BatchNorm DCGAN discriminator
+    assert max(float(p.abs().max()) for p in d_parameters(cfg, server).values()) > 0.5   # never clipped
+    assert optimizer_summary(server["opt_d"]) == {"kind": "Adam", "lr": cfg.server_disc_lr,
+                                                  "state": ["exp_avg", "exp_avg_sq", "step"], "steps": [3]}
+    gbs = generator_blocks(seen)
+    assert sorted(gbs) == [1, 3]
+    for gb in gbs.values():
+        assert gb["relayed"] == [2, 3, 3]          # F_1 in round 2, F_2 in round 3, F_3 in the flush
+        assert gb["final"] == {"g_steps": 3, "opt": {"kind": "RMSprop", "lr": 7e-5, "state": ["square_avg", "step"],
+                                                     "steps": [3]}}
+    for db in (0, 2):   # no want-feedback key with one D step per G step: the plain messages
+        assert feedback_by_round(seen, db) == {r: ("absent", True) for r in (1, 2, 3)}
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [(m["d_steps_total"], m["g_steps"]) for m in metrics] == [(1, 0), (2, 2), (3, 4)]
 
 
 def test_bpgan_with_an_odd_number_of_nodes_stops_with_a_clear_error(tmp_path):
