@@ -12,6 +12,7 @@ setting stops the run before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -114,6 +115,9 @@ class Config:
     min_replies: int = 1
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
+    max_reply_mb: float = 256.0        # a larger client reply is dropped unread
+    max_feedback_norm: float = 1000.0  # per-sample L2 bound on feedback as sent (PrivacyGAN, BPGAN)
+    max_update_norm: float = 100000.0  # L2 bound on a client's gradient or weight update
     fakes_dtype: str = "float32"
     feedback_dtype: str = "float32"
     # --- outputs (SPEC 7) ------------------------------------------------------
@@ -171,6 +175,10 @@ _FIELDS = {key_of(f.name): f for f in dataclasses.fields(Config)}
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Convert ``value`` to the type of the field's default, or raise naming the key."""
     kind = type(default)
+    if value is None or (isinstance(value, str) and value.strip() == "" and kind is not str):
+        if kind is str:
+            return ""
+        raise ConfigError(f"run config '{key}' is empty: expected a {kind.__name__}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -187,13 +195,18 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             except ValueError:
                 pass
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"run config '{key}' = {value!r}: expected a finite number")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value
@@ -269,7 +282,7 @@ def validate(cfg: Config) -> None:
     for name_ in ("teacher_steps", "sample_every", "checkpoint_every"):
         _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), "an integer >= 0 (0 = never)")
     for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "server_disc_lr", "client_disc_lr", "wgan_lr",
-                  "round_timeout", "node_wait_timeout"):
+                  "round_timeout", "node_wait_timeout", "max_reply_mb", "max_feedback_norm", "max_update_norm"):
         _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
     _check(cfg.min_replies <= cfg.min_nodes, k("min-replies"), cfg.min_replies,
            f"<= min-nodes ({cfg.min_nodes})")

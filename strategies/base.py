@@ -5,11 +5,17 @@ and the recorder interface through which a strategy reports (the app implements 
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import random
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
+
+import torch
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -26,6 +32,21 @@ ERROR_CODES = {2: "ClientApp raised", 3: "message unavailable", 4: "reply unavai
 
 class RunFailed(RuntimeError):
     """The run cannot go on (too few nodes or good replies); the message says why."""
+
+
+class RunInterrupted(RuntimeError):
+    """The user asked the run to stop (Ctrl-C / SIGTERM); raised at the next safe point."""
+
+
+# Set by a signal handler (simulations.common.stop_on_signals) in the main thread; the
+# ServerApp thread sees it while it waits for replies and between rounds.
+STOP = threading.Event()
+
+
+def check_stop() -> None:
+    """RunInterrupted when a stop was requested (a safe point: no update half-applied)."""
+    if STOP.is_set():
+        raise RunInterrupted("stopped by the user (SIGINT/SIGTERM)")
 
 
 class Recorder(Protocol):
@@ -96,6 +117,8 @@ class FederatedSettings(GANSettings):
     min_replies: int = 1
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
+    max_reply_mb: float = 256.0       # a larger reply is dropped unread
+    max_update_norm: float = 1e5      # L2 bound on a client's gradient / weight update
 
 
 def should(every: int, rnd: int, last: int) -> bool:
@@ -118,14 +141,41 @@ class NodeBook:
         if "partition_id" in metrics:
             self.partition_of[nid] = int(metrics["partition_id"])
 
-    def identify(self, metrics_by_node: dict[int, dict[str, float]]) -> None:
-        """Note the partitions of a round's replies; at the run's first exchange also check
-        that the nodes can be told apart (:func:`check_identities`) before any reply is used."""
+    def identify(self, metrics_by_node: dict[int, dict[str, float]], live: Iterable[int] | None = None) -> None:
+        """Note the partitions of a round's replies. At the run's first exchange the nodes must
+        be told apart (:func:`check_identities`, RunFailed otherwise). Later, a node reporting no
+        valid partition id, or one a live node already holds, is reported and kept apart (its
+        rows say "node <id>"); a node taking over the partition of a node that left is a rejoin."""
         if not self.identified and metrics_by_node:
             check_identities(metrics_by_node)
             self.identified = True
+            for nid, metrics in metrics_by_node.items():
+                self.note(nid, metrics)
+            return
+        alive = set(live) if live is not None else None
         for nid, metrics in metrics_by_node.items():
-            self.note(nid, metrics)
+            self.seen.add(nid)
+            if "partition_id" not in metrics or int(metrics["partition_id"]) < 0:
+                if nid not in self.partition_of:
+                    log.warning("node %s reports %s; kept apart as 'node %s'", nid,
+                                f"partition id {int(metrics['partition_id'])}" if "partition_id" in metrics
+                                else "no partition id", nid)
+                continue
+            pid = int(metrics["partition_id"])
+            if self.partition_of.get(nid) == pid:
+                continue
+            holders = [o for o, p in self.partition_of.items() if p == pid and o != nid
+                       and (alive is None or o in alive)]
+            if holders:
+                if nid not in self.partition_of:
+                    log.warning("node %s claims partition %d, which node %s holds; kept apart as 'node %s'",
+                                nid, pid, holders[0], nid)
+                continue
+            if nid in self.partition_of:
+                log.warning("node %s now reports partition %d (was %d); keeping %d", nid, pid,
+                            self.partition_of[nid], self.partition_of[nid])
+                continue
+            self.partition_of[nid] = pid
 
     def label(self, nid: int) -> str:
         pid = self.partition_of.get(nid)
@@ -197,47 +247,219 @@ class Exchange:
     dropped: dict[int, str] = field(default_factory=dict)      # node -> reason
     bytes_down: dict[int, int] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
+    late: dict[int, float] = field(default_factory=dict)       # node -> age (s) of a late reply discarded now
 
 
 def _last_line(text: str, limit: int = 300) -> str:
-    """The informative tail of an error reason (Ray wraps client tracebacks in pages of text)."""
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    """The informative tail of an error reason (Ray wraps client tracebacks in pages of text,
+    and its repr leaves quotes, brackets and escaped newlines at the end)."""
+    text = str(text).replace("\\n", "\n")
+    lines = [_unwrap(ln) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
     return (lines[-1] if lines else "")[:limit]
 
 
+def _unwrap(line: str) -> str:
+    """A line without the quotes and unmatched closing brackets a repr() leaves at its end."""
+    line = line.strip()
+    while line:
+        last = line[-1]
+        if last in "'\",":
+            line = line[:-1].rstrip()
+        elif last in ")]}" and line.count(last) > line.count({")": "(", "]": "[", "}": "{"}[last]):
+            line = line[:-1].rstrip()
+        else:
+            break
+    return line
+
+
+# Messages sent and not yet answered, per grid: node -> (message id, time sent). A node with
+# an unanswered message gets no new one (its queue would fill with stale work); its late
+# reply is discarded when it comes.
+_PENDING: "weakref.WeakKeyDictionary[Grid, dict[int, tuple[str, float]]]" = weakref.WeakKeyDictionary()
+
+
+def _pending(grid: Grid) -> dict[int, tuple[str, float]]:
+    return _PENDING.setdefault(grid, {})
+
+
+def pending_nodes(grid: Grid) -> dict[int, float]:
+    """Nodes still working on an earlier message, with how long ago it was sent (s)."""
+    now = time.monotonic()
+    return {nid: now - sent for nid, (_, sent) in _pending(grid).items()}
+
+
+def collect_late(grid: Grid) -> dict[int, float]:
+    """Pull late replies to earlier messages, discard them (logged); returns node -> age."""
+    pending = _pending(grid)
+    if not pending:
+        return {}
+    ids = {mid: nid for nid, (mid, _) in pending.items()}
+    late: dict[int, float] = {}
+    for reply in grid.pull_messages(list(ids)):
+        nid = ids.get(reply.metadata.reply_to_message_id)
+        if nid is None or nid not in pending:
+            continue
+        age = time.monotonic() - pending.pop(nid)[1]
+        late[nid] = age
+        log.warning("discarding a late reply from node %s (its message was sent %.0f s ago); the node gets "
+                    "messages again from now on", nid, age)
+    return late
+
+
 def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
-             parse: Callable[[int, Message], object]) -> Exchange:
+             parse: Callable[[int, Message], object], max_reply_mb: float = 256.0,
+             poll: float | None = None) -> Exchange:
     """Send one message per node, wait at most ``timeout`` s, parse what comes back.
 
     Replies are matched to nodes by ``reply_to_message_id``. A reply that is an error,
-    or that ``parse`` rejects with :class:`BadReply` (wrong shape, NaN, missing key...),
-    or that never arrives, is dropped with a logged reason; the server never crashes
-    on a client's reply.
+    larger than ``max_reply_mb``, or that ``parse`` rejects with :class:`BadReply` (wrong
+    shape, NaN, out of bounds...), or that never arrives, is dropped with a logged reason;
+    the server never crashes on a client's reply. A node still busy with an unanswered
+    earlier message is not sent a new one (dropped as "still busy"); late replies are
+    discarded. A stop request (:data:`STOP`) ends the wait with :class:`RunInterrupted`.
     """
-    out = Exchange()
+    check_stop()
+    out = Exchange(late=collect_late(grid))
+    pending = _pending(grid)
+    busy = pending_nodes(grid)
+    to_send: dict[int, Message] = {}
     for nid, msg in messages.items():
-        out.bytes_down[nid] = message_bytes(msg)
-    sent = list(messages.items())
-    replies: Iterable[Message] = grid.send_and_receive([m for _, m in sent], timeout=timeout)
-    by_id = {m.metadata.message_id: nid for nid, m in sent}
-    for reply in replies:
-        nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        out.bytes_up[nid] = message_bytes(reply)
-        if reply.has_error():
-            code = reply.error.code
-            out.dropped[nid] = f"error reply (code {code}: {ERROR_CODES.get(code, 'unknown')}): {_last_line(reply.error.reason)}"
+        if nid in busy:
+            out.dropped[nid] = (f"still busy: its reply to a message sent {busy[nid]:.0f} s ago has not come; "
+                                "not sent a new one")
             continue
-        try:
-            out.replies[nid] = parse(nid, reply)
-        except BadReply as exc:
-            out.dropped[nid] = f"bad reply: {exc}"
-    for nid in messages:
-        if nid not in out.replies and nid not in out.dropped:
-            out.dropped[nid] = f"no reply within {timeout:.0f} s"
+        to_send[nid] = msg
+        out.bytes_down[nid] = message_bytes(msg)
+    sent_at = time.monotonic()
+    ids = list(grid.push_messages(list(to_send.values()))) if to_send else []
+    waiting = {mid: nid for mid, nid in zip(ids, to_send)}
+    limit = int(max_reply_mb * 1e6)
+    interval = poll if poll is not None else min(0.1, float(getattr(grid, "pull_interval", 0.1)) or 0.1)
+    deadline = sent_at + timeout
+    while waiting:
+        for reply in grid.pull_messages(list(waiting)):
+            nid = waiting.pop(reply.metadata.reply_to_message_id, None)
+            if nid is None:
+                continue
+            _take(out, nid, reply, parse, limit, max_reply_mb)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        if STOP.is_set():
+            for mid, nid in waiting.items():   # their replies are discarded if they still come
+                pending[nid] = (mid, sent_at)
+            check_stop()
+        time.sleep(interval)
+    for mid, nid in waiting.items():
+        pending[nid] = (mid, sent_at)
+    check_stop()   # a stop during the wait: the replies that came are not used half-way
+    for mid, nid in waiting.items():
+        out.dropped[nid] = f"no reply within {timeout:.0f} s (it gets no new message until it answers)"
     for nid, why in out.dropped.items():
         log.warning("dropping node %s this round: %s", nid, why)
     return out
 
 
-__all__ = ["should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+def _take(out: Exchange, nid: int, reply: Message, parse, limit: int, max_reply_mb: float) -> None:
+    size = message_bytes(reply)
+    out.bytes_up[nid] = size
+    if reply.has_error():
+        code = reply.error.code
+        out.dropped[nid] = f"error reply (code {code}: {ERROR_CODES.get(code, 'unknown')}): {_last_line(reply.error.reason)}"
+        return
+    if size > limit:
+        out.dropped[nid] = (f"reply of {size / 1e6:.1f} MB exceeds run config 'max-reply-mb' = {max_reply_mb:g}; "
+                            "not read")
+        return
+    try:
+        out.replies[nid] = parse(nid, reply)
+    except BadReply as exc:
+        out.dropped[nid] = f"bad reply: {exc}"
+
+
+# --- guarded server-side updates (a bounded reply can still break a model) ---------------
+def _tensors(obj) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def all_finite(modules: Iterable[torch.nn.Module] = (), optimizers: Iterable[torch.optim.Optimizer] = ()) -> bool:
+    """True when every parameter, buffer and optimizer-state tensor is finite."""
+    for m in modules:
+        for t in _tensors(m.state_dict()):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return False
+    for opt in optimizers:
+        for t in _tensors(opt.state_dict()["state"]):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                return False
+    return True
+
+
+class Snapshot:
+    """The state of some modules and optimizers, to roll an update back."""
+
+    def __init__(self, modules=(), optimizers=()) -> None:
+        self.modules, self.optimizers = list(modules), list(optimizers)
+        self.m_state = [copy.deepcopy(m.state_dict()) for m in self.modules]
+        self.o_state = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+
+    def restore(self) -> None:
+        for m, st in zip(self.modules, self.m_state):
+            m.load_state_dict(st)
+        for o, st in zip(self.optimizers, self.o_state):
+            o.load_state_dict(copy.deepcopy(st))
+
+
+def guarded_update(update: Callable[[], object], modules=(), optimizers=()) -> bool:
+    """Run ``update``; if it leaves any parameter or optimizer state non-finite, roll it
+    back and return False (the caller drops the reply that fed it)."""
+    snap = Snapshot(modules, optimizers)
+    update()
+    if all_finite(snap.modules, snap.optimizers):
+        return True
+    snap.restore()
+    return False
+
+
+def apply_with_blame(apply: Callable[[list[int]], object], nodes: list[int], modules=(), optimizers=()) -> list[int]:
+    """Apply an aggregate of the replies of ``nodes``; when it leaves the model or optimizer
+    non-finite, find which node(s) did it (each reply applied alone) and apply the rest.
+    Returns the blamed nodes (empty when the update went through at once)."""
+    snap = Snapshot(modules, optimizers)
+    apply(list(nodes))
+    if all_finite(snap.modules, snap.optimizers):
+        return []
+    snap.restore()
+    blamed = []
+    for nid in nodes:
+        apply([nid])
+        if not all_finite(snap.modules, snap.optimizers):
+            blamed.append(nid)
+        snap.restore()
+    good = [n for n in nodes if n not in blamed]
+    if good:
+        apply(good)
+        if not all_finite(snap.modules, snap.optimizers):   # only together: drop the round's update
+            snap.restore()
+            blamed = list(nodes)
+    return blamed
+
+
+def grads_norm(tensors: Iterable[torch.Tensor]) -> float:
+    """L2 norm over a set of tensors (inf for non-finite or overflowing values)."""
+    total = 0.0
+    for t in tensors:
+        total += float(t.detach().double().pow(2).sum())
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+__all__ = ["STOP", "check_stop", "RunInterrupted", "collect_late", "pending_nodes", "all_finite", "Snapshot",
+           "guarded_update", "apply_with_blame", "grads_norm", "should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

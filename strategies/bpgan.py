@@ -78,7 +78,8 @@ from models.losses import (GP_WEIGHT, LOSS_KINDS, WGAN_CLIP, discriminator_loss,
                            gradient_penalty, make_optimizer)
 from models.steps import apply_feedback, generator_feedback, sample_latent
 from strategies import wire
-from strategies.base import Exchange, Recorder, RunFailed, exchange, log, should, wait_for_nodes
+from strategies.base import (Exchange, Recorder, RunFailed, apply_with_blame, check_stop, exchange, grads_norm, log,
+                             should, wait_for_nodes)
 
 # --- message types -----------------------------------------------------------------------
 GENERATOR_STEP = "train.generator_step"          # server -> GB: relayed feedback; GB -> server: new fakes
@@ -503,6 +504,9 @@ class BPGANSettings:
     min_replies: int = 1
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
+    max_reply_mb: float = 256.0
+    max_feedback_norm: float = 1000.0   # per-sample L2 bound on a DB's feedback as sent
+    max_update_norm: float = 1e5        # L2 bound on a DB's D gradient
     min_nodes: int = 2
     sample_every: int = 0
     samples_per_node: int = 16
@@ -667,9 +671,15 @@ class BPGAN:
                                     f"fakes to judge")
             grads = {name: wire.require_array(content, D_GRADS, name, tuple(p.shape), "float32")
                      for name, p in self.D.named_parameters() if p.requires_grad}
-            labels = wire.require_array(content, wire.REPLY, wire.LABELS, (n,), "float32")
+            norm = grads_norm(grads.values())
+            if norm > self.s.max_update_norm:
+                raise wire.BadReply(f"'{D_GRADS}' has L2 norm {norm:.3g}, above run config 'max-update-norm' = "
+                                    f"{self.s.max_update_norm:g}")
+            labels = wire.require_labels(wire.require_array(content, wire.REPLY, wire.LABELS, (n,), "float32"))
             fb = (wire.require_array(content, wire.REPLY, wire.FEEDBACK, (n, *self.sample_shape),
                                      self.s.feedback_dtype) if self.wants.get(nid, True) else None)
+            if fb is not None:
+                wire.require_norm(fb, "reply.feedback", self.s.max_feedback_norm, sample_dims=len(self.sample_shape))
             return {"grads": grads, "labels": labels, "feedback": fb, "metrics": metrics}
         raise wire.BadReply(f"unexpected message type {mtype!r}")
 
@@ -679,7 +689,7 @@ class BPGAN:
         types = {nid: mtype for nid, (mtype, _) in contents.items()}
         messages = {nid: Message(content=c, dst_node_id=nid, message_type=mtype, group_id=str(rnd))
                     for nid, (mtype, c) in contents.items()}
-        return exchange(grid, messages, timeout=self.s.round_timeout,
+        return exchange(grid, messages, timeout=self.s.round_timeout, max_reply_mb=self.s.max_reply_mb,
                         parse=lambda nid, reply: self.parse_content(nid, types[nid], reply.content, **parse_kw))
 
     # --- absorbing replies ---------------------------------------------------------------------
@@ -698,18 +708,34 @@ class BPGAN:
             out[p.index] = m
         return out
 
-    def absorb_discriminators(self, replies: dict[int, dict]) -> dict[int, dict]:
+    def absorb_discriminators(self, replies: dict[int, dict], totals: dict | None = None) -> dict[int, dict]:
         """The parameter server's step (thesis Fig. 4.6, Algorithm 2 line 9): average the DBs'
         gradients weighted by the number of fakes the server sent each (``self.asked``, not the
         reported ``batch_size``), step D; when this D step is followed by a G step
         (:func:`generator_step_due`) keep each DB's labels/feedback for its GB. Per-pair DB
-        metrics, with the pair's g_loss and the server's count as ``batch_size``."""
+        metrics, with the pair's g_loss and the server's count as ``batch_size``.
+
+        A D step that would leave D or its optimizer non-finite is rolled back; the DB(s) whose
+        gradients did it are dropped (removed from ``replies``, reason in ``totals``)."""
         by_node = {p.db_node: p for p in self.pairs}
         good = {nid: rep for nid, rep in replies.items() if nid in by_node}
         if not good:
             return {}
-        grads = aggregate_gradients([r["grads"] for r in good.values()], [self.asked[nid] for nid in good])
-        apply_gradients(self.D, self.opt_d, grads, self.s.d_loss)
+
+        def apply(nids: list[int]) -> None:
+            grads = aggregate_gradients([good[n]["grads"] for n in nids], [self.asked[n] for n in nids])
+            apply_gradients(self.D, self.opt_d, grads, self.s.d_loss)
+
+        for nid in apply_with_blame(apply, list(good), [self.D], [self.opt_d]):
+            del good[nid]
+            replies.pop(nid, None)
+            why = "its D gradient made D or its optimizer non-finite; update rolled back"
+            log.warning("dropping node %s this round: %s", nid, why)
+            self.dropped_total += 1
+            if totals is not None:
+                totals["dropped"][str(nid)] = f"{DISCRIMINATOR_GRAD}: {why}"
+        if not good:
+            return {}
         self.d_steps += 1
         relay = generator_step_due(self.d_steps, self.s.critic_steps)
         out = {}
@@ -763,7 +789,7 @@ class BPGAN:
             g_contents = self.generator_contents(rnd)
             ex = self._exchange(grid, rnd, {**d_contents, **g_contents}, totals, "train")
             d_replies = {n: r for n, r in ex.replies.items() if n in d_contents}
-            db_metrics = self.absorb_discriminators(d_replies)
+            db_metrics = self.absorb_discriminators(d_replies, totals)
             gb_metrics = self.absorb_generators({n: r for n, r in ex.replies.items() if n in g_contents},
                                                 {n: RELAY in c for n, (_, c) in g_contents.items()})
         else:
@@ -773,7 +799,7 @@ class BPGAN:
             d_contents = self.discriminator_contents(rnd)
             ex = self._exchange(grid, rnd, d_contents, totals, "discriminate")
             d_replies = dict(ex.replies)
-            db_metrics = self.absorb_discriminators(d_replies)
+            db_metrics = self.absorb_discriminators(d_replies, totals)
         if len(d_replies) < self.s.min_replies:
             reasons = "; ".join(f"node {n}: {why}" for n, why in totals["dropped"].items()) or "no fakes to judge"
             raise RunFailed(f"round {rnd}: {len(d_replies)} good discriminator repl(ies), run config 'min-replies' "
@@ -865,6 +891,7 @@ class BPGAN:
         last: dict = {}
         evaluation: dict = {}
         for rnd in range(1, self.s.num_rounds + 1):
+            check_stop()
             t0 = time.monotonic()
             record = self.run_round(grid, rnd)
             if rnd == self.s.num_rounds:

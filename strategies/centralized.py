@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from models.steps import train_gan_step
-from strategies.base import GANSettings, Recorder, log
+from strategies.base import GANSettings, Recorder, check_stop, log
 from strategies.dataparallel import GlobalGANServer, param_dtype
 
 
@@ -76,6 +76,7 @@ class Centralized(GlobalGANServer):
         log.info("Centralized: %d rounds x %d steps on the union of the data", s.num_rounds, s.local_steps)
         last: dict = {}
         for rnd in range(1, s.num_rounds + 1):
+            check_stop()
             t0 = time.monotonic()
             record = self.run_round(rnd)
             record["wall_time"] = time.monotonic() - t0

@@ -60,8 +60,8 @@ from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_
                            gradient_penalty, make_optimizer)
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import (FederatedSettings, NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, should,
-                             wait_for_nodes)
+from strategies.base import (FederatedSettings, NodeBook, Recorder, RunFailed, apply_with_blame, check_stop, exchange,
+                             grads_norm, log, sample_nodes, should, wait_for_nodes)
 
 DP_STEP = "train.dp_step"                    # simultaneous: G and D down once, both gradients up once
 DP_DISCRIMINATOR = "train.dp_discriminator"  # alternating (a): D's gradient
@@ -402,6 +402,7 @@ class GlobalGANServer:
         log.info("%s: %d nodes, %d rounds", self.name, len(nodes), s.num_rounds)
         last: dict = {}
         for rnd in range(1, s.num_rounds + 1):
+            check_stop()
             nodes = sorted(grid.get_node_ids()) or nodes
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)
@@ -479,7 +480,12 @@ class DataParallel(GlobalGANServer):
 
     def parse_grads(self, content: RecordDict, record: str, model: nn.Module) -> dict[str, torch.Tensor]:
         """A reply's gradients for ``model``: one per named trainable parameter, checked."""
-        return require_tensors(content, record, {n: p for n, p in model.named_parameters() if p.requires_grad})
+        grads = require_tensors(content, record, {n: p for n, p in model.named_parameters() if p.requires_grad})
+        norm = grads_norm(grads.values())
+        if norm > self.s.max_update_norm:
+            raise wire.BadReply(f"'{record}' has L2 norm {norm:.3g}, above run config 'max-update-norm' = "
+                                f"{self.s.max_update_norm:g}")
+        return grads
 
     def parse_content(self, content: RecordDict, model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
         """An alternating reply's gradients (one per named parameter of ``model``), count and metrics."""
@@ -509,16 +515,37 @@ class DataParallel(GlobalGANServer):
         """Average the clients' G gradients (weighted by the batch sizes asked for) and step G."""
         weights = [n for _, n, _ in replies]
         apply_gradients(self.G, self.opt_g, average_gradients([g for g, _, _ in replies], weights))
-        self.g_steps += 1
         return {"g_loss": weighted_mean([m["g_loss"] for _, _, m in replies], weights)}
+
+    def blame(self, rnd: int, ex, pick: Callable[[tuple], tuple], step: Callable[[list], dict],
+              model: nn.Module, opt: torch.optim.Optimizer, action: str) -> dict:
+        """Apply ``step`` to the replies of ``ex``; an update that would leave ``model`` or ``opt``
+        non-finite is rolled back and the node(s) whose gradients did it are dropped (their
+        replies alone break it), the rest applied. Returns the step's statistics."""
+        entries = {nid: pick(rep) for nid, rep in ex.replies.items()}
+        stats: dict = {}
+
+        def apply(nids: list[int]) -> None:
+            stats.clear()
+            stats.update(step([entries[n] for n in nids]))
+
+        blamed = apply_with_blame(apply, list(entries), [model], [opt])
+        for nid in blamed:
+            ex.replies.pop(nid, None)
+            ex.dropped[nid] = f"{action}: its gradients made the model or optimizer non-finite; update rolled back"
+            log.warning("dropping node %s this round: %s", nid, ex.dropped[nid])
+            self.dropped_total += 1
+        require_replies(rnd, ex, self.s.min_replies)
+        return stats
 
     # --- one round ----------------------------------------------------------------------
     def _exchange(self, grid: Grid, rnd: int, selected: list[int], mtype: str,
                   content: Callable[[], RecordDict], parse: Callable[[RecordDict], tuple]):
         msgs = {nid: make_message(content(), nid, mtype, rnd) for nid in selected}
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, reply: parse(reply.content))
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, reply: parse(reply.content),
+                      max_reply_mb=self.s.max_reply_mb)
         self.dropped_total += len(ex.dropped)
-        self.nodes.identify({nid: rep[-1] for nid, rep in ex.replies.items()})
+        self.nodes.identify({nid: rep[-1] for nid, rep in ex.replies.items()}, live=selected)
         for nid in selected:
             self.comm.add(rnd, nid, mtype, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
@@ -534,8 +561,12 @@ class DataParallel(GlobalGANServer):
         ex = self._exchange(grid, rnd, selected, DP_STEP, lambda: self.step_content(rnd, seed, want_g),
                             lambda content: self.parse_step(content, want_g))
         # both updates from the weights the clients received (simultaneous gradient descent)
-        d_stats = self.step_discriminator([(d, n, m) for d, _, n, m in ex.replies.values()])
-        g_stats = self.step_generator([(g, n, m) for _, g, n, m in ex.replies.values()]) if want_g else {}
+        d_stats = self.blame(rnd, ex, lambda r: (r[0], r[2], r[3]), self.step_discriminator, self.D, self.opt_d, DP_STEP)
+        g_stats = {}
+        if want_g:
+            g_stats = self.blame(rnd, ex, lambda r: (r[1], r[2], r[3]), self.step_generator, self.G, self.opt_g,
+                                 DP_STEP)
+            self.g_steps += 1
         clients: dict[str, dict] = {}
         for nid in self.nodes.order(ex.replies):
             _, _, n, m = ex.replies[nid]
@@ -562,14 +593,15 @@ class DataParallel(GlobalGANServer):
 
         ex_d = self._exchange(grid, rnd, selected, DP_DISCRIMINATOR, lambda: self.discriminator_content(rnd, seed_d),
                               parse(self.D, ("d_loss", "d_real_acc", "d_fake_acc")))
-        d_stats = self.step_discriminator(list(ex_d.replies.values()))
+        d_stats = self.blame(rnd, ex_d, lambda r: r, self.step_discriminator, self.D, self.opt_d, DP_DISCRIMINATOR)
         exchanges = [(DP_DISCRIMINATOR, ex_d)]
         g_stats: dict = {}
         ex_g = None
         if want_g:
             ex_g = self._exchange(grid, rnd, selected, DP_GENERATOR, lambda: self.generator_content(rnd, seed_g),
                                   parse(self.G, ("g_loss",)))
-            g_stats = self.step_generator(list(ex_g.replies.values()))
+            g_stats = self.blame(rnd, ex_g, lambda r: r, self.step_generator, self.G, self.opt_g, DP_GENERATOR)
+            self.g_steps += 1
             exchanges.append((DP_GENERATOR, ex_g))
 
         clients: dict[str, dict] = {}

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from strategies import wire
-from strategies.base import FederatedSettings, NodeBook, Recorder, exchange, sample_nodes
+from strategies.base import FederatedSettings, NodeBook, Recorder, apply_with_blame, exchange, grads_norm, log, sample_nodes
 from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, GlobalGANServer,
                                      load_weights, make_message, require_count, require_metrics, require_replies,
                                      require_tensors, weights_record)
@@ -139,8 +139,14 @@ class FedAvg(GlobalGANServer):
 
     def parse_content(self, content: RecordDict) -> tuple[ArrayRecord, ArrayRecord, int, dict]:
         """Both networks' weights (checked against the global ones), the example count, metrics."""
-        require_tensors(content, G_WEIGHTS, self.G.state_dict())
-        require_tensors(content, D_WEIGHTS, self.D.state_dict())
+        for record, model in ((G_WEIGHTS, self.G), (D_WEIGHTS, self.D)):
+            state = model.state_dict()
+            got = require_tensors(content, record, state)
+            norm = grads_norm(got[k].float() - state[k].detach().cpu().float() for k in got
+                              if state[k].is_floating_point())
+            if norm > self.s.max_update_norm:
+                raise wire.BadReply(f"'{record}' moved the weights by L2 norm {norm:.3g}, above run config "
+                                    f"'max-update-norm' = {self.s.max_update_norm:g}")
         metrics = wire.metrics_of(content)
         require_metrics(metrics, TRAIN_METRICS)
         return content.array_records[G_WEIGHTS], content.array_records[D_WEIGHTS], require_count(metrics), metrics
@@ -154,14 +160,22 @@ class FedAvg(GlobalGANServer):
     def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
         selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
         msgs = {nid: make_message(self.build_content(rnd), nid, FEDAVG, rnd) for nid in selected}
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_content(r.content))
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_content(r.content),
+                      max_reply_mb=self.s.max_reply_mb)
+        self.nodes.identify({nid: m for nid, (_, _, _, m) in ex.replies.items()}, live=selected)
+        require_replies(rnd, ex, self.s.min_replies)
+        # an average that would leave G or D non-finite is undone; the node(s) whose weights did it are dropped
+        blamed = apply_with_blame(lambda nids: self.aggregate([ex.replies[n] for n in nids]), list(ex.replies),
+                                  [self.G, self.D])
+        for nid in blamed:
+            del ex.replies[nid]
+            ex.dropped[nid] = "its weights made the averaged model non-finite; update rolled back"
+            log.warning("dropping node %s this round: %s", nid, ex.dropped[nid])
         self.dropped_total += len(ex.dropped)
-        self.nodes.identify({nid: m for nid, (_, _, _, m) in ex.replies.items()})
         for nid in selected:
             self.comm.add(rnd, nid, FEDAVG, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
         require_replies(rnd, ex, self.s.min_replies)
-        self.aggregate(list(ex.replies.values()))
         clients = {}
         for nid in self.nodes.order(ex.replies):
             _, _, n, m = ex.replies[nid]

@@ -28,7 +28,8 @@ from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
 from strategies import client_eval
-from strategies.base import FederatedSettings, NodeBook, Recorder, exchange, log, sample_nodes, should, wait_for_nodes
+from strategies.base import (FederatedSettings, NodeBook, Recorder, check_stop, exchange, log, sample_nodes, should,
+                             wait_for_nodes)
 from strategies.dataparallel import make_message, param_dtype, require_metrics, require_replies, seeded_models
 
 ALONE = "train.alone"
@@ -202,9 +203,10 @@ class Local:
     def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
         selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
         msgs = {nid: make_message(self.train_content(rnd), nid, ALONE, rnd) for nid in selected}
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_train(r.content))
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_train(r.content),
+                      max_reply_mb=self.s.max_reply_mb)
         self.dropped_total += len(ex.dropped)
-        self.nodes.identify(dict(ex.replies))
+        self.nodes.identify(dict(ex.replies), live=selected)
         for nid, m in ex.replies.items():
             self.steps_of[nid] = int(m["steps_total"])
         for nid in selected:
@@ -232,7 +234,8 @@ class Local:
         """
         nodes = self.nodes.order(self.steps_of)
         msgs = {nid: make_message(self.sample_content(rnd, n, sample_seed), nid, ALONE_SAMPLE, rnd) for nid in nodes}
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_samples(r.content, n))
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda nid, r: self.parse_samples(r.content, n),
+                      max_reply_mb=self.s.max_reply_mb)
         self.dropped_total += len(ex.dropped)
         for nid in nodes:
             self.sample_comm.add(rnd, nid, ALONE_SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
@@ -254,6 +257,7 @@ class Local:
         last: dict = {}
         evaluation: dict = {}
         for rnd in range(1, s.num_rounds + 1):
+            check_stop()
             nodes = sorted(grid.get_node_ids()) or nodes
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)

@@ -45,7 +45,7 @@ from torch import nn
 from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
-from strategies.base import Recorder, RunFailed, check_identities, exchange, log, wait_for_nodes
+from strategies.base import Recorder, RunFailed, check_identities, check_stop, exchange, log, wait_for_nodes
 from strategies.mggan_rules import (LearningRateController, RegroupSchedule, group_lr_max, period_a_end,
                                     random_derangement, regroup_anchor)
 
@@ -300,6 +300,7 @@ class MGGANSettings:
     min_replies: int = 1
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
+    max_reply_mb: float = 256.0
     eval_every: int = 0
     eval_samples: int = 2500
     seed: int = 0
@@ -449,7 +450,8 @@ class MGGAN:
                 content.update(self.pending_d.pop(nid))
                 d_down[nid] = self._d_bytes(content)
             messages[nid] = self._message(nid, LOCAL, rnd, content)
-        ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self._parse_local(steps, wants_d))
+        ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self._parse_local(steps, wants_d),
+                      max_reply_mb=self.s.max_reply_mb)
         self.dropped_total += len(ex.dropped)
         if not self.identified and ex.replies:   # the first exchange: nodes must be told apart
             check_identities(dict(ex.replies))
@@ -499,7 +501,7 @@ class MGGAN:
             self._check_d(reply.content)
             return reply.content
 
-        ex = exchange(grid, get, timeout=self.s.round_timeout, parse=parse)
+        ex = exchange(grid, get, timeout=self.s.round_timeout, parse=parse, max_reply_mb=self.s.max_reply_mb)
         d_up = {nid: self._d_bytes(c) for nid, c in ex.replies.items()}
         self._log_exchange(rnd, nodes, GET_D, ex, {}, d_up)
         return dict(ex.replies)
@@ -533,7 +535,7 @@ class MGGAN:
                 raise wire.BadReply("samples have the wrong count or hold NaN/Inf")
             return x
 
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=parse)
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=parse, max_reply_mb=self.s.max_reply_mb)
         for nid in nodes:  # scoring traffic: logged apart from the training totals
             self.eval_comm.add(rnd, nid, SAMPLE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                                group=self.group_of[nid], dropped=nid in ex.dropped, phase="eval")
@@ -557,6 +559,7 @@ class MGGAN:
         last: dict = {}
         evaluation: dict = {}
         for rnd in range(1, self.s.num_rounds + 1):
+            check_stop()
             t0 = time.monotonic()
             record, returned = self.train_round(grid, rnd, nodes)
             self.maybe_start_schedule()

@@ -44,7 +44,8 @@ from models.losses import generator_loss, make_optimizer
 from models.steps import (discriminator_step, forward_keeping_buffers, generator_feedback, jrlf_feedback,
                           sample_latent, train_gan_step)
 from strategies import client_eval, wire
-from strategies.base import NodeBook, Recorder, RunFailed, exchange, log, sample_nodes, should, wait_for_nodes
+from strategies.base import (NodeBook, Recorder, RunFailed, check_identities, check_stop, exchange, guarded_update, log,
+                             sample_nodes, should, wait_for_nodes)
 
 
 # =====================================================================================
@@ -255,6 +256,8 @@ class PrivacyGANSettings:
     min_replies: int = 1
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
+    max_reply_mb: float = 256.0
+    max_feedback_norm: float = 1000.0   # per-sample L2 bound on the feedback as sent (B * dL/dx)
     fakes_dtype: str = "float32"
     feedback_dtype: str = "float32"
     student_init: str = "teacher"
@@ -366,9 +369,11 @@ class PrivacyGAN:
     def parse_content(self, content: RecordDict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Labels (K, B), decoded feedback (K, B, *sample) and metrics of a reply; BadReply if unusable."""
         K, B = self.s.steps_per_round, self.s.batch_size
-        labels = wire.require_array(content, wire.REPLY, wire.LABELS, (K, B), "float32")
+        wire.require_only(content, {wire.REPLY: {wire.LABELS, wire.FEEDBACK}, wire.METRICS: None})
+        labels = wire.require_labels(wire.require_array(content, wire.REPLY, wire.LABELS, (K, B), "float32"))
         fb = wire.require_array(content, wire.REPLY, wire.FEEDBACK, (K, B, *self.sample_shape),
                                 self.s.feedback_dtype)
+        wire.require_norm(fb, "reply.feedback", self.s.max_feedback_norm, sample_dims=len(self.sample_shape))
         metrics = wire.metrics_of(content)
         for key in ("d_loss", "d_real_acc", "d_fake_acc", "d_steps_total"):
             if key not in metrics:
@@ -381,31 +386,36 @@ class PrivacyGAN:
         messages, latents = {}, {}
         for nid in selected:
             messages[nid], latents[nid] = self.build_message(grid, nid, rnd)
-        ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self.parse_reply)
-        self.dropped_total += len(ex.dropped)
-        self.nodes.identify({nid: metrics for nid, (_, _, metrics) in ex.replies.items()})
-        for nid in selected:
-            self.comm.add(rnd, nid, wire.DISCRIMINATE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
-                          partition=self.partition_of.get(nid), dropped=nid in ex.dropped)
-        if len(ex.replies) < self.s.min_replies:
-            reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
-            raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
-                            f"{self.s.min_replies} ({reasons})")
+        ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self.parse_reply,
+                      max_reply_mb=self.s.max_reply_mb)
+        self.nodes.identify({nid: metrics for nid, (_, _, metrics) in ex.replies.items()}, live=nodes)
+        self.require_enough(rnd, ex)
 
         clients: dict[str, dict] = {}
+        rolled_back: list[int] = []
         rejoined = self.adopt_rejoined(ex.replies, nodes)
-        for nid, (labels, feedback, metrics) in ex.replies.items():
+        for nid, (labels, feedback, metrics) in list(ex.replies.items()):
             if nid in rejoined:  # its feedback was for the fresh student's fakes: skip this one update
                 continue
             if self.s.client_d_init == "teacher":
                 self.d_init_sent.add(nid)
             G, opt = self.student(nid)
             z = latents[nid]
-            teacher_losses = []
-            for k in range(self.s.steps_per_round):
-                out = student_update(G, opt, z[k], feedback[k].to(self.device), self.teacher_d,
-                                     self.s.alpha, self.s.loss)
-                teacher_losses.append(out["g_loss_teacher"])
+            teacher_losses: list[float] = []
+
+            def update() -> None:
+                for k in range(self.s.steps_per_round):
+                    out = student_update(G, opt, z[k], feedback[k].to(self.device), self.teacher_d,
+                                         self.s.alpha, self.s.loss)
+                    teacher_losses.append(out["g_loss_teacher"])
+
+            # a bounded reply can still push G_i or its Adam moments past float range: undo it, blame this node
+            if not guarded_update(update, [G], [opt]):
+                del ex.replies[nid]
+                ex.dropped[nid] = "its feedback made the student generator or its optimizer non-finite; update rolled back"
+                log.warning("dropping node %s this round: %s", nid, ex.dropped[nid])
+                rolled_back.append(nid)
+                continue
             local = float(generator_loss(self.s.loss, labels))
             teacher = sum(teacher_losses) / len(teacher_losses)
             g_loss = local if self.s.alpha == 1.0 else self.s.alpha * local + (1 - self.s.alpha) * teacher
@@ -414,9 +424,15 @@ class PrivacyGAN:
                 "d_loss": metrics["d_loss"], "d_real_acc": metrics["d_real_acc"],
                 "d_fake_acc": metrics["d_fake_acc"], "d_steps_total": int(metrics["d_steps_total"]),
             }
-        mean = lambda key: sum(c[key] for c in clients.values()) / len(clients)  # noqa: E731
+        self.dropped_total += len(ex.dropped)
+        for nid in selected:
+            self.comm.add(rnd, nid, wire.DISCRIMINATE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
+                          partition=self.partition_of.get(nid), dropped=nid in ex.dropped)
+        self.require_enough(rnd, ex)
+        mean = lambda key: sum(c[key] for c in clients.values()) / max(1, len(clients))  # noqa: E731
         return {
-            "round": rnd, "round_time": time.monotonic() - t0,
+            "round": rnd, "round_time": time.monotonic() - t0, "rolled_back": rolled_back,
+            "late_replies": {str(n): round(age, 1) for n, age in ex.late.items()},
             "g_loss": mean("g_loss"), "d_loss": mean("d_loss"),
             "d_real_acc": mean("d_real_acc"), "d_fake_acc": mean("d_fake_acc"),
             "replies": len(ex.replies), "dropped": len(ex.dropped),
@@ -424,6 +440,12 @@ class PrivacyGAN:
             "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
             "clients": clients,
         }
+
+    def require_enough(self, rnd: int, ex) -> None:
+        if len(ex.replies) < self.s.min_replies:
+            reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
+            raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
+                            f"{self.s.min_replies} ({reasons})")
 
     def adopt_rejoined(self, replies: dict, nodes: list[int]) -> set[int]:
         """A node that reports the partition of a node that has left (a restarted SuperNode
@@ -522,8 +544,12 @@ class PrivacyGAN:
         """Ask every node its partition id (``query.info``) and hand it its restored student."""
         msgs = {nid: Message(content=RecordDict({wire.CONFIG: ConfigRecord({"round": self.start_round})}),
                              dst_node_id=nid, message_type=wire.INFO, group_id="resume") for nid in nodes}
-        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda n, r: wire.metrics_of(r.content))
+        ex = exchange(grid, msgs, timeout=self.s.round_timeout, parse=lambda n, r: wire.metrics_of(r.content),
+                      max_reply_mb=self.s.max_reply_mb)
         self.control_bytes += sum(ex.bytes_down.values()) + sum(ex.bytes_up.values())
+        if ex.replies:   # two nodes claiming one partition would split one client's student
+            check_identities(ex.replies)
+            self.nodes.identified = True
         for nid in nodes:
             info = ex.replies.get(nid, {})
             key = ("p", int(info["partition_id"])) if "partition_id" in info else ("n", nid)
@@ -551,6 +577,7 @@ class PrivacyGAN:
             self.adopt_restored(grid, nodes)
         last: dict = {}
         for rnd in range(self.start_round, self.s.num_rounds + 1):
+            check_stop()
             nodes = sorted(grid.get_node_ids()) or nodes
             t0 = time.monotonic()
             record = self.run_round(grid, rnd, nodes)

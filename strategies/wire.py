@@ -163,6 +163,44 @@ def require_array(content: RecordDict, record: str, key: str, shape: tuple[int, 
     return t
 
 
+LABEL_LIMIT = 1e6  # |label| bound: D outputs are probabilities or logits/critic values far below this
+
+
+def require_labels(t: torch.Tensor, what: str = "labels", limit: float = LABEL_LIMIT) -> torch.Tensor:
+    """BadReply when any label's magnitude exceeds ``limit`` (finite but absurd)."""
+    if t.numel() and float(t.detach().abs().max()) > limit:
+        raise BadReply(f"'{what}' holds a value of magnitude {float(t.abs().max()):.3g} > {limit:g}")
+    return t
+
+
+def require_norm(t: torch.Tensor, what: str, limit: float, sample_dims: int | None = None,
+                 key: str = "max-feedback-norm") -> torch.Tensor:
+    """BadReply when the L2 norm of ``t`` (of each sample's last ``sample_dims`` dimensions
+    when given) exceeds ``limit``, the run config key ``key``."""
+    x = t.detach().to(torch.float64)
+    if sample_dims is None:
+        norm = float(x.norm())
+    else:
+        norm = float(x.reshape(*x.shape[: x.dim() - sample_dims], -1).norm(dim=-1).max()) if x.numel() else 0.0
+    if not math.isfinite(norm) or norm > limit:
+        per = " per sample" if sample_dims is not None else ""
+        raise BadReply(f"'{what}' has L2 norm{per} {norm:.3g}, above run config '{key}' = {limit:g}")
+    return t
+
+
+def require_only(content: RecordDict, allowed: dict[str, set[str] | None]) -> None:
+    """BadReply when a reply carries a record, or an array in a record, the protocol does not name
+    (``allowed``: record name -> allowed keys, None = any key)."""
+    for name, rec in content.items():
+        if name not in allowed:
+            raise BadReply(f"unexpected record '{name}'")
+        keys = allowed[name]
+        if keys is not None:
+            extra = sorted(set(rec.keys()) - keys)
+            if extra:
+                raise BadReply(f"unexpected entr(ies) {', '.join(map(repr, extra))} in record '{name}'")
+
+
 def metrics_of(content: RecordDict) -> dict[str, float]:
     """The reply's metrics as plain floats (empty when absent); non-finite values rejected."""
     if METRICS not in content.metric_records:
@@ -181,6 +219,7 @@ __all__ = [
     "DISCRIMINATE", "INFO", "FAKES", "CONFIG", "D_INIT", "REPLY", "LABELS", "FEEDBACK", "METRICS",
     "FAKE_DTYPES", "FEEDBACK_DTYPES", "encode_fakes", "decode_fakes", "encode_feedback",
     "decode_feedback", "tensor_record", "get_tensor", "record_bytes", "message_bytes",
-    "array_bytes", "NPY_HEADER_BYTES", "CommLog", "BadReply", "require_array", "metrics_of",
+    "array_bytes", "NPY_HEADER_BYTES", "CommLog", "BadReply", "require_array", "metrics_of", "require_labels",
+    "require_norm", "require_only", "LABEL_LIMIT",
     "ConfigRecord", "MetricRecord", "RecordDict", "ArrayRecord",
 ]
