@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "UNREADABLE", "MAX_UNREADABLE_SHARE",
     "ArrayDataset",
     "CIFAR10_CLASSES",
     "DATASETS",
@@ -353,6 +354,13 @@ def _resolve_layout(
     )
 
 
+# Image files that could not be decoded, per (path, split): (skipped, total, first names).
+# The app reports them at load and in summary.md; more than MAX_UNREADABLE_SHARE fails the load.
+UNREADABLE: dict[tuple[str, str], tuple[int, int, list[str]]] = {}
+MAX_UNREADABLE_SHARE = 0.10
+_LAST_SKIPPED: list[str] = []
+
+
 def _decode_files(
     layout: _Layout,
     read_bytes,
@@ -363,6 +371,7 @@ def _decode_files(
     """Decode the files of ``layout``; returns uint8 NHWC images, labels, skipped."""
     from PIL import Image
 
+    _LAST_SKIPPED.clear()
     files = list(layout.files)
     if limit_per_class > 0:
         taken: dict[int, int] = {}
@@ -386,6 +395,8 @@ def _decode_files(
                 arr = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             skipped += 1
+            if len(_LAST_SKIPPED) < 3:
+                _LAST_SKIPPED.append("/".join(parts))
             continue
         out[n] = arr.reshape(image_size, image_size, channels)
         labels[n] = label
@@ -433,11 +444,20 @@ def _load_image_source(
             f"{name}: {path!r} is neither a folder nor a zip archive"
         )
     images, labels, skipped = decoded
+    examples, _LAST_SKIPPED[:] = list(_LAST_SKIPPED), []
     if images.shape[0] == 0:
         raise DataError(
             f"{name}: none of the {skipped} image files for split {split!r} "
             f"under {path!r} could be decoded"
         )
+    if skipped:
+        total = skipped + images.shape[0]
+        UNREADABLE[(str(path), split)] = (skipped, total, examples)
+        what = (f"{name}: {skipped} of {total} image files for split {split!r} under {path!r} could not be "
+                f"decoded (e.g. {', '.join(examples)})")
+        if skipped / total > MAX_UNREADABLE_SHARE:
+            raise DataError(f"{what}; more than {MAX_UNREADABLE_SHARE:.0%} unreadable, refusing to train on the rest")
+        print(f"[fedgan] WARNING {what}; skipped", flush=True)
     return ArrayDataset(
         x=_to_unit_range(_uint8_nhwc_to_unit(images)),
         y=torch.from_numpy(labels),

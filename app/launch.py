@@ -112,12 +112,47 @@ def with_output_dir(run_config: str, cwd: Path) -> str:
     return f"{run_config} output-dir={json.dumps(str(cwd / 'fedgan-output'))}".strip()
 
 
+def run_config_overrides(run_config: str) -> dict[str, object]:
+    """``"alpha=0.8 dataset='digits'"`` as a dict, values read as TOML (as ``flwr run`` does);
+    ValueError naming the piece that is not ``key=value``."""
+    import tomllib
+
+    out: dict[str, object] = {}
+    for piece in shlex.split(run_config, posix=False):
+        if "=" not in piece:
+            raise ValueError(f"--run-config piece {piece!r}: expected key=value")
+        key, value = piece.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip("'\"")
+    return out
+
+
+def check_run_config(run_config: str) -> str | None:
+    """None when the overrides parse into a valid Config, else the one-line reason (naming the key)."""
+    from app.config import ConfigError, parse_config
+
+    try:
+        parse_config(run_config_overrides(run_config))
+    except (ConfigError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fedgan-run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-config", default="", help='overrides, e.g. "alpha=0.8 num-rounds=50" (strings quoted)')
-    p.add_argument("--num-supernodes", type=int, default=5, help="simulated clients (default 5)")
-    p.add_argument("--cpus-per-client", type=int, default=1)
+    p.add_argument("--num-supernodes", type=_positive, default=5, help="simulated clients (default 5)")
+    p.add_argument("--cpus-per-client", type=_positive, default=1)
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--flwr-home", default=str(PROJECT / ".flwr"), help="FLWR_HOME for the managed SuperLink")
     p.add_argument("--keep-superlink", action="store_true", help="leave the managed SuperLink running")
@@ -132,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     env = _env(Path(args.flwr_home).resolve())
     port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     run_config = with_output_dir(args.run_config, Path.cwd())
+    problem = check_run_config(run_config)
+    if problem is not None:   # Flower would only say "[code: 15] Invalid run configuration."
+        print(f"[fedgan-run] error: {problem}", file=sys.stderr, flush=True)
+        return 2
     cmd = build_command(run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client)
     if deployed:  # a SuperLink someone else runs: no federation (simulation) settings, nothing to stop
         cmd = ["flwr", "run", str(PROJECT), args.connection, "--stream"] + (

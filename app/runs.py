@@ -18,6 +18,8 @@ module never changes the global matplotlib backend and needs no display.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -117,6 +119,50 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class RunFolderError(OSError):
+    """A file or folder of the run cannot be written or read; the message is one line naming
+    the path and the cause."""
+
+
+_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied (not writable)", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system", errno.ENOTDIR: "a part of the path is a file, not a folder",
+           errno.ENOENT: "no such file or folder", errno.EISDIR: "it is a folder, not a file",
+           errno.EEXIST: "it exists and is not a folder"}
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """The cause of an OS error in a few words (errno first, else its own text)."""
+    if isinstance(exc, RunFolderError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _CAUSES:
+        return _CAUSES[exc.errno]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def ensure_writable_dir(path: str | Path, what: str = "output folder") -> Path:
+    """Create ``path`` (and its parents) and check a file can be written in it;
+    :class:`RunFolderError` in one line otherwise."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"{what} {path}: it exists and is not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fedgan-write-test.", dir=path)
+        try:
+            os.write(fd, b"0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except RunFolderError:
+        raise
+    except OSError as exc:
+        raise RunFolderError(f"{what} {path}: {describe_os_error(exc)}") from None
+    return path
+
+
 def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> Path:
     """Write a file through ``write(fileobj)`` so that ``path`` is never torn.
 
@@ -126,19 +172,26 @@ def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> Path:
     previous content of ``path`` (if any) is left untouched.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()   # serialize in memory first: a full disk then fails as an OS error naming the file
+    write(buffer)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise RunFolderError(f"cannot write {path}: {describe_os_error(exc)}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise RunFolderError(f"cannot write {path}: {describe_os_error(exc)}") from None
         raise
     _fsync_dir(path.parent)
     return path
@@ -211,8 +264,7 @@ class RunFolder:
         with unsafe characters replaced; if it already exists, ``-2``, ``-3``,
         ... is appended.  ``config`` is written to ``config.json``.
         """
-        runs_dir = resolve_output_dir(output_dir) / "runs"
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        runs_dir = ensure_writable_dir(resolve_output_dir(output_dir) / "runs")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         parts = [stamp, _sanitize(strategy), _sanitize(dataset)]
         if run_name:
@@ -227,10 +279,15 @@ class RunFolder:
                 break
             except FileExistsError:
                 suffix += 1
+            except OSError as exc:
+                raise RunFolderError(f"cannot create the run folder {candidate}: {describe_os_error(exc)}") from None
 
         run = cls(candidate)
-        run.samples_dir.mkdir(exist_ok=True)
-        run.checkpoints_dir.mkdir(exist_ok=True)
+        try:
+            run.samples_dir.mkdir(exist_ok=True)
+            run.checkpoints_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"cannot create folders in {candidate}: {describe_os_error(exc)}") from None
         text = json.dumps(_to_jsonable(dict(config)), indent=2, sort_keys=True, allow_nan=False)
         _atomic_write_bytes(run.path / cls.CONFIG, lambda fh: fh.write((text + "\n").encode()))
         return run
@@ -240,9 +297,12 @@ class RunFolder:
         """Attach to an existing run folder (e.g. to resume or re-plot)."""
         run = cls(path)
         if not run.path.is_dir():
-            raise FileNotFoundError(f"run folder does not exist: {run.path}")
-        run.samples_dir.mkdir(exist_ok=True)
-        run.checkpoints_dir.mkdir(exist_ok=True)
+            raise RunFolderError(f"run folder {run.path}: no such folder")
+        try:
+            run.samples_dir.mkdir(exist_ok=True)
+            run.checkpoints_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"run folder {run.path}: {describe_os_error(exc)}") from None
         return run
 
     # -- layout ------------------------------------------------------------ #
@@ -254,6 +314,11 @@ class RunFolder:
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    def write_config(self, config: dict) -> Path:
+        """Rewrite config.json (atomically), e.g. when a resumed run is extended."""
+        text = json.dumps(_to_jsonable(dict(config)), indent=2, sort_keys=True, allow_nan=False)
+        return _atomic_write_bytes(self.path / self.CONFIG, lambda fh: fh.write((text + "\n").encode()))
+
     def read_config(self) -> dict:
         """Return the content of config.json (empty dict if absent)."""
         cfg = self.path / self.CONFIG
@@ -264,10 +329,13 @@ class RunFolder:
         lines = [_dumps_line(r) + "\n" for r in records]
         if not lines:
             return
-        with open(self.path / name, "a", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                fh.flush()
+        try:
+            with open(self.path / name, "a", encoding="utf-8") as fh:
+                for line in lines:
+                    fh.write(line)
+                    fh.flush()
+        except OSError as exc:
+            raise RunFolderError(f"cannot write {self.path / name}: {describe_os_error(exc)}") from None
 
     def log_metrics(self, record: dict) -> None:
         """Append one record to metrics.jsonl (NaN/Inf are stored as null)."""

@@ -21,10 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, image_evaluator, make_discriminator, make_generator, optimizer_for
 from app.config import Config, ConfigError, config_from_context, parse_config, resolve_device
+from app import data as data_module
 from app.data import client_dataset, mode_means, partition_summary, server_dataset, test_dataset
 from app.metrics import EvaluatorMissing, density_plot, describe_scores, mode_metrics
-from app.runs import Progress, RunFolder, eval_sets
-from strategies.base import log
+from app.runs import Progress, RunFolder, describe_os_error, eval_sets
+from strategies.base import RunInterrupted, log
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
 from strategies.centralized import Centralized, CentralizedSettings
 from strategies.dataparallel import DataParallel, DataParallelSettings
@@ -46,10 +47,12 @@ class RunRecorder:
         self.folder = folder
         self.means = means
         self.start = time.monotonic()
+        self.rounds_logged = 0
         self._progress = Progress(total_rounds)
 
     def log_round(self, record: dict) -> None:
         self.folder.log_metrics({**record, "elapsed": time.monotonic() - self.start})
+        self.rounds_logged += 1
 
     def log_comm(self, rows: list[dict]) -> None:
         self.folder.log_comm(rows)
@@ -314,7 +317,11 @@ RUNNERS = {"privacygan": run_privacygan, "bpgan": run_bpgan, "mggan": run_mggan,
 
 
 def run(grid: Grid, cfg: Config) -> Path:
-    """Run one strategy end to end; returns the run folder. Raises if the run fails."""
+    """Run one strategy end to end; returns the run folder. Raises if the run fails.
+
+    A stop request (Ctrl-C / SIGTERM through ``simulations``) ends it at the next safe point
+    with summary.md saying "interrupted" and the round to resume from. A resume that fails
+    before any new round leaves the resumed run's files as they were."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     checkpoint = None
@@ -341,18 +348,38 @@ def run(grid: Grid, cfg: Config) -> Path:
             f"error of 1.9-2.7 % at K = 4 and up to 5.3 % at K = 8, measured by simulations/staleness.py). "
             f"steps-per-round=1 is exact")
     started = time.monotonic()
+    recorder = None
     try:
+        if cfg.dataset.startswith("imagefolder:"):   # unreadable files are counted (and too many refused) up front
+            test_dataset(cfg.data_spec())
+            server_dataset(cfg.data_spec())
         means = mode_means(cfg.dataset)[0] if geometry(cfg).kind == "mlp" else None
         recorder = RunRecorder(folder, cfg.num_rounds, means)
         result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder, checkpoint)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
         folder.plot_quality()
-        folder.write_summary(_summary(cfg, result, time.monotonic() - started, status="success"))
+        _write_summary_or_say(folder, _summary(cfg, result, time.monotonic() - started, status="success"))
+    except RunInterrupted as exc:
+        done = last_checkpoint_round(folder)
+        if done is None:
+            resume = "no checkpoint to resume from"
+        elif cfg.strategy == "privacygan":
+            resume = f"resume with --set resume={folder.path} (run config resume=\"{folder.path}\")"
+        else:
+            resume = "resuming is implemented for privacygan only"
+        note = f"{exc}; last checkpoint: " + (f"round {done}" if done is not None else "none") + f"; {resume}"
+        _write_summary_or_say(folder, _summary(cfg, {}, time.monotonic() - started, status="interrupted", error=note))
+        say(f"run INTERRUPTED: {note}")
+        return folder.path
     except BaseException as exc:
-        folder.write_summary(_summary(cfg, {}, time.monotonic() - started, status="failed",
-                                      error="".join(traceback.format_exception_only(type(exc), exc)).strip()))
-        say(f"run FAILED: {exc}")
-        say(f"results (partial) in {folder.path}")
+        error = (f"{describe_os_error(exc)}" if isinstance(exc, OSError)
+                 else "".join(traceback.format_exception_only(type(exc), exc)).strip())
+        if checkpoint is not None and not _wrote_rounds(recorder):
+            say(f"resume FAILED before any new round: {error}; the run's files are unchanged")
+        else:
+            _write_summary_or_say(folder, _summary(cfg, {}, time.monotonic() - started, status="failed", error=error))
+            say(f"run FAILED: {error}")
+            say(f"results (partial) in {folder.path}")
         raise
     finally:
         log.removeHandler(handler)
@@ -361,35 +388,98 @@ def run(grid: Grid, cfg: Config) -> Path:
     return folder.path
 
 
-def open_for_resume(cfg: Config) -> tuple[RunFolder, Config, dict]:
-    """The run folder named by ``resume``, its own config and its last checkpoint.
+def _wrote_rounds(recorder: "RunRecorder | None") -> bool:
+    return recorder is not None and recorder.rounds_logged > 0
 
-    Records written after that checkpoint are removed from metrics.jsonl and comm.jsonl
-    (those rounds run again). A checkpoint that cannot be read in full is never used.
-    """
+
+def _write_summary_or_say(folder: RunFolder, text: str) -> None:
+    """summary.md, or one line saying why it could not be written (the run's real error wins)."""
+    try:
+        folder.write_summary(text)
+    except OSError as exc:
+        say(f"could not write summary.md: {describe_os_error(exc)}")
+
+
+def last_checkpoint_round(folder: RunFolder) -> int | None:
+    """The round of checkpoints/server.pt, or None when there is none (or it is unreadable)."""
+    if not (folder.path / "checkpoints" / "server.pt").is_file():
+        return None
+    try:
+        return int(folder.load_checkpoint("server.pt")["round"])
+    except Exception:
+        return None
+
+
+def inspect_resume(cfg: Config) -> tuple[RunFolder, Config, dict, int]:
+    """Everything ``resume`` needs, read without changing a file: the run folder, its own
+    config (with ``num-rounds`` given alongside ``resume`` applied: a value other than the
+    default extends or ends the run there, and must exceed the checkpoint's round), its last
+    checkpoint and that checkpoint's round. ConfigError naming the key for any misfit: not a
+    run folder, no or an unreadable checkpoint, nothing left to do, networks that do not fit."""
     path = Path(cfg.resume).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"run config 'resume' = {cfg.resume!r}: not a run folder (no config.json there)")
-    folder = RunFolder.open(path)
-    saved = parse_config({**json.loads((path / "config.json").read_text()), "resume": str(path)})
+    try:
+        saved_raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"run config 'resume' = {cfg.resume!r}: config.json is unreadable ({exc})") from None
+    saved = parse_config({**saved_raw, "resume": str(path)})
     if not (path / "checkpoints" / "server.pt").is_file():
         raise ConfigError(f"run config 'resume' = {cfg.resume!r}: no checkpoints/server.pt to resume from")
+    folder = RunFolder(path)
     try:
         checkpoint = folder.load_checkpoint("server.pt")
         done = int(checkpoint["round"])
     except Exception as exc:  # a torn or foreign file: refuse rather than load part of it
         raise ConfigError(f"run config 'resume' = {cfg.resume!r}: checkpoints/server.pt is unreadable "
-                          f"({type(exc).__name__}: {exc}); not resuming from it") from exc
+                          f"({type(exc).__name__}: {exc}); not resuming from it") from None
+    given = cfg.num_rounds != Config.num_rounds   # the default (pyproject's value) means "not given"
+    rounds = cfg.num_rounds if given else saved.num_rounds
+    if rounds <= done:
+        raise ConfigError(f"run config 'num-rounds' = {rounds}: the run in {path} has already done {done} round(s); "
+                          f"give num-rounds > {done} with resume to extend it")
+    check_resumable(saved, checkpoint, path)
+    return folder, saved.replace(num_rounds=rounds), checkpoint, done
+
+
+def open_for_resume(cfg: Config) -> tuple[RunFolder, Config, dict]:
+    """:func:`inspect_resume`, then the changes a resume makes: config.json gets the new
+    ``num-rounds`` when it changed, and records written after the checkpoint are removed from
+    metrics.jsonl and comm.jsonl (those rounds run again)."""
+    folder, cfg_resumed, checkpoint, done = inspect_resume(cfg)
+    folder = RunFolder.open(folder.path)
+    if folder.read_config().get("num-rounds") != cfg_resumed.num_rounds:
+        say(f"resume: num-rounds {folder.read_config().get('num-rounds')} -> {cfg_resumed.num_rounds}")
+        folder.write_config({**folder.read_config(), "num-rounds": cfg_resumed.num_rounds})
     folder.keep_jsonl("metrics.jsonl", lambda rec: int(rec.get("round", 0)) <= done)
     folder.keep_jsonl("comm.jsonl", lambda rec: int(rec.get("round", 0)) <= done)
-    return folder, saved, checkpoint
+    return folder, cfg_resumed, checkpoint
+
+
+def check_resumable(cfg: Config, checkpoint: dict, path: Path) -> None:
+    """ConfigError unless every network in ``checkpoint`` loads into the networks ``cfg`` builds."""
+    try:
+        make_generator(cfg).load_state_dict(checkpoint["teacher_g"])
+        make_discriminator(cfg).load_state_dict(checkpoint["teacher_d"])
+        for blob in checkpoint["students"].values():
+            G = make_generator(cfg)
+            G.load_state_dict(blob["g"])
+            optimizer_for(cfg, G, cfg.lr_for(cfg.loss, cfg.server_gen_lr)).load_state_dict(blob["opt"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise ConfigError(f"run config 'resume' = {str(path)!r}: checkpoints/server.pt does not fit the run's "
+                          f"config ({type(exc).__name__}: {first}); not resuming from it") from None
 
 
 def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: str = "") -> str:
     lines = [f"# fedgan run: {cfg.strategy} on {cfg.dataset}", "", f"- status: **{status}**",
              f"- wall time: {seconds:.1f} s"]
     if error:
-        lines.append(f"- error: `{error}`")
+        lines.append(f"- {'stopped' if status == 'interrupted' else 'error'}: `{error}`")
+    for (path, split), (skipped, total, examples) in sorted(data_module.UNREADABLE.items()):
+        lines.append(f"- UNREADABLE: {skipped} of {total} image files of split {split!r} under {path} could not be "
+                     f"decoded and were skipped (e.g. {', '.join(examples)})")
     if result:
         last = result.get("last", {})
         lines += [
@@ -438,4 +528,4 @@ def make_server_app(config: Config | None = None) -> ServerApp:
 
 app = make_server_app()
 
-__all__ = ["app", "make_server_app", "run", "prepare_teacher", "RunRecorder"]
+__all__ = ["app", "make_server_app", "run", "inspect_resume", "open_for_resume", "prepare_teacher", "RunRecorder"]

@@ -10,20 +10,24 @@ same ServerApp/ClientApp code as ``flwr run .``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from typing import Callable
-
 from app.config import Config, ConfigError, parse_config
 from app.data import DataError
-from strategies.base import RunFailed
+from app.runs import RunFolderError, describe_os_error, ensure_writable_dir, resolve_output_dir
+from strategies.base import STOP, RunFailed
+
+INTERRUPTED_EXIT = 130   # the shell's code for a run stopped by SIGINT
 
 PROJECT = Path(__file__).resolve().parent.parent
 CONFIGS = PROJECT / "simulations" / "configs"
@@ -31,11 +35,76 @@ SHARED_CIFAR = (PROJECT.parent / "shared" / "data" / "cifar10_jpeg.zip")
 
 
 def read_experiment(path: str | Path) -> dict[str, Any]:
-    """Run-config keys from a YAML experiment file (a flat mapping)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """Run-config keys from a YAML experiment file (a flat mapping); ConfigError in one line
+    naming the file when it is missing, a folder, not UTF-8 text or not YAML."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"experiment file {path}: not UTF-8 text (a binary file?)") from None
+    except OSError as exc:
+        raise ConfigError(f"experiment file {path}: {describe_os_error(exc)}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"experiment file {path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"experiment file {path}: expected a mapping of run-config keys, got {type(data).__name__}")
     return {str(k): v for k, v in data.items()}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """While inside: the first SIGINT/SIGTERM asks the run to stop at its next safe point
+    (:data:`strategies.base.STOP`; the ServerApp writes summary.md "interrupted"), a second
+    one stops at once. Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.clear()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if STOP.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        STOP.set()
+        print(f"\n[fedgan] {signal.Signals(signum).name}: stopping at the next safe point (a few seconds); "
+              "press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def preflight(cfg: Config) -> None:
+    """Errors a user can fix, found before Ray starts: an output folder that cannot be
+    written, a run to resume that is not there."""
+    if cfg.resume:
+        from app.server_app import inspect_resume
+
+        folder, _, _, _ = inspect_resume(cfg)
+        ensure_writable_dir(folder.path, "run folder to resume")
+    else:
+        ensure_writable_dir(resolve_output_dir(cfg.output_dir) / "runs", "output folder")
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -51,11 +120,11 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML experiment file of run-config keys")
-    p.add_argument("--clients", type=int, help="number of virtual clients (SuperNodes)")
-    p.add_argument("--rounds", type=int, help="num-rounds")
+    p.add_argument("--clients", type=positive_int, help="number of virtual clients (SuperNodes)")
+    p.add_argument("--rounds", type=positive_int, help="num-rounds")
     p.add_argument("--output-dir", help="where runs/ goes (default: ./fedgan-output)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="server and client device")
-    p.add_argument("--client-cpus", type=int, default=1, help="CPUs per virtual client (Ray resources)")
+    p.add_argument("--client-cpus", type=positive_int, default=1, help="CPUs per virtual client (Ray resources)")
     p.add_argument("--client-gpus", type=float, default=None,
                    help="GPUs per virtual client (fractional; default 0 on CPU machines, 1/clients with CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -89,13 +158,28 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     if client_gpus > 0 and not torch.cuda.is_available():
         raise ConfigError("--client-gpus > 0 but no CUDA device is visible")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's C++ crash handler would take SIGTERM from us (and abort); stop_on_signals handles it
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     # one BLAS/OpenMP thread per CPU a virtual client is given (the actors inherit this)
     os.environ.setdefault("OMP_NUM_THREADS", str(client_cpus))
     logging.getLogger("flwr").setLevel(logging.WARNING)
+    preflight(cfg)
     before = _runs(cfg)
     started = time.monotonic()
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=num_clients,
-                   backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}})
+    with stop_on_signals():
+        try:
+            run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+                           num_supernodes=num_clients,
+                           backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}})
+        except SystemExit as exc:
+            # ray.init replaces our SIGTERM handler with one that exits the main thread; the
+            # simulation engine has stopped by now, so ask the ServerApp to stop and let it
+            # write its summary
+            if exc.code != signal.SIGTERM:
+                raise
+            STOP.set()
+            print("\n[fedgan] SIGTERM: stopping", file=sys.stderr, flush=True)
+            _join_other_threads(timeout=60.0)
     new = sorted(_runs(cfg) - before)
     if cfg.resume:
         folder = Path(cfg.resume).expanduser().resolve()   # a resumed run continues in its own folder
@@ -105,6 +189,14 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
         raise RuntimeError("the simulation finished without creating a run folder")
     print(f"[fedgan] simulation wall time {time.monotonic() - started:.1f} s; run folder: {folder}", flush=True)
     return folder
+
+
+def _join_other_threads(timeout: float) -> None:
+    """Wait (bounded) for the threads still running, e.g. the ServerApp finishing its summary."""
+    deadline = time.monotonic() + timeout
+    for th in threading.enumerate():
+        if th is not threading.current_thread() and not th.daemon:
+            th.join(max(0.0, deadline - time.monotonic()))
 
 
 def _runs(cfg: Config) -> set[Path]:
@@ -121,7 +213,12 @@ def run_from_args(load_base: Callable[[], dict[str, Any]], args: argparse.Namesp
         cfg = build_config(load_base(), args, flag_keys)
         simulate(cfg, args.clients or max(cfg.min_nodes, default_clients), client_cpus=args.client_cpus,
                  client_gpus=args.client_gpus)
-    except (ConfigError, DataError, RunFailed) as exc:
+    except (ConfigError, DataError, RunFailed, RunFolderError) as exc:
         print(f"[fedgan] error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print("[fedgan] stopped at once (second Ctrl-C)", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
+    if STOP.is_set():
+        return INTERRUPTED_EXIT
     return 0

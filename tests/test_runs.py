@@ -94,7 +94,7 @@ def test_create_appends_counter_when_name_exists(tmp_path, monkeypatch):
 
 
 def test_open_missing_folder_raises(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(OSError, match="no such folder"):
         RunFolder.open(tmp_path / "nope")
 
 
