@@ -1,0 +1,630 @@
+"""The fault matrix of issue #16: what careless users and hostile or slow clients do, and what
+the run must do about it. Each test reproduces one row of the issue's table (or a case next to
+it) and checks the outcome: the reply dropped with its reason, the model untouched, the run
+going on, one line naming the path or the key, nothing merged, nothing left running."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from flwr.app import MetricRecord, RecordDict
+from torch import nn
+
+from app.config import ConfigError, parse_config
+from models import DCGANDiscriminator, DCGANGenerator
+from strategies import wire
+from strategies.base import (NodeBook, NullRecorder, RunFailed, _last_line, apply_with_blame, exchange,
+                             guarded_update)
+from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, client_discriminate
+
+PROJECT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SIDE, C, NZ, F = 16, 1, 8, 8
+
+
+# --------------------------------------------------------------------------------------------
+# An in-process grid with Flower's push/pull interface: a node can answer at once, late, or never
+# --------------------------------------------------------------------------------------------
+class Reply:
+    def __init__(self, content, reply_to, src):
+        self.content = content
+        self.metadata = SimpleNamespace(reply_to_message_id=reply_to, src_node_id=src)
+
+    def has_error(self):
+        return False
+
+
+class LoopGrid:
+    """``handler(nid, content) -> RecordDict``; nodes in ``hold`` keep their replies until released."""
+
+    def __init__(self, nodes, handler):
+        self.nodes, self.handler = list(nodes), handler
+        self.hold: set[int] = set()
+        self.ready, self.held, self.sent = {}, {}, []
+        self._ids = itertools.count(1)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid, nid = f"m{next(self._ids)}", m.metadata.dst_node_id
+            self.sent.append(nid)
+            reply = Reply(self.handler(nid, m.content), mid, nid)
+            (self.held if nid in self.hold else self.ready)[mid] = reply
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.ready.pop(mid) for mid in list(message_ids) if mid in self.ready]
+
+    def release(self):
+        self.ready.update(self.held)
+        self.held.clear()
+
+
+class FakeMessage:
+    """What a server builds before Flower sends it (a real Message needs a running Flower run)."""
+
+    def __init__(self, content, dst_node_id, message_type, group_id=""):
+        self.content = content
+        self.metadata = SimpleNamespace(dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def has_error(self):
+        return False
+
+
+@pytest.fixture(autouse=True)
+def server_side_messages(monkeypatch, request):
+    """Unit tests build messages without a Flower run; the end-to-end ones use Flower's own."""
+    import strategies.privacygan as privacygan_module
+
+    if request.node.get_closest_marker("e2e") is None:
+        monkeypatch.setattr(privacygan_module, "Message", FakeMessage)
+
+
+def info(nid):
+    return FakeMessage(content=RecordDict(), dst_node_id=nid, message_type=wire.INFO, group_id="t")
+
+
+def test_a_straggler_gets_no_new_message_until_it_answers_and_its_late_reply_is_discarded():
+    calls = {1: 0, 2: 0, 3: 0}
+
+    def handler(nid, content):
+        calls[nid] += 1
+        return RecordDict({wire.METRICS: MetricRecord({"call": float(calls[nid])})})
+
+    grid = LoopGrid([1, 2, 3], handler)
+    grid.hold = {2}
+    parse = lambda nid, r: wire.metrics_of(r.content)  # noqa: E731
+    ex1 = exchange(grid, {n: info(n) for n in (1, 2, 3)}, timeout=0.3, parse=parse, poll=0.01)
+    assert set(ex1.replies) == {1, 3} and "no reply within" in ex1.dropped[2]
+    ex2 = exchange(grid, {n: info(n) for n in (1, 2, 3)}, timeout=0.3, parse=parse, poll=0.01)
+    assert set(ex2.replies) == {1, 3} and "still busy" in ex2.dropped[2]
+    assert grid.sent.count(2) == 1 and ex2.bytes_down.get(2) is None     # nothing new queued for it
+    grid.hold.clear()
+    grid.release()                                                       # the late reply arrives
+    ex3 = exchange(grid, {n: info(n) for n in (1, 2, 3)}, timeout=0.3, parse=parse, poll=0.01)
+    assert 2 in ex3.late and set(ex3.replies) == {1, 2, 3} and not ex3.dropped
+    assert ex3.replies[2] == {"call": 2.0}        # the fresh reply is used, the late one (call 1) is not
+
+
+def test_a_reply_over_max_reply_mb_is_dropped_unread():
+    big = torch.zeros(600_000)   # 2.4 MB
+    grid = LoopGrid([1, 2], lambda nid, c: RecordDict(
+        {wire.METRICS: MetricRecord({"x": 1.0}), **({"extra": wire.tensor_record(extra=big)} if nid == 2 else {})}))
+    seen = []
+    ex = exchange(grid, {n: info(n) for n in (1, 2)}, timeout=1, parse=lambda n, r: seen.append(n) or 1,
+                  max_reply_mb=1.0, poll=0.01)
+    assert set(ex.replies) == {1} and seen == [1]
+    assert "exceeds run config 'max-reply-mb' = 1" in ex.dropped[2] and ex.bytes_up[2] > 2_400_000
+
+
+def test_the_last_line_of_a_client_error_has_no_stray_characters():
+    ray_text = "Traceback (most recent call last):\\n  File \"x.py\", line 3\\nValueError: bad shape (3, 4)\\n')\""
+    assert _last_line(ray_text) == "ValueError: bad shape (3, 4)"
+    assert _last_line("RuntimeError: boom\n") == "RuntimeError: boom"
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded replies and rolled-back updates
+# --------------------------------------------------------------------------------------------
+def nets(seed=0):
+    torch.manual_seed(seed)
+    return DCGANGenerator(NZ, C, SIDE, F), DCGANDiscriminator(C, SIDE, F)
+
+
+def privacygan(**kw):
+    G_T, D_T = nets()
+    s = PrivacyGANSettings(latent_dim=NZ, batch_size=8, samples_per_client=4, min_nodes=1, steps_per_round=2, **kw)
+    return PrivacyGAN(s, teacher_g=G_T, teacher_d=D_T, make_generator=lambda: DCGANGenerator(NZ, C, SIDE, F),
+                      make_gen_optimizer=lambda G: torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.5, 0.999)),
+                      recorder=NullRecorder(), sample_shape=(C, SIDE, SIDE))
+
+
+def honest_client(states):
+    data = torch.rand(40, C, SIDE, SIDE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def build():
+        torch.manual_seed(123)
+        return DCGANDiscriminator(C, SIDE, F)
+
+    def handle(nid, content):
+        return client_discriminate(content, states.setdefault(nid, RecordDict()),
+                                   sample_real=lambda b, g: data[torch.randint(len(data), (b,), generator=g)],
+                                   build_discriminator=build, disc_lr=1e-3, betas=(0.5, 0.999), device="cpu",
+                                   seed=0, partition_id=nid)
+    return handle
+
+
+def scaled_feedback(reply: RecordDict, factor: float) -> RecordDict:
+    rec = reply.array_records[wire.REPLY]
+    labels, fb = wire.get_tensor(rec, wire.LABELS), wire.get_tensor(rec, wire.FEEDBACK)
+    reply[wire.REPLY] = wire.tensor_record(**{wire.LABELS: labels, wire.FEEDBACK: fb * factor})
+    return reply
+
+
+def state_of(strat, nid):
+    """A student's weights and optimizer state (its BatchNorm statistics move whenever it makes fakes)."""
+    G, opt = strat.student(nid)
+    return ({k: p.detach().clone() for k, p in G.named_parameters()}, copy.deepcopy(opt.state_dict()["state"]))
+
+
+def same_state(a, b):
+    (ga, oa), (gb, ob) = a, b
+    if any(not torch.equal(ga[k], gb[k]) for k in ga) or oa.keys() != ob.keys():
+        return False
+    return all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+
+
+@pytest.mark.parametrize("factor", [1e30, 3e38 / 4])
+def test_privacygan_drops_feedback_above_max_feedback_norm_and_the_students_stay_as_they_were(factor):
+    """Rows 1-2 of the table: finite but huge feedback never reaches a student."""
+    strat = privacygan()
+    handle = honest_client({})
+    grid = LoopGrid([0, 1, 2], lambda nid, c: scaled_feedback(handle(nid, c), factor) if nid == 1 else handle(nid, c))
+    before = {n: state_of(strat, n) for n in (0, 1, 2)}
+    record = strat.run_round(grid, 1, [0, 1, 2])
+    assert "above run config 'max-feedback-norm' = 1000" in record["dropped_reasons"]["1"]
+    assert record["replies"] == 2 and strat.dropped_total == 1 and record["rolled_back"] == []
+    assert same_state(state_of(strat, 1), before[1])                       # the attacked student: untouched
+    assert not same_state(state_of(strat, 0), before[0]) and not same_state(state_of(strat, 2), before[2])
+    G1 = strat.students[1][0]
+    assert all(torch.isfinite(p).all() for p in G1.parameters())
+
+
+def test_an_update_that_would_break_a_student_is_rolled_back_and_blamed_on_its_sender():
+    """With the norm bound opened up, 1e30 feedback passes the checks but would turn the student's
+    Adam moments to inf: the update is undone and the reply counted as bad, others go through."""
+    strat = privacygan(max_feedback_norm=1e38)
+    handle = honest_client({})
+    grid = LoopGrid([0, 1, 2], lambda nid, c: scaled_feedback(handle(nid, c), 1e30) if nid == 2 else handle(nid, c))
+    before = {n: state_of(strat, n) for n in (0, 1, 2)}
+    record = strat.run_round(grid, 1, [0, 1, 2])
+    assert record["rolled_back"] == [2] and "rolled back" in record["dropped_reasons"]["2"]
+    assert record["replies"] == 2 and set(record["dropped_reasons"]) == {"2"}
+    assert same_state(state_of(strat, 2), before[2])
+    assert not same_state(state_of(strat, 0), before[0]) and not same_state(state_of(strat, 1), before[1])
+    # the next round goes on for everyone, honest node 2 included
+    grid.handler = handle
+    record2 = strat.run_round(grid, 2, [0, 1, 2])
+    assert record2["replies"] == 3 and not record2["dropped_reasons"]
+
+
+def test_apply_with_blame_finds_the_reply_that_overflows_and_applies_the_rest_exactly():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    w0 = model.weight.detach().clone()
+    grads = {1: torch.tensor([[1.0, 2.0, 3.0]]), 2: torch.full((1, 3), 3e38), 3: torch.tensor([[-1.0, 0.0, 1.0]])}
+
+    def apply(nids):
+        opt.zero_grad()
+        model.weight.grad = sum(grads[n] for n in nids) / len(nids)
+        opt.step()
+
+    assert apply_with_blame(apply, [1, 2, 3], [model], [opt]) == [2]
+    assert torch.equal(model.weight.detach(), w0 - 10.0 * (grads[1] + grads[3]) / 2)
+    assert guarded_update(lambda: apply([2]), [model], [opt]) is False
+    assert torch.equal(model.weight.detach(), w0 - 10.0 * (grads[1] + grads[3]) / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Node identity
+# --------------------------------------------------------------------------------------------
+def test_a_later_node_claiming_a_live_nodes_partition_is_kept_apart(caplog):
+    book = NodeBook()
+    book.identify({10: {"partition_id": 0}, 11: {"partition_id": 1}})
+    with caplog.at_level(logging.WARNING, logger="fedgan"):
+        book.identify({12: {"partition_id": 0}, 13: {"partition_id": -1}}, live=[10, 11, 12, 13])
+    assert book.partition_of == {10: 0, 11: 1}
+    assert book.label(12) == "node 12" and book.label(13) == "node 13" and book.label(10) == "client 0"
+    assert "claims partition 0, which node 10 holds" in caplog.text and "partition id -1" in caplog.text
+    # a node taking over the partition of a node that left is a rejoin
+    book.identify({14: {"partition_id": 1}}, live=[10, 14])
+    assert book.partition_of[14] == 1
+
+
+@pytest.mark.parametrize("pids, match", [((0, 0, 1), "all report partition id 0"),
+                                         ((0, -1, 1), "report partition id -1")])
+def test_a_run_whose_nodes_cannot_be_told_apart_is_refused_before_any_update(pids, match):
+    strat = privacygan()
+    handle = honest_client({})
+
+    def handler(nid, content):
+        reply = handle(nid, content)
+        reply[wire.METRICS] = MetricRecord({**dict(reply[wire.METRICS]), "partition_id": pids[nid]})
+        return reply
+
+    before = {n: state_of(strat, n) for n in (0, 1, 2)}
+    with pytest.raises(RunFailed, match=match):
+        strat.run_round(LoopGrid([0, 1, 2], handler), 1, [0, 1, 2])
+    assert all(same_state(state_of(strat, n), before[n]) for n in (0, 1, 2))
+
+
+def test_resume_refuses_two_nodes_claiming_one_partition():
+    strat = privacygan()
+    strat.restored = {("p", 0): {"g": strat.teacher_g.state_dict(), "opt": {}}}
+    grid = LoopGrid([5, 6], lambda nid, c: RecordDict({wire.METRICS: MetricRecord({"partition_id": 0.0})}))
+    with pytest.raises(RunFailed, match="all report partition id 0"):
+        strat.adopt_restored(grid, [5, 6])
+
+
+# --------------------------------------------------------------------------------------------
+# Validation gaps (row 11)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, match", [
+    ({"server-gen-lr": float("inf")}, "'server-gen-lr' = inf: expected a finite number"),
+    ({"alpha": "nan"}, "'alpha' = 'nan': expected a finite number"),
+    ({"batch-size": ""}, "'batch-size' is empty"),
+    ({"round-timeout": None}, "'round-timeout' is empty"),
+    ({"dataset": None}, "'dataset' = '' is not allowed"),
+    ({"max-feedback-norm": 0}, "'max-feedback-norm' = 0.0 is not allowed"),
+])
+def test_non_finite_and_empty_values_are_refused_naming_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)
+
+
+def test_fedgan_run_names_a_bad_key_before_flower_sees_it(capsys):
+    from app.launch import main
+
+    assert main(["--run-config", "alpa=0.8"]) == 2
+    assert "unknown run config key 'alpa'" in capsys.readouterr().err
+    assert main(["--run-config", "server-gen-lr=inf"]) == 2
+    assert "'server-gen-lr' = inf" in capsys.readouterr().err
+
+
+def cli(*args, timeout=120, **kw):
+    return subprocess.run([PY, *args], cwd=PROJECT, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_clients_below_one_are_refused_by_the_launcher():
+    out = cli("simulations/run.py", "--clients", "0")
+    assert out.returncode == 2 and "--clients: 0 must be at least 1" in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Files: experiment files, output folders, full disks, corrupt images (rows 5-6, 8-9)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, cause", [
+    (lambda d: d / "missing.yaml", "no such file or folder"),
+    (lambda d: d, "it is a folder, not a file"),
+    (lambda d: (d / "bin.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00") and d / "bin.yaml", "not UTF-8 text"),
+    (lambda d: (d / "bad.yaml").write_text("alpha: [0.5\nnum-rounds: 3\n") and d / "bad.yaml", "not valid YAML (line"),
+    (lambda d: (d / "list.yaml").write_text("- alpha\n- 0.5\n") and d / "list.yaml", "expected a mapping"),
+])
+def test_a_bad_experiment_file_is_one_line_naming_the_file(tmp_path, make, cause):
+    from simulations.common import read_experiment
+
+    path = make(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        read_experiment(path)
+    text = str(err.value)
+    assert text.startswith(f"experiment file {path}: ") and cause in text and "\n" not in text
+
+
+def test_the_launcher_reports_a_bad_experiment_file_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("alpha: [0.5\n")
+    out = cli("simulations/run.py", "--config", str(bad))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"experiment file {bad}: not valid YAML" in out.stderr
+
+
+@pytest.mark.parametrize("where, cause", [
+    (lambda d: (d / "file").write_text("x") and d / "file" / "out", "a part of the path is a file, not a folder"),
+    (lambda d: Path("/proc/1/fedgan-out"), None),
+])
+def test_an_output_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path, where, cause):
+    from app.runs import RunFolderError
+    from simulations.common import preflight
+
+    out_dir = where(tmp_path)
+    with pytest.raises(RunFolderError) as err:
+        preflight(parse_config({"output-dir": str(out_dir)}))
+    text = str(err.value)
+    assert text.startswith("output folder ") and str(out_dir) in text and "\n" not in text
+    if cause:
+        assert cause in text
+
+
+def test_the_launcher_refuses_an_unwritable_output_folder_before_starting(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = cli("simulations/run.py", "--output-dir", str(tmp_path / "file" / "out"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"[fedgan] error: output folder {tmp_path / 'file' / 'out'}/runs: "
+                                                  "a part of the path is a file, not a folder")
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 700 kB tmpfs (full-disk cases) and a read-only one; skipped where mounting is not allowed."""
+    mounts = []
+
+    def mount(name, options):
+        target = tmp_path / name
+        target.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({out.stderr.decode().strip()}); needs root in a container")
+        mounts.append(target)
+        return target
+
+    yield mount
+    for target in mounts:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_read_only_output_folder_is_one_line(small_mount):
+    from app.runs import RunFolderError
+    from simulations.common import preflight
+
+    ro = small_mount("ro", "ro,size=1m")
+    with pytest.raises(RunFolderError, match=r"^output folder .*/ro/runs: read-only file system$"):
+        preflight(parse_config({"output-dir": str(ro)}))
+
+
+def test_a_full_disk_names_the_file_and_the_last_checkpoint_survives(small_mount):
+    from app.runs import RunFolder, RunFolderError
+
+    disk = small_mount("full", "size=700k")
+    folder = RunFolder.create(disk, "privacygan", "digits", {"a": 1})
+    folder.save_checkpoint("server.pt", {"round": 1, "w": torch.zeros(1000)})
+    with pytest.raises(RunFolderError) as err:
+        folder.save_checkpoint("server.pt", {"round": 2, "w": torch.zeros(400_000)})   # 1.6 MB > 700 kB
+    assert str(err.value) == f"cannot write {folder.path / 'checkpoints' / 'server.pt'}: no space left on the device"
+    assert folder.load_checkpoint("server.pt")["round"] == 1
+    assert not [p for p in (folder.path / "checkpoints").iterdir() if p.name != "server.pt"]   # no temp file left
+
+
+def write_images(root: Path, n: int, corrupt: int) -> None:
+    from PIL import Image
+
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        if i < corrupt:
+            (d / f"{i}.png").write_bytes(b"not an image at all")
+        else:
+            Image.new("RGB", (8, 8), (i * 10 % 255, 0, 0)).save(d / f"{i}.png")
+
+
+def test_too_many_unreadable_images_stop_the_load_and_a_few_are_reported(tmp_path, capsys):
+    from app import data
+    from app.config import parse_config as parse
+    from app.server_app import _summary
+
+    write_images(tmp_path / "bad", 21, corrupt=9)
+    with pytest.raises(data.DataError, match=r"9 of 21 image files .* more than 10% unreadable"):
+        data.load_dataset(f"imagefolder:{tmp_path / 'bad'}")
+    write_images(tmp_path / "few", 21, corrupt=2)
+    ds = data.load_dataset(f"imagefolder:{tmp_path / 'few'}")
+    assert len(ds) == 19 and ds.skipped == 2
+    assert "2 of 21 image files" in capsys.readouterr().out
+    summary = _summary(parse({}), {}, 1.0, status="success")
+    assert f"UNREADABLE: 2 of 21 image files of split 'train' under {tmp_path / 'few'}" in summary
+
+
+# --------------------------------------------------------------------------------------------
+# Through Flower's simulation engine: hostile replies, stragglers (rows 1-3, 12)
+# --------------------------------------------------------------------------------------------
+TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 5, "samples-per-client": 4,
+        "sample-every": 0, "checkpoint-every": 1, "steps-per-round": 1, "node-wait-timeout": 60.0}
+
+
+def simulate(cfg, num_clients, mods, spread=False):
+    from flwr.simulation import run_simulation
+
+    from app.client_app import make_client_app
+    from app.runs import RunFolder
+    from app.server_app import make_server_app
+
+    # workers = CPUs / CPUs per client: with ``spread`` every client gets its own worker, so a
+    # sleeping node blocks no one (Ray accepts fractional CPUs)
+    backend = {"client_resources": {"num_cpus": (os.cpu_count() or 2) / num_clients if spread else 1,
+                                    "num_gpus": 0.0}}
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=list(mods)),
+                   num_supernodes=num_clients, backend_config=backend)
+    (run,) = sorted((Path(cfg.output_dir) / "runs").iterdir())
+    return RunFolder.open(run)
+
+
+@pytest.mark.e2e
+def test_hostile_replies_are_dropped_and_the_run_succeeds(tmp_path):
+    def hostile(msg, context, call_next):
+        reply = call_next(msg, context)
+        pid = int(context.node_config["partition-id"])
+        if msg.metadata.message_type == wire.DISCRIMINATE and not reply.has_error():
+            if pid == 1:
+                scaled_feedback(reply.content, 3e38 / 8)
+            if pid == 2:
+                reply.content["extra"] = wire.tensor_record(extra=torch.zeros(600_000))   # 2.4 MB
+        return reply
+
+    cfg = parse_config({**TINY, "num-rounds": 2, "min-nodes": 3, "max-reply-mb": 1.0,
+                        "output-dir": str(tmp_path / "out")})
+    folder = simulate(cfg, 3, [hostile])
+    assert "status: **success**" in (folder.path / "summary.md").read_text()
+    rounds = folder.read_jsonl("metrics.jsonl")
+    assert [r["replies"] for r in rounds] == [1, 1]
+    for r in rounds:
+        reasons = sorted(r["dropped_reasons"].values())
+        assert any("max-feedback-norm" in why for why in reasons) and any("max-reply-mb" in why for why in reasons)
+        assert all(k.startswith("client 0") for k in r["clients"])
+    ckpt = folder.load_checkpoint("server.pt")
+    teacher = ckpt["teacher_g"]
+    parts = ckpt["partition_of"]
+    assert sorted(parts.values()) == [0]            # no good reply ever came from nodes 1 and 2
+    weights = [k for k in teacher if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    others = [blob["g"] for nid, blob in ckpt["students"].items() if nid not in parts]
+    assert len(others) == 2
+    for g in others:   # never updated: still the teacher's copy, finite
+        assert all(torch.equal(g[k], teacher[k]) for k in weights)
+    by_pid = {parts[nid]: blob["g"] for nid, blob in ckpt["students"].items() if nid in parts}
+    assert any(not torch.equal(by_pid[0][k], teacher[k]) for k in teacher)
+
+
+@pytest.mark.e2e
+def test_a_straggler_does_not_stall_the_others_and_a_node_slow_once_comes_back(tmp_path):
+    """Row 3, from round 2 on (round 1 absorbs the workers' start-up): node 1 stops answering in
+    time (it sleeps until the run has ended), node 2 is late once, by 4 s."""
+    out_dir = tmp_path / "out"
+    once = tmp_path / "slow-once-done"
+    timeout = 40.0
+
+    def slow(msg, context, call_next):
+        pid = int(context.node_config["partition-id"])
+        if msg.metadata.message_type == wire.DISCRIMINATE:
+            late_round = int(msg.content.config_records[wire.CONFIG]["round"]) >= 2
+            if late_round and pid == 1:
+                deadline = time.monotonic() + 300
+                while not list(out_dir.glob("runs/*/summary.md")) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            elif late_round and pid == 2 and not once.exists():
+                once.write_text("1")
+                time.sleep(timeout + 4)
+            else:
+                time.sleep(1.0)
+        return call_next(msg, context)
+
+    cfg = parse_config({**TINY, "num-rounds": 9, "min-nodes": 3, "round-timeout": timeout,
+                        "output-dir": str(out_dir)})
+    folder = simulate(cfg, 3, [slow], spread=True)
+    assert "status: **success**" in (folder.path / "summary.md").read_text()
+    rounds = folder.read_jsonl("metrics.jsonl")
+    assert len(rounds) == 9
+    label = lambda r, p: [k for k in r["clients"] if k.startswith(f"client {p}")]  # noqa: E731
+    assert all(label(r, 0) for r in rounds)                                        # healthy: every round
+    assert label(rounds[0], 1) and not any(label(r, 1) for r in rounds[1:])       # the straggler: dropped
+    assert label(rounds[0], 2) and not label(rounds[1], 2) and label(rounds[-1], 2)   # late once: back
+    reasons = [why for r in rounds for why in r["dropped_reasons"].values()]
+    assert sum("no reply within 40 s" in w for w in reasons) == 2                  # round 2 only
+    assert sum("still busy" in w for w in reasons) >= 7                            # never re-sent
+    assert any(r["late_replies"] for r in rounds)                                  # node 2's, discarded
+    assert [r["round_time"] < timeout for r in rounds].count(False) == 1           # one slow round only
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM, then resume (row 4), and resumes that do not fit (row 7)
+# --------------------------------------------------------------------------------------------
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_run(out_dir: Path, *extra: str) -> subprocess.Popen:
+    sets = [a for k, v in {**TINY, "checkpoint-every": 1}.items() for a in ("--set", f"{k}={v}")]
+    return subprocess.Popen([PY, "simulations/run.py", "--clients", "2", "--output-dir", str(out_dir), *sets, *extra],
+                            cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_rounds(out_dir: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = list((out_dir / "runs").glob("*")) if (out_dir / "runs").is_dir() else []
+        if runs and (runs[0] / "metrics.jsonl").is_file() and \
+                len((runs[0] / "metrics.jsonl").read_text().splitlines()) >= n:
+            return runs[0]
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    raise AssertionError(f"no {n} rounds within {timeout} s")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_signal_stops_the_run_within_seconds_leaves_nothing_running_and_it_resumes(tmp_path, sig, to_group):
+    out_dir = tmp_path / "out"
+    proc = start_run(out_dir, "--rounds", "400")
+    run = wait_for_rounds(out_dir, proc, 3)
+    family = descendants(proc.pid)
+    sent = time.monotonic()
+    if to_group:
+        os.killpg(proc.pid, sig)          # what Ctrl-C in a terminal does
+    else:
+        os.kill(proc.pid, sig)            # what a process manager does
+    output, _ = proc.communicate(timeout=60)
+    stopped_in = time.monotonic() - sent
+    assert proc.returncode == 130, output
+    assert stopped_in < 20, f"took {stopped_in:.1f} s to stop"
+    summary = (run / "summary.md").read_text()
+    assert "status: **interrupted**" in summary and "resume with --set resume=" in summary
+    done = torch.load(run / "checkpoints" / "server.pt", weights_only=False)["round"]
+    assert f"last checkpoint: round {done}" in summary and "Traceback" not in output
+    time.sleep(3)
+    left = [p for p in family if alive(p)]
+    assert not left, f"processes left behind: {left}"
+    if sig != signal.SIGINT:
+        return
+    # resume to the end; the rounds after the checkpoint are redone, none is lost or doubled
+    resumed = start_run(out_dir, "--set", f"resume={run}", "--rounds", str(done + 2))
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "status: **success**" in (run / "summary.md").read_text()
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(1, done + 3))
+    # resuming a finished run, or one whose checkpoint does not fit, changes no file
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    out = cli("simulations/run.py", "--set", f"resume={run}", "--rounds", "1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"the run in {run} has already done {done + 2} round(s)" in out.stderr
+    original = (run / "config.json").read_bytes()
+    (run / "config.json").write_text(json.dumps({**json.loads(original), "gen-features": 16}))
+    out = cli("simulations/run.py", "--set", f"resume={run}", "--rounds", str(done + 5))
+    assert out.returncode == 1 and "does not fit the run's config" in out.stderr and "Traceback" not in out.stderr
+    (run / "config.json").write_bytes(original)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
