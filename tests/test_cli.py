@@ -41,10 +41,18 @@ def test_flwr_run_completes_writes_the_run_folder_and_exits_zero(tmp_path):
     assert superlink_pids(port) == []           # the managed SuperLink was stopped
 
 
-def test_a_failed_run_exits_nonzero_and_names_the_bad_key(tmp_path):
-    proc, port = launch(tmp_path, f"{TINY} alpha=1.5", port="39295")
+def test_a_run_that_fails_on_the_server_exits_nonzero_and_says_why(tmp_path):
+    missing = tmp_path / "no-teacher.pt"
+    proc, port = launch(tmp_path, f"{TINY} teacher-path='{missing}'", port="39295")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "finished:failed" in out
-    assert "'alpha' = 1.5" in out
+    assert f"run config 'teacher-path' = '{missing}': no such file" in out
     assert superlink_pids(port) == []
+
+
+def test_a_bad_key_or_value_is_named_before_flower_starts(tmp_path):
+    proc, port = launch(tmp_path, f"{TINY} alpha=1.5", port="39297")
+    assert proc.returncode == 2 and "started run" not in proc.stdout
+    assert "run config 'alpha' = 1.5 is not allowed" in proc.stderr
+    assert superlink_pids(port) == [] and not (tmp_path / "flwr").exists()
