@@ -188,6 +188,9 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     else:
         raise RuntimeError("the simulation finished without creating a run folder")
     print(f"[fedgan] simulation wall time {time.monotonic() - started:.1f} s; run folder: {folder}", flush=True)
+    if STOP.is_set():   # stopped by the user: a script running several simulations stops too
+        print("[fedgan] interrupted; see summary.md in the run folder for how to resume", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT)
     return folder
 
 

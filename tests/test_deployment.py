@@ -94,12 +94,19 @@ def test_two_supernodes_run_privacygan_and_leave_no_process(deploy, folders, tmp
     assert (folder / "samples" / "round00002.png").exists()
     assert "- status: **success**" in (folder / "summary.md").read_text()
 
-    # fedgan-run against the same deployment tells the truth about a failed run (bad config)
+    # fedgan-run against the same deployment tells the truth about a run that fails on the server
+    missing = tmp_path / "no-teacher.pt"
+    launch = subprocess.run([sys.executable, "-m", "app.launch", "--connection", lb.name, "--run-config",
+                             config(out, teacher_path=json.dumps(str(missing)))], env=lb.env(), cwd=lb.project,
+                            capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 1, launch.stdout + launch.stderr
+    assert "finished:failed" in launch.stdout and f"'teacher-path' = '{missing}': no such file" in launch.stdout
+    # a bad value is named before the deployment is asked to run anything
     launch = subprocess.run([sys.executable, "-m", "app.launch", "--connection", lb.name, "--run-config",
                              config(out, alpha=1.5)], env=lb.env(), cwd=lb.project, capture_output=True,
                             text=True, timeout=300)
-    assert launch.returncode == 1, launch.stdout + launch.stderr
-    assert "finished:failed" in launch.stdout and "'alpha' = 1.5" in launch.stdout
+    assert launch.returncode == 2 and "run config 'alpha' = 1.5 is not allowed" in launch.stderr
+    assert "started run" not in launch.stdout
 
     started = during | lb.all_pids()
     assert lb.superlink.pid in started and all(p.pid in started for p in lb.supernodes)
