@@ -11,6 +11,7 @@ setting stops the run before any work is done.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import difflib
@@ -162,6 +163,17 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         """A validated copy with some fields changed (snake_case names)."""
         return parse_config({**self.to_run_config(), **{key_of(k): v for k, v in changes.items()}})
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts given on a command line (clients, rounds, CPUs): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def key_of(field_name: str) -> str:

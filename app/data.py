@@ -358,7 +358,6 @@ def _resolve_layout(
 # The app reports them at load and in summary.md; more than MAX_UNREADABLE_SHARE fails the load.
 UNREADABLE: dict[tuple[str, str], tuple[int, int, list[str]]] = {}
 MAX_UNREADABLE_SHARE = 0.10
-_LAST_SKIPPED: list[str] = []
 
 
 def _decode_files(
@@ -367,11 +366,11 @@ def _decode_files(
     image_size: int,
     channels: int,
     limit_per_class: int,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Decode the files of ``layout``; returns uint8 NHWC images, labels, skipped."""
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode the files of ``layout``; returns uint8 NHWC images, labels and the names of the
+    files that could not be decoded."""
     from PIL import Image
 
-    _LAST_SKIPPED.clear()
     files = list(layout.files)
     if limit_per_class > 0:
         taken: dict[int, int] = {}
@@ -385,7 +384,7 @@ def _decode_files(
     out = np.empty((len(files), image_size, image_size, channels), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
     n = 0
-    skipped = 0
+    skipped: list[str] = []
     for label, parts in files:
         try:
             with Image.open(io.BytesIO(read_bytes(parts))) as im:
@@ -394,9 +393,7 @@ def _decode_files(
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            skipped += 1
-            if len(_LAST_SKIPPED) < 3:
-                _LAST_SKIPPED.append("/".join(parts))
+            skipped.append("/".join(parts))
             continue
         out[n] = arr.reshape(image_size, image_size, channels)
         labels[n] = label
@@ -443,8 +440,8 @@ def _load_image_source(
         raise DataError(
             f"{name}: {path!r} is neither a folder nor a zip archive"
         )
-    images, labels, skipped = decoded
-    examples, _LAST_SKIPPED[:] = list(_LAST_SKIPPED), []
+    images, labels, unreadable = decoded
+    skipped, examples = len(unreadable), unreadable[:3]
     if images.shape[0] == 0:
         raise DataError(
             f"{name}: none of the {skipped} image files for split {split!r} "

@@ -140,19 +140,14 @@ def check_run_config(run_config: str) -> str | None:
     return None
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
+    from app.config import positive_int   # torch-heavy: imported only when the CLI runs
+
     p = argparse.ArgumentParser(prog="fedgan-run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-config", default="", help='overrides, e.g. "alpha=0.8 num-rounds=50" (strings quoted)')
-    p.add_argument("--num-supernodes", type=_positive, default=5, help="simulated clients (default 5)")
-    p.add_argument("--cpus-per-client", type=_positive, default=1)
+    p.add_argument("--num-supernodes", type=positive_int, default=5, help="simulated clients (default 5)")
+    p.add_argument("--cpus-per-client", type=positive_int, default=1)
     p.add_argument("--gpus-per-client", type=float, default=0.0)
     p.add_argument("--flwr-home", default=str(PROJECT / ".flwr"), help="FLWR_HOME for the managed SuperLink")
     p.add_argument("--keep-superlink", action="store_true", help="leave the managed SuperLink running")

@@ -448,9 +448,10 @@ def open_for_resume(cfg: Config) -> tuple[RunFolder, Config, dict]:
     metrics.jsonl and comm.jsonl (those rounds run again)."""
     folder, cfg_resumed, checkpoint, done = inspect_resume(cfg)
     folder = RunFolder.open(folder.path)
-    if folder.read_config().get("num-rounds") != cfg_resumed.num_rounds:
-        say(f"resume: num-rounds {folder.read_config().get('num-rounds')} -> {cfg_resumed.num_rounds}")
-        folder.write_config({**folder.read_config(), "num-rounds": cfg_resumed.num_rounds})
+    saved = folder.read_config()
+    if saved.get("num-rounds") != cfg_resumed.num_rounds:
+        say(f"resume: num-rounds {saved.get('num-rounds')} -> {cfg_resumed.num_rounds}")
+        folder.write_config({**saved, "num-rounds": cfg_resumed.num_rounds})
     folder.keep_jsonl("metrics.jsonl", lambda rec: int(rec.get("round", 0)) <= done)
     folder.keep_jsonl("comm.jsonl", lambda rec: int(rec.get("round", 0)) <= done)
     return folder, cfg_resumed, checkpoint

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from app.config import Config, ConfigError, parse_config
+from app.config import Config, ConfigError, parse_config, positive_int
 from app.data import DataError
 from app.runs import RunFolderError, describe_os_error, ensure_writable_dir, resolve_output_dir
 from strategies.base import STOP, RunFailed
@@ -54,17 +54,6 @@ def read_experiment(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"experiment file {path}: expected a mapping of run-config keys, got {type(data).__name__}")
     return {str(k): v for k, v in data.items()}
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import threading
 import time
@@ -276,6 +275,7 @@ def _unwrap(line: str) -> str:
 # Messages sent and not yet answered, per grid: node -> (message id, time sent). A node with
 # an unanswered message gets no new one (its queue would fill with stale work); its late
 # reply is discarded when it comes.
+POLL_INTERVAL = 0.1   # seconds between pulls while waiting for replies
 _PENDING: "weakref.WeakKeyDictionary[Grid, dict[int, tuple[str, float]]]" = weakref.WeakKeyDictionary()
 
 
@@ -335,22 +335,16 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     ids = list(grid.push_messages(list(to_send.values()))) if to_send else []
     waiting = {mid: nid for mid, nid in zip(ids, to_send)}
     limit = int(max_reply_mb * 1e6)
-    interval = poll if poll is not None else min(0.1, float(getattr(grid, "pull_interval", 0.1)) or 0.1)
     deadline = sent_at + timeout
     while waiting:
         for reply in grid.pull_messages(list(waiting)):
             nid = waiting.pop(reply.metadata.reply_to_message_id, None)
-            if nid is None:
-                continue
-            _take(out, nid, reply, parse, limit, max_reply_mb)
-        if not waiting or time.monotonic() >= deadline:
+            if nid is not None:
+                _take(out, nid, reply, parse, limit, max_reply_mb)
+        if not waiting or time.monotonic() >= deadline or STOP.is_set():
             break
-        if STOP.is_set():
-            for mid, nid in waiting.items():   # their replies are discarded if they still come
-                pending[nid] = (mid, sent_at)
-            check_stop()
-        time.sleep(interval)
-    for mid, nid in waiting.items():
+        time.sleep(POLL_INTERVAL if poll is None else poll)
+    for mid, nid in waiting.items():   # their replies are discarded if they still come
         pending[nid] = (mid, sent_at)
     check_stop()   # a stop during the wait: the replies that came are not used half-way
     for mid, nid in waiting.items():
@@ -452,14 +446,14 @@ def apply_with_blame(apply: Callable[[list[int]], object], nodes: list[int], mod
     return blamed
 
 
-def grads_norm(tensors: Iterable[torch.Tensor]) -> float:
-    """L2 norm over a set of tensors (inf for non-finite or overflowing values)."""
-    total = 0.0
-    for t in tensors:
-        total += float(t.detach().double().pow(2).sum())
-    return math.sqrt(total) if math.isfinite(total) else math.inf
+def require_replies(rnd: int, ex: Exchange, min_replies: int) -> None:
+    """RunFailed when fewer than ``min_replies`` good replies came back from an exchange."""
+    if len(ex.replies) < min_replies:
+        reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
+        raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
+                        f"{min_replies} ({reasons})")
 
 
 __all__ = ["STOP", "check_stop", "RunInterrupted", "collect_late", "pending_nodes", "all_finite", "Snapshot",
-           "guarded_update", "apply_with_blame", "grads_norm", "should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+           "guarded_update", "apply_with_blame", "require_replies", "should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

@@ -78,7 +78,7 @@ from models.losses import (GP_WEIGHT, LOSS_KINDS, WGAN_CLIP, discriminator_loss,
                            gradient_penalty, make_optimizer)
 from models.steps import apply_feedback, generator_feedback, sample_latent
 from strategies import wire
-from strategies.base import (Exchange, Recorder, RunFailed, apply_with_blame, check_stop, exchange, grads_norm, log,
+from strategies.base import (Exchange, Recorder, RunFailed, apply_with_blame, check_stop, exchange, log,
                              should, wait_for_nodes)
 
 # --- message types -----------------------------------------------------------------------
@@ -671,10 +671,7 @@ class BPGAN:
                                     f"fakes to judge")
             grads = {name: wire.require_array(content, D_GRADS, name, tuple(p.shape), "float32")
                      for name, p in self.D.named_parameters() if p.requires_grad}
-            norm = grads_norm(grads.values())
-            if norm > self.s.max_update_norm:
-                raise wire.BadReply(f"'{D_GRADS}' has L2 norm {norm:.3g}, above run config 'max-update-norm' = "
-                                    f"{self.s.max_update_norm:g}")
+            wire.require_total_norm(grads.values(), D_GRADS, self.s.max_update_norm)
             labels = wire.require_labels(wire.require_array(content, wire.REPLY, wire.LABELS, (n,), "float32"))
             fb = (wire.require_array(content, wire.REPLY, wire.FEEDBACK, (n, *self.sample_shape),
                                      self.s.feedback_dtype) if self.wants.get(nid, True) else None)

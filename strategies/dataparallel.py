@@ -60,8 +60,8 @@ from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_
                            gradient_penalty, make_optimizer)
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import (FederatedSettings, NodeBook, Recorder, RunFailed, apply_with_blame, check_stop, exchange,
-                             grads_norm, log, sample_nodes, should, wait_for_nodes)
+from strategies.base import (FederatedSettings, NodeBook, Recorder, apply_with_blame, check_stop, exchange,
+                             log, require_replies, sample_nodes, should, wait_for_nodes)
 
 DP_STEP = "train.dp_step"                    # simultaneous: G and D down once, both gradients up once
 DP_DISCRIMINATOR = "train.dp_discriminator"  # alternating (a): D's gradient
@@ -164,14 +164,6 @@ def fixed_latents(n: int, latent_dim: int, seed: int, device: str) -> torch.Tens
 
 def param_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def require_replies(rnd: int, ex, min_replies: int) -> None:
-    """RunFailed when fewer than ``min_replies`` good replies came back from an exchange."""
-    if len(ex.replies) < min_replies:
-        reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
-        raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
-                        f"{min_replies} ({reasons})")
 
 
 def weighted_mean(values: list[float], weights: list[float]) -> float:
@@ -481,10 +473,7 @@ class DataParallel(GlobalGANServer):
     def parse_grads(self, content: RecordDict, record: str, model: nn.Module) -> dict[str, torch.Tensor]:
         """A reply's gradients for ``model``: one per named trainable parameter, checked."""
         grads = require_tensors(content, record, {n: p for n, p in model.named_parameters() if p.requires_grad})
-        norm = grads_norm(grads.values())
-        if norm > self.s.max_update_norm:
-            raise wire.BadReply(f"'{record}' has L2 norm {norm:.3g}, above run config 'max-update-norm' = "
-                                f"{self.s.max_update_norm:g}")
+        wire.require_total_norm(grads.values(), record, self.s.max_update_norm)
         return grads
 
     def parse_content(self, content: RecordDict, model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:

@@ -30,9 +30,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
 from strategies import wire
-from strategies.base import FederatedSettings, NodeBook, Recorder, apply_with_blame, exchange, grads_norm, log, sample_nodes
+from strategies.base import (FederatedSettings, NodeBook, Recorder, apply_with_blame, exchange, log, require_replies,
+                             sample_nodes)
 from strategies.dataparallel import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, GlobalGANServer,
-                                     load_weights, make_message, require_count, require_metrics, require_replies,
+                                     load_weights, make_message, require_count, require_metrics,
                                      require_tensors, weights_record)
 from strategies.local import gan_optimizers, gan_config, local_gan_steps
 
@@ -142,11 +143,8 @@ class FedAvg(GlobalGANServer):
         for record, model in ((G_WEIGHTS, self.G), (D_WEIGHTS, self.D)):
             state = model.state_dict()
             got = require_tensors(content, record, state)
-            norm = grads_norm(got[k].float() - state[k].detach().cpu().float() for k in got
-                              if state[k].is_floating_point())
-            if norm > self.s.max_update_norm:
-                raise wire.BadReply(f"'{record}' moved the weights by L2 norm {norm:.3g}, above run config "
-                                    f"'max-update-norm' = {self.s.max_update_norm:g}")
+            wire.require_total_norm((got[k] - state[k].detach().cpu() for k in got if state[k].is_floating_point()),
+                                    f"{record} (weight move)", self.s.max_update_norm)
         metrics = wire.metrics_of(content)
         require_metrics(metrics, TRAIN_METRICS)
         return content.array_records[G_WEIGHTS], content.array_records[D_WEIGHTS], require_count(metrics), metrics

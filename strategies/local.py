@@ -28,9 +28,9 @@ from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
 from strategies import wire
 from strategies import client_eval
-from strategies.base import (FederatedSettings, NodeBook, Recorder, check_stop, exchange, log, sample_nodes, should,
-                             wait_for_nodes)
-from strategies.dataparallel import make_message, param_dtype, require_metrics, require_replies, seeded_models
+from strategies.base import (FederatedSettings, NodeBook, Recorder, check_stop, exchange, log, require_replies,
+                             sample_nodes, should, wait_for_nodes)
+from strategies.dataparallel import make_message, param_dtype, require_metrics, seeded_models
 
 ALONE = "train.alone"
 ALONE_SAMPLE = "query.alone_sample"

@@ -44,8 +44,8 @@ from models.losses import generator_loss, make_optimizer
 from models.steps import (discriminator_step, forward_keeping_buffers, generator_feedback, jrlf_feedback,
                           sample_latent, train_gan_step)
 from strategies import client_eval, wire
-from strategies.base import (NodeBook, Recorder, RunFailed, check_identities, check_stop, exchange, guarded_update, log,
-                             sample_nodes, should, wait_for_nodes)
+from strategies.base import (NodeBook, Recorder, check_identities, check_stop, exchange, guarded_update, log,
+                             require_replies, sample_nodes, should, wait_for_nodes)
 
 
 # =====================================================================================
@@ -389,7 +389,6 @@ class PrivacyGAN:
         ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self.parse_reply,
                       max_reply_mb=self.s.max_reply_mb)
         self.nodes.identify({nid: metrics for nid, (_, _, metrics) in ex.replies.items()}, live=nodes)
-        self.require_enough(rnd, ex)
 
         clients: dict[str, dict] = {}
         rolled_back: list[int] = []
@@ -428,7 +427,7 @@ class PrivacyGAN:
         for nid in selected:
             self.comm.add(rnd, nid, wire.DISCRIMINATE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.partition_of.get(nid), dropped=nid in ex.dropped)
-        self.require_enough(rnd, ex)
+        require_replies(rnd, ex, self.s.min_replies)
         mean = lambda key: sum(c[key] for c in clients.values()) / max(1, len(clients))  # noqa: E731
         return {
             "round": rnd, "round_time": time.monotonic() - t0, "rolled_back": rolled_back,
@@ -440,12 +439,6 @@ class PrivacyGAN:
             "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
             "clients": clients,
         }
-
-    def require_enough(self, rnd: int, ex) -> None:
-        if len(ex.replies) < self.s.min_replies:
-            reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
-            raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
-                            f"{self.s.min_replies} ({reasons})")
 
     def adopt_rejoined(self, replies: dict, nodes: list[int]) -> set[int]:
         """A node that reports the partition of a node that has left (a restarted SuperNode

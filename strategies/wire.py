@@ -188,6 +188,14 @@ def require_norm(t: torch.Tensor, what: str, limit: float, sample_dims: int | No
     return t
 
 
+def require_total_norm(tensors, what: str, limit: float, key: str = "max-update-norm") -> None:
+    """BadReply when the L2 norm over all of ``tensors`` (e.g. a gradient per parameter)
+    exceeds ``limit``, the run config key ``key``; computed in float64 so it cannot overflow."""
+    norm = math.sqrt(sum(float(t.detach().to(torch.float64).pow(2).sum()) for t in tensors))
+    if not math.isfinite(norm) or norm > limit:
+        raise BadReply(f"'{what}' has L2 norm {norm:.3g}, above run config '{key}' = {limit:g}")
+
+
 def require_only(content: RecordDict, allowed: dict[str, set[str] | None]) -> None:
     """BadReply when a reply carries a record, or an array in a record, the protocol does not name
     (``allowed``: record name -> allowed keys, None = any key)."""
@@ -220,6 +228,6 @@ __all__ = [
     "FAKE_DTYPES", "FEEDBACK_DTYPES", "encode_fakes", "decode_fakes", "encode_feedback",
     "decode_feedback", "tensor_record", "get_tensor", "record_bytes", "message_bytes",
     "array_bytes", "NPY_HEADER_BYTES", "CommLog", "BadReply", "require_array", "metrics_of", "require_labels",
-    "require_norm", "require_only", "LABEL_LIMIT",
+    "require_norm", "require_total_norm", "require_only", "LABEL_LIMIT",
     "ConfigRecord", "MetricRecord", "RecordDict", "ArrayRecord",
 ]
