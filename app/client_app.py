@@ -4,6 +4,9 @@ Settings come from the run config (``flwr run``) or from the Config captured by
 :func:`make_client_app` (simulation scripts, where ``context.run_config`` is empty).
 In a deployment a SuperNode may point at its own private data with
 ``--node-config "data-path='/path/to/folder-or-zip'"``; the path is never sent anywhere.
+A client that trains its own generator writes it itself (never sends it): into the run folder in
+a simulation, into ``node-dir`` (node config; default: ``output-dir`` resolved on the node) when
+deployed -- see app/generators.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from flwr.clientapp import ClientApp
 from app.builders import geometry, image_evaluator, make_discriminator, make_generator
 from app.config import Config, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
-from app.metrics import ImageEvaluator
+from app.generators import client_generator_mod
+from app.metrics import ImageEvaluator, ensure_classifier
 from strategies import bpgan, client_eval, dataparallel, fedavg, local, mggan, wire
 from strategies.privacygan import client_discriminate
 
@@ -33,6 +37,8 @@ def own_data_evaluator(cfg: Config, data: ArrayDataset, pid: int | None) -> Imag
     the features of (up to 10,000 of) its own images. Built once per process and reused."""
     key = (cfg, pid, len(data))
     if key not in _evaluators:
+        geo = geometry(cfg)   # a missing digits classifier trains itself here (seconds), as on the server
+        ensure_classifier(cfg.dataset, geo.image_size, geo.channels, cfg.evaluator_dir)
         ev = image_evaluator(cfg, resolve_device(cfg.device), tv_name="tv_own")
         own = data
         if len(own) > MAX_REAL_FOR_EVAL:
@@ -45,10 +51,19 @@ def own_data_evaluator(cfg: Config, data: ArrayDataset, pid: int | None) -> Imag
 
 
 def score_on_own_data(cfg: Config, data: ArrayDataset, pid: int | None, fakes: torch.Tensor) -> RecordDict:
-    """The evaluate reply: scalars and the fakes' label histogram only (client_eval.ALLOWED)."""
-    scores = own_data_evaluator(cfg, data, pid).score(fakes)
+    """The evaluate reply: scalars and the fakes' label histogram only (client_eval.ALLOWED).
+    ``own_share`` and ``tv_own`` compare the fakes' labels with this client's own labels, which
+    never leave it."""
+    evaluator = own_data_evaluator(cfg, data, pid)
+    scores = evaluator.score(fakes)
+    if len(evaluator.real_histogram or []) != len(scores["label_histogram"]):
+        raise ValueError(f"this node's data has {data.num_classes} classes of its own (e.g. the folders of its "
+                         f"data-path) and the '{cfg.dataset}' classifier labels {len(scores['label_histogram'])}: "
+                         f"its labels cannot be compared with the classifier's")
     metrics = {"fid": scores["fid"], "kid": scores["kid"], "kid_std": scores["kid_std"], "tv_own": scores["tv_own"],
                "num_fake": scores["num_samples"], "num_real": scores["num_real"],
+               client_eval.OWN_SHARE: client_eval.own_class_share(scores["label_histogram"],
+                                                                  evaluator.real_histogram),
                client_eval.HISTOGRAM: [int(v) for v in scores["label_histogram"]]}
     if pid is not None:
         metrics["partition_id"] = int(pid)
@@ -57,7 +72,9 @@ def score_on_own_data(cfg: Config, data: ArrayDataset, pid: int | None, fakes: t
 
 @lru_cache(maxsize=8)
 def _parsed(items: tuple) -> Config:
-    return config_from_context(dict(items))
+    # dataset=imagefolder:<path> names a path on the server's machine; a deployed node reads
+    # its own data-path instead (and one without it fails with a DataError naming the path)
+    return config_from_context(dict(items), check_paths=False)
 
 
 def _config(fixed: Config | None, context: Context) -> Config:
@@ -108,7 +125,10 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     ``mods`` are Flower client mods (``mod(msg, context, call_next)``), e.g. to inspect
     every message in tests.
     """
-    app = ClientApp(mods=mods or [])
+    # innermost mod: after a message that trained this client's own generator (local, MGGAN,
+    # BPGAN's generator blocks) in a checkpoint round or the last one, the client writes it
+    # (app/generators.py) -- into the run folder in a simulation, its node folder when deployed
+    app = ClientApp(mods=[*(mods or []), client_generator_mod(lambda context: _config(config, context))])
 
     @app.train("discriminate")
     def discriminate(msg: Message, context: Context) -> Message:

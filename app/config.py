@@ -20,7 +20,9 @@ from typing import Any, Mapping
 
 from app.data import DATASETS, PARTITIONS, SERVER_DATA, DataSpec
 from app.metrics import EXTRACTORS
+from app.tracking import INSTALL_HINT, TRACKERS, missing_package
 from models.losses import LOSS_KINDS
+from strategies.fedavg import VARIANTS as FEDAVG_VARIANTS
 from strategies.wire import FAKE_DTYPES, FEEDBACK_DTYPES
 
 STRATEGIES = ("privacygan", "bpgan", "mggan", "dataparallel", "fedavg", "local", "centralized")
@@ -30,6 +32,7 @@ IMAGE_SIZES = (0, 16, 32, 64)
 INITS = ("teacher", "random")
 DEVICES = ("auto", "cpu", "cuda")
 DATAPARALLEL_MODES = ("simultaneous", "alternating")
+RESUMABLE = ("privacygan", "fedavg")
 
 
 class ConfigError(ValueError):
@@ -87,6 +90,13 @@ class Config:
     bpgan_pipeline: bool = True
     # --- data-parallel baseline (thesis Fig. 4.7, Eq. 4.1) ------------------------
     dataparallel_mode: str = "simultaneous"
+    # --- FedAvg and its Flower variants (strategies/fedavg.py) -----------------
+    fedavg_variant: str = "fedavg"
+    fedprox_mu: float = 0.01
+    fedopt_server_lr: float = 0.01
+    fedopt_tau: float = 0.001
+    krum_malicious: int = 0
+    trimmed_beta: float = 0.2
     # --- MGGAN (SPEC 4.4, thesis ch. 3) -----------------------------------------
     local_steps: int = 25
     mggan_losses: str = "bce"
@@ -128,6 +138,7 @@ class Config:
     samples_per_client: int = 16
     checkpoint_every: int = 10
     resume: str = ""
+    tracking: str = "none"              # live tracking: none | tensorboard | wandb (app/tracking.py)
 
     # ---------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
@@ -161,8 +172,10 @@ class Config:
         return {key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def replace(self, **changes: Any) -> "Config":
-        """A validated copy with some fields changed (snake_case names)."""
-        return parse_config({**self.to_run_config(), **{key_of(k): v for k, v in changes.items()}})
+        """A validated copy with some fields changed (snake_case names); paths are not checked
+        again (they were, or were deliberately not, when this Config was parsed)."""
+        return parse_config({**self.to_run_config(), **{key_of(k): v for k, v in changes.items()}},
+                            check_paths=False)
 
 
 def positive_int(text: str) -> int:
@@ -237,11 +250,13 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"run config '{key}' = {value!r} is not allowed; it must be {allowed}")
 
 
-def parse_config(raw: Mapping[str, Any] | None = None) -> Config:
+def parse_config(raw: Mapping[str, Any] | None = None, *, check_paths: bool = True) -> Config:
     """Parse a flat run-config mapping (hyphenated keys) into a validated Config.
 
     Missing keys take the defaults; unknown keys, wrong types and values out of range
     raise :class:`ConfigError` naming the key, the value and what is allowed.
+    ``check_paths=False`` skips the checks of paths on this machine (``dataset=imagefolder:<path>``),
+    for a process that does not read them (a deployed ClientApp uses its node's ``data-path``).
     """
     raw = dict(raw or {})
     values: dict[str, Any] = {}
@@ -253,12 +268,31 @@ def parse_config(raw: Mapping[str, Any] | None = None) -> Config:
         f = _FIELDS[key]
         values[f.name] = _coerce(key, value, f.default)
     cfg = Config(**values)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for the first invalid setting of ``cfg``."""
+def _check_image_folder(key: str, dataset: str) -> None:
+    """``imagefolder:<path>``: the path must exist and be a folder (a folder-per-class tree) or a
+    zip of one, else a ConfigError naming the key and the path (before any run starts)."""
+    import os
+    import zipfile
+
+    raw = dataset.split(":", 1)[1].strip()
+    path = os.path.abspath(os.path.expanduser(raw))
+    if not os.path.exists(path):
+        problem = "no such folder"
+    elif os.path.isdir(path) or zipfile.is_zipfile(path):
+        return
+    else:
+        problem = "it is a file, not a folder (nor a zip of a folder-per-class tree)"
+    raise ConfigError(f"run config '{key}' = {dataset!r}: {path}: {problem}; "
+                      f"expected 'imagefolder:<folder-per-class folder or a zip of one>'")
+
+
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
+    """Raise ConfigError for the first invalid setting of ``cfg`` (``check_paths``: see
+    :func:`parse_config`)."""
     k = key_of
     _one_of(k("strategy"), cfg.strategy, STRATEGIES)
     _one_of(k("device"), cfg.device, DEVICES)
@@ -267,6 +301,8 @@ def validate(cfg: Config) -> None:
     if name == "imagefolder":
         _check(":" in cfg.dataset and cfg.dataset.split(":", 1)[1] != "", k("dataset"), cfg.dataset,
                "'imagefolder:<path to a folder-per-class tree or a zip of one>'")
+        if check_paths:
+            _check_image_folder(k("dataset"), cfg.dataset)
     _one_of(k("partition"), cfg.partition, PARTITIONS)
     _one_of(k("server-data"), cfg.server_data, SERVER_DATA)
     _one_of(k("image-size"), cfg.image_size, IMAGE_SIZES)
@@ -276,6 +312,7 @@ def validate(cfg: Config) -> None:
     _one_of(k("student-init"), cfg.student_init, INITS)
     _one_of(k("client-d-init"), cfg.client_d_init, INITS)
     _one_of(k("eval-extractor"), cfg.eval_extractor, EXTRACTORS)
+    _one_of(k("tracking"), cfg.tracking, TRACKERS)
     _one_of(k("fakes-dtype"), cfg.fakes_dtype, FAKE_DTYPES)
     _one_of(k("feedback-dtype"), cfg.feedback_dtype, FEEDBACK_DTYPES)
     # JRLF weight (thesis Eq. 5.9): alpha + beta = 1 with alpha in (0, 1].
@@ -287,6 +324,17 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.adam_beta1 < 1.0, k("adam-beta1"), cfg.adam_beta1, "in [0, 1)")
     _check(0.0 <= cfg.adam_beta2 < 1.0, k("adam-beta2"), cfg.adam_beta2, "in [0, 1)")
     _one_of(k("dataparallel-mode"), cfg.dataparallel_mode, DATAPARALLEL_MODES)
+    _one_of(k("fedavg-variant"), cfg.fedavg_variant, FEDAVG_VARIANTS)
+    _check(cfg.fedprox_mu >= 0, k("fedprox-mu"), cfg.fedprox_mu, ">= 0 (0 = plain FedAvg)")
+    _check(cfg.fedopt_server_lr > 0, k("fedopt-server-lr"), cfg.fedopt_server_lr, "> 0")
+    _check(cfg.fedopt_tau > 0, k("fedopt-tau"), cfg.fedopt_tau, "> 0")
+    _check(0.0 <= cfg.trimmed_beta < 0.5, k("trimmed-beta"), cfg.trimmed_beta,
+           "in [0, 0.5) (the share cut at each end, per coordinate)")
+    _check(cfg.krum_malicious >= 0, k("krum-malicious"), cfg.krum_malicious, "an integer >= 0")
+    _check(not (cfg.strategy == "fedavg" and cfg.fedavg_variant == "krum" and cfg.krum_malicious > 0)
+           or cfg.min_nodes >= 2 * cfg.krum_malicious + 3, k("krum-malicious"), cfg.krum_malicious,
+           f"at most (min-nodes - 3) / 2 = {(cfg.min_nodes - 3) // 2} with min-nodes = {cfg.min_nodes} "
+           "(Krum scores each reply by its n - f - 2 nearest others)")
     for name_ in ("num_rounds", "latent_dim", "gen_features", "disc_features", "batch_size", "client_disc_steps",
                   "wgan_critic_steps",
                   "steps_per_round", "min_nodes", "min_replies", "samples_per_client", "classes_per_client"):
@@ -324,8 +372,8 @@ def validate(cfg: Config) -> None:
     _check(not (not two_d and cfg.model == "mlp"), k("model"), cfg.model, "'dcgan' or 'auto' for image data")
     _check(not (two_d and cfg.fakes_dtype == "uint8"), k("fakes-dtype"), cfg.fakes_dtype,
            "'float32' or 'float16' for 2-D data (uint8 quantizes images in [-1, 1])")
-    _check(cfg.resume == "" or cfg.strategy == "privacygan", k("resume"), cfg.resume,
-           "empty: resuming is implemented for strategy 'privacygan'")
+    _check(cfg.resume == "" or cfg.strategy in RESUMABLE, k("resume"), cfg.resume,
+           f"empty: resuming is implemented for strategies {', '.join(map(repr, RESUMABLE))}")
     if cfg.strategy != "privacygan":
         return
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or cfg.alpha == 1.0, k("teacher-steps"),
@@ -334,9 +382,9 @@ def validate(cfg: Config) -> None:
            cfg.server_data, "'heldout' or 'full' when the server trains a teacher")
 
 
-def config_from_context(run_config: Mapping[str, Any]) -> Config:
+def config_from_context(run_config: Mapping[str, Any], *, check_paths: bool = True) -> Config:
     """Parse ``context.run_config``; an empty mapping gives the defaults."""
-    return parse_config(dict(run_config))
+    return parse_config(dict(run_config), check_paths=check_paths)
 
 
 def resolve_device(name: str) -> str:
@@ -350,5 +398,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_tracking(cfg: Config) -> None:
+    """ConfigError when ``tracking`` names a backend whose package is not installed. Called where
+    the tracker runs (the server, at start) and by the launchers -- not in :func:`validate`,
+    since clients parse the same run config and never track."""
+    package = missing_package(cfg.tracking)
+    if package is not None:
+        raise ConfigError(f"run config 'tracking' = {cfg.tracking!r} needs the package '{package}', which is not "
+                          f"installed; install the tracking extra: {INSTALL_HINT} (or set tracking=none)")
+
+
 __all__ = ["Config", "ConfigError", "parse_config", "validate", "config_from_context", "key_of",
-           "resolve_device", "STRATEGIES"]
+           "resolve_device", "check_tracking", "STRATEGIES"]

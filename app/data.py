@@ -728,7 +728,7 @@ def partition_indices(
         disjoint across clients while ``fraction * num_partitions <= 1``
         (then capped at ``n // num_partitions`` should rounding overshoot),
         otherwise drawn independently for each client;
-      * ``dirichlet`` -- flwr-datasets' label-Dirichlet partitioner;
+      * ``dirichlet`` -- label-Dirichlet shares per class (see ``_dirichlet``);
       * ``classes`` -- client ``i`` holds classes ``(i*k + j) mod C`` for
         ``j < k``; each class is shared out evenly among its holders.
     Returns one sorted int64 array per client.
@@ -801,34 +801,52 @@ def partition_indices(
     )
 
 
+_DIRICHLET_TRIES = 10
+
+
 def _dirichlet(
     labels: np.ndarray, num_partitions: int, alpha: float, seed: int
 ) -> list[np.ndarray]:
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner
+    """Label-Dirichlet partition (Hsu et al. 2019; the scheme of flwr-datasets'
+    ``DirichletPartitioner`` with ``self_balancing=True``), in numpy.
 
+    Per class, the members are shuffled and cut into ``num_partitions`` pieces by
+    shares drawn from ``Dirichlet(alpha)``; a partition that already holds its
+    even share ``n / num_partitions`` takes no more (self-balancing). Every
+    partition must end up with ``min(10, n // (2 * num_partitions))`` items or
+    more; the whole draw is repeated (up to ``_DIRICHLET_TRIES`` times) until it
+    does. Deterministic for a seed; disjoint and covering every index.
+    """
     n = labels.shape[0]
     min_size = max(0, min(10, n // (2 * num_partitions)))
-    table = Dataset.from_dict(
-        {"idx": np.arange(n, dtype=np.int64), "label": labels.astype(np.int64)}
+    target = n / num_partitions
+    rng = _rng(seed, 14)
+    classes = np.unique(labels)
+    smallest = 0
+    for _ in range(_DIRICHLET_TRIES):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+        sizes = np.zeros(num_partitions, dtype=np.int64)
+        for cls in classes:
+            members = rng.permutation(np.flatnonzero(labels == cls))
+            share = rng.dirichlet(np.full(num_partitions, alpha))
+            share = np.where(sizes < target, share, 0.0)
+            if not share.sum() > 0.0:  # underflow: share evenly among the open ones
+                share = (sizes < target).astype(np.float64)
+                if not share.sum() > 0.0:
+                    share = np.ones(num_partitions)
+            cuts = (np.cumsum(share / share.sum()) * members.size).astype(np.int64)[:-1]
+            for i, chunk in enumerate(np.split(members, cuts)):
+                parts[i].append(chunk)
+                sizes[i] += chunk.size
+        smallest = int(sizes.min())
+        if smallest >= min_size:
+            return _sorted_int64(np.concatenate(p) for p in parts)
+    raise DataError(
+        f"dirichlet partitioning of {n} items into {num_partitions} partitions "
+        f"with dirichlet_alpha={alpha} failed: after {_DIRICHLET_TRIES} draws a "
+        f"partition still held {smallest} < {min_size} items; raise dirichlet-alpha "
+        f"or use fewer partitions"
     )
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        alpha=alpha,
-        min_partition_size=min_size,
-        seed=int(seed) & 0xFFFF_FFFF,
-    )
-    partitioner.dataset = table
-    try:
-        return _sorted_int64(
-            partitioner.load_partition(i)["idx"] for i in range(num_partitions)
-        )
-    except ValueError as exc:
-        raise DataError(
-            f"dirichlet partitioning of {n} items into {num_partitions} partitions "
-            f"with dirichlet_alpha={alpha} failed: {exc}"
-        ) from exc
 
 
 def split_server_clients(

@@ -10,6 +10,8 @@ What it adds to a bare ``flwr run .``:
   the run (``--keep-superlink`` keeps it for faster reruns);
 * the run folder goes under the directory you launched from (``./fedgan-output``)
   unless ``output-dir`` is given;
+* the run id comes from ``flwr run --format json``; the log is then followed with
+  ``flwr log <run-id> <connection> --stream`` until the run ends;
 * the exit code is the run's real status read back with ``flwr ls`` (``flwr run
   --stream`` itself exits 0 even when the run failed): 0 only for
   ``finished:completed``.
@@ -33,9 +35,24 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_HTTP_PORT = "39191"
 DEFAULT_CONTROL_PORT = "39193"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` for every fedgan command: the description and epilog keep their layout, and
+    each option's help ends with its default (``(default: X)``, argparse's rule), unless the help
+    already names it (the word "default") or the default is None / empty, when the help must say
+    in words what happens without the flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _env(flwr_home: Path) -> dict[str, str]:
@@ -45,44 +62,58 @@ def _env(flwr_home: Path) -> dict[str, str]:
     env.setdefault("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", DEFAULT_HTTP_PORT)
     env.setdefault("FLWR_LOCAL_CONTROL_API_PORT", DEFAULT_CONTROL_PORT)
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # Ray's FutureWarning about overriding CUDA_VISIBLE_DEVICES for num_gpus=0 actors: opt into
+    # the future behaviour (as simulations/common.py does), which changes nothing on CPU
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # the CLI starts `flower-superlink` by name: make it the one of this environment
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
 def superlink_pids(port: str) -> list[int]:
-    """Pids of managed SuperLinks listening on ``port`` (read from /proc; Linux)."""
+    """Pids of managed SuperLinks listening on ``port`` (found by their command line through
+    psutil, so on macOS as on Linux)."""
     pids = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info.get("status") in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [a.decode(errors="replace") for a in args]
-        if any(w.endswith("flower-superlink") for w in words) and "--port" in words:
-            if words[words.index("--port") + 1] == port:
-                pids.append(int(entry.name))
+        words = proc.info.get("cmdline") or []
+        if any(w.endswith("flower-superlink") for w in words) and "--port" in words[:-1]:
+            if words[words.index("--port") + 1] == str(port):
+                pids.append(proc.pid)
     return pids
 
 
 def stop_superlink(port: str, timeout: float = 10.0) -> None:
     """Stop the managed SuperLink on ``port`` (SIGTERM, then SIGKILL)."""
-    pids = superlink_pids(port)
-    for pid in pids:
+    procs = []
+    for pid in superlink_pids(port):
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
             pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+
+    def running() -> list[psutil.Process]:   # polled, not wait()ed: a child of ours stays for its Popen to reap
+        out = []
+        for proc in procs:
+            try:
+                if proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    out.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        for proc in running():
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        deadline = time.monotonic() + wait
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not running():
+            return
 
 
 def run_status(run_id: str, env: dict[str, str], connection: str = "local") -> str:
@@ -95,11 +126,63 @@ def run_status(run_id: str, env: dict[str, str], connection: str = "local") -> s
         return f"unknown ({out.stdout.strip() or out.stderr.strip()})"
 
 
+def final_status(run_id: str, env: dict[str, str], connection: str = "local", settle: float = 20.0) -> str:
+    """:func:`run_status`, waiting up to ``settle`` s for it to be final (``finished:*``)."""
+    deadline = time.monotonic() + settle
+    while True:
+        status = run_status(str(run_id), env, connection)
+        if status.startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
+def parse_flwr_json(stdout: str) -> dict:
+    """The JSON object a ``flwr ... --format json`` command printed ({} when there is none).
+
+    The CLI pretty-prints it over several lines (Rich); colour codes, should a terminal be
+    faked, are dropped first."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stdout)
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"^[ \t]*\{", text, re.M):
+        try:
+            obj, _ = decoder.raw_decode(text, m.end() - 1)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return {}
+
+
+def start_run(cmd: list[str], env: dict[str, str], cwd: Path = PROJECT,
+              timeout: float | None = None) -> tuple[str | None, str, int]:
+    """Run ``flwr run ... --format json`` (which returns once the SuperLink accepted the run).
+
+    Returns ``(run_id, message, returncode)``: the run id from the JSON's ``run-id``, or None
+    with the CLI's ``error-message`` (else its output) as ``message``. ``--format json`` and
+    ``--stream`` do not mix in flwr 1.42 (the streamed log goes to the captured, discarded
+    output), so the log is followed separately with :func:`log_command`."""
+    try:
+        out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"flwr run did not answer within {timeout:.0f} s", 124
+    data = parse_flwr_json(out.stdout)
+    run_id = data.get("run-id")
+    if data.get("success") and run_id not in (None, ""):
+        return str(run_id), "", out.returncode
+    why = str(data.get("error-message") or "") or out.stdout + out.stderr
+    return None, " ".join(why.split()) or "no output", out.returncode
+
+
+def log_command(run_id: str, connection: str) -> list[str]:
+    """``flwr log <run-id> <connection> --stream``: the run's log until the run finishes."""
+    return ["flwr", "log", str(run_id), connection, "--stream"]
+
+
 def build_command(run_config: str, num_supernodes: int, cpus_per_client: int, gpus_per_client: float) -> list[str]:
-    """The ``flwr run`` command line."""
+    """The ``flwr run`` command line (JSON output: the run id is read from it)."""
     federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
                   f"client-resources-num-gpus={gpus_per_client}")
-    cmd = ["flwr", "run", str(PROJECT), "local", "--stream", "--federation-config", federation]
+    cmd = ["flwr", "run", str(PROJECT), "local", "--format", "json", "--federation-config", federation]
     if run_config:
         cmd += ["--run-config", run_config]
     return cmd
@@ -129,12 +212,15 @@ def run_config_overrides(run_config: str) -> dict[str, object]:
     return out
 
 
-def check_run_config(run_config: str) -> str | None:
-    """None when the overrides parse into a valid Config, else the one-line reason (naming the key)."""
-    from app.config import ConfigError, parse_config
+def check_run_config(run_config: str, check_paths: bool = True) -> str | None:
+    """None when the overrides parse into a valid Config, else the one-line reason (naming the key).
+    ``check_paths=False`` for a remote SuperLink: its paths are on the server's machine."""
+    from app.config import ConfigError, check_tracking, parse_config
 
     try:
-        parse_config(run_config_overrides(run_config))
+        cfg = parse_config(run_config_overrides(run_config), check_paths=check_paths)
+        if check_paths:   # the local SuperLink's ServerApp runs here: its tracking package must be here too
+            check_tracking(cfg)
     except (ConfigError, ValueError) as exc:
         return str(exc)
     return None
@@ -144,16 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     from app.config import positive_int   # torch-heavy: imported only when the CLI runs
 
     p = argparse.ArgumentParser(prog="fedgan-run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-config", default="", help='overrides, e.g. "alpha=0.8 num-rounds=50" (strings quoted)')
-    p.add_argument("--num-supernodes", type=positive_int, default=5, help="simulated clients (default 5)")
-    p.add_argument("--cpus-per-client", type=positive_int, default=1)
-    p.add_argument("--gpus-per-client", type=float, default=0.0)
+                                formatter_class=HelpFormatter)
+    p.add_argument("--run-config", default="", help='overrides, e.g. "alpha=0.8 num-rounds=50" (strings quoted; '
+                                                    "default: none, the defaults of pyproject.toml)")
+    p.add_argument("--num-supernodes", type=positive_int, default=5, help="simulated clients")
+    p.add_argument("--cpus-per-client", type=positive_int, default=1, help="CPUs per simulated client (Ray resources)")
+    p.add_argument("--gpus-per-client", type=float, default=0.0, help="GPUs per simulated client (fractional)")
     p.add_argument("--flwr-home", default=str(PROJECT / ".flwr"), help="FLWR_HOME for the managed SuperLink")
     p.add_argument("--keep-superlink", action="store_true", help="leave the managed SuperLink running")
     p.add_argument("--connection", default="local",
-                   help="a SuperLink connection of $FLWR_HOME/config.toml for a real deployment (default: the "
-                        "managed local simulation); with it, --flwr-home defaults to $FLWR_HOME or ~/.flwr")
+                   help="a SuperLink connection of $FLWR_HOME/config.toml for a real deployment (default: local, "
+                        "the managed local simulation); with it, --flwr-home defaults to $FLWR_HOME or ~/.flwr")
     args = p.parse_args(argv)
 
     deployed = args.connection != "local"
@@ -162,34 +249,36 @@ def main(argv: list[str] | None = None) -> int:
     env = _env(Path(args.flwr_home).resolve())
     port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     run_config = with_output_dir(args.run_config, Path.cwd())
-    problem = check_run_config(run_config)
+    problem = check_run_config(run_config, check_paths=not deployed)
     if problem is not None:   # Flower would only say "[code: 15] Invalid run configuration."
         print(f"[fedgan-run] error: {problem}", file=sys.stderr, flush=True)
         return 2
     cmd = build_command(run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client)
     if deployed:  # a SuperLink someone else runs: no federation (simulation) settings, nothing to stop
-        cmd = ["flwr", "run", str(PROJECT), args.connection, "--stream"] + (
+        cmd = ["flwr", "run", str(PROJECT), args.connection, "--format", "json"] + (
             ["--run-config", run_config] if run_config else [])
         args.keep_superlink = True
     print("[fedgan-run] " + " ".join(shlex.quote(c) for c in cmd), flush=True)
 
     run_id, folder = None, None
     try:
-        proc = subprocess.Popen(cmd, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        run_id, why, rc = start_run(cmd, env)
+        if run_id is None:
+            print(f"[fedgan-run] FAILED: flwr run exited with code {rc} before starting a run: {why}", flush=True)
+            return rc or 1
+        follow = log_command(run_id, args.connection)
+        print(f"[fedgan-run] started run {run_id}; its log: " + " ".join(shlex.quote(c) for c in follow),
+              flush=True)
+        proc = subprocess.Popen(follow, env=env, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            if run_id is None and (m := re.search(r"started run (\d+)", line)):
-                run_id = m.group(1)
             if m := re.search(r"(?:results(?: \(partial\))? in|run folder:) (/\S+)", line):
                 folder = m.group(1)
-        rc = proc.wait()
-        if run_id is None:
-            print(f"[fedgan-run] FAILED: flwr run exited with code {rc} before starting a run", flush=True)
-            return rc or 1
-        status = run_status(run_id, env, args.connection)
+        proc.wait()
+        status = final_status(run_id, env, args.connection)
     except KeyboardInterrupt:
         print("[fedgan-run] interrupted", flush=True)
         return 130

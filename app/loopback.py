@@ -41,7 +41,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from app.launch import run_status
+import psutil
+
+from app.launch import HelpFormatter, log_command, run_status, start_run
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -85,33 +87,32 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
 
 
 def process_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+    """True while ``pid`` exists and is not a zombie (psutil: Linux, macOS, ...)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+        return psutil.Process(int(pid)).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.AccessDenied:   # someone else's process: it exists
         return True
-    return state not in ("Z", "X")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, pgid) for every live process (Linux /proc)."""
+    """pid -> (ppid, pgid) for every live (non-zombie) process, read through psutil."""
     table = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit():
+    for proc in psutil.process_iter(["ppid", "status"]):
+        info = proc.info
+        if info.get("status") in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or info.get("ppid") is None:
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] in ("Z", "X"):
-            continue
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+        pgid = _pgid(proc.pid)
+        if pgid is not None:
+            table[proc.pid] = (int(info["ppid"]), pgid)
     return table
 
 
@@ -135,9 +136,10 @@ def _group_members(pgids: Iterable[int]) -> set[int]:
 
 
 def _cmdline(pid: int) -> str:
+    """The process's arguments joined by spaces (``""`` when it is gone or not ours to read)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
         return ""
 
 
@@ -147,11 +149,22 @@ def helpers_of(ports: Iterable[int]) -> set[int]:
     neither the process group nor (once a parent died) the parent links find them all."""
     marks = [f"--runtime-api-address 127.0.0.1:{int(p)} " for p in ports]
     found = set()
-    for pid in _proc_table():
-        cmd = _cmdline(pid) + " "
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info.get("status") in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            continue
+        cmd = " ".join(proc.info.get("cmdline") or []) + " "
         if ("flower-" in cmd or "flwr" in cmd) and any(m in cmd for m in marks):
-            found.add(pid)
+            found.add(proc.pid)
     return found
+
+
+def send_signal(pids: Iterable[int], sig: int) -> None:
+    """``sig`` to every process of ``pids`` that still exists (gone ones are skipped)."""
+    for pid in pids:
+        try:
+            psutil.Process(pid).send_signal(sig)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
 
 
 def terminate(pgids: Sequence[int], pids: Iterable[int] = (), grace: float = 10.0) -> None:
@@ -165,11 +178,7 @@ def terminate(pgids: Sequence[int], pids: Iterable[int] = (), grace: float = 10.
                 os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        for pid in targets:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+        send_signal(targets, sig)
 
     signal_all(signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -425,23 +434,31 @@ class Loopback:
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
 
-    def run_command(self, run_config: str) -> list[str]:
-        cmd = [str(bin_dir() / "flwr"), "run", str(self.project), self.name, "--stream"]
+    def run_command(self, run_config: str, output_format: str = "stream") -> list[str]:
+        """``flwr run <project> <name> ...``: ``--stream`` (a person's command, logs shown) or,
+        with ``output_format="json"``, ``--format json`` (the run id read from its JSON)."""
+        cmd = [str(bin_dir() / "flwr"), "run", str(self.project), self.name]
+        cmd += ["--format", "json"] if output_format == "json" else ["--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
         return cmd
 
     def run(self, run_config: str, timeout: float = 600,
             on_line: Callable[[str], None] | None = None) -> tuple[int, str, str | None, str]:
-        """``flwr run <project> <name> --stream --run-config ...``; returns
+        """``flwr run <project> <name> --format json --run-config ...`` for the run id, then
+        ``flwr log <run-id> <name> --stream`` until the run ends; returns
         ``(returncode, output, run_id, status)`` with the status read back by ``flwr ls``
-        (e.g. ``finished:completed``). ``on_line`` sees every output line as it arrives."""
-        proc = subprocess.Popen(self.run_command(run_config), env=self.env(), cwd=self.project,
+        (e.g. ``finished:completed``). ``on_line`` sees every log line as it arrives."""
+        deadline = time.monotonic() + timeout
+        run_id, why, rc = start_run(self.run_command(run_config, "json"), self.env(), cwd=self.project,
+                                    timeout=max(1.0, min(120.0, timeout)))
+        if run_id is None:
+            return rc or 1, f"[loopback] flwr run started no run (exit code {rc}): {why}\n", None, "no run"
+        follow = [str(bin_dir() / "flwr"), *log_command(run_id, self.name)[1:]]
+        proc = subprocess.Popen(follow, env=self.env(), cwd=self.project,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 start_new_session=True)
-        lines: list[str] = []
-        run_id = None
-        deadline = time.monotonic() + timeout
+        lines: list[str] = [f"[loopback] started run {run_id}\n"]
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -459,14 +476,10 @@ class Loopback:
             time.sleep(0.2)
         if proc.poll() is None:
             terminate([proc.pid], [proc.pid], grace=3)
-            lines.append(f"[loopback] flwr run killed after {timeout:.0f} s\n")
+            lines.append(f"[loopback] flwr log killed after {timeout:.0f} s\n")
         rc = proc.wait()
         reader.join(timeout=5)
-        output = "".join(lines)
-        if m := re.search(r"started run (\d+)", output):
-            run_id = m.group(1)
-        status = "no run" if run_id is None else self.status_of(run_id)
-        return rc, output, run_id, status
+        return rc, "".join(lines), run_id, self.status_of(run_id)
 
     def status_of(self, run_id: str, settle: float = 20.0) -> str:
         """The run's status by ``flwr ls``; waits up to ``settle`` s for it to be final."""
@@ -522,11 +535,7 @@ class Loopback:
             os.killpg(self.supernodes[i].pid, sig)
         except ProcessLookupError:
             pass
-        for pid in targets:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        send_signal(targets, sig)
         try:
             self.supernodes[i].wait(timeout=15 if sig == signal.SIGKILL else 60)
         except subprocess.TimeoutExpired:
@@ -662,10 +671,12 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.loopback", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m app.loopback", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="start a SuperLink and SuperNodes in the background")
-    s.add_argument("--nodes", type=int, default=2)
+    s = sub.add_parser("start", help="start a SuperLink and SuperNodes in the background",
+                       formatter_class=HelpFormatter)
+    s.add_argument("--nodes", type=int, default=2, help="SuperNodes to start, each with its own data folder")
     s.add_argument("--tls", action="store_true", help="TLS with a throwaway CA made in DIR/certs")
     s.add_argument("--dir", required=True, help="where logs, state, certificates and pids.json go")
     s.add_argument("--data", default="", help="folder with node<i>/ data trees (default DIR/data, made from digits)")
@@ -673,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     for name, helptext in (("status", "show whether the recorded processes run"),
                            ("stop", "stop the recorded process groups")):
-        q = sub.add_parser(name, help=helptext)
-        q.add_argument("--dir", required=True)
+        q = sub.add_parser(name, help=helptext, formatter_class=HelpFormatter)
+        q.add_argument("--dir", required=True, help="the folder given to start (holds pids.json)")
     args = p.parse_args(argv)
     return {"start": _cmd_start, "status": _cmd_status, "stop": _cmd_stop}[args.cmd](args)
 

@@ -6,8 +6,8 @@ network chosen by name (``eval-extractor``):
 * ``classifier``: the project's own dataset classifier (models/classifier.py), trained and
   cached by ``simulations/train_evaluator.py``; penultimate features for FID/KID, softmax
   for IS, argmax for the label histograms of generated samples;
-* ``inception``: the standard Inception-v3 (torch-fidelity's port of the TF weights, as
-  torchmetrics uses it); its weights file must be in torch hub's cache or at
+* ``inception``: the standard Inception-v3 (torch-fidelity's port of the TF weights, through
+  its public ``FeatureExtractorInceptionV3``); its weights file must be in torch hub's cache or at
   ``inception-weights`` (no download happens here; a clear error says where to put it).
 
 The feature network runs once per sample set; FID/KID/IS are then computed from those
@@ -100,6 +100,69 @@ def load_classifier(dataset: str, image_size: int, channels: int, directory: str
     return net, dict(blob.get("meta", {}))
 
 
+# Datasets whose classifier trains itself when it is missing: scikit-learn ships the digits, so
+# every machine has the training split, and the quick recipe takes seconds on one CPU core
+# (5 epochs: test accuracy 0.99; simulations/train_evaluator.py's full recipe, 15 epochs: 0.994).
+AUTO_TRAIN = {"digits": dict(epochs=5, batch_size=64, lr=0.05, shift=1, width=16)}
+
+
+def ensure_classifier(dataset: str, image_size: int, channels: int, directory: str = "",
+                      say=None) -> Path | None:
+    """The cached classifier's path; a missing one of a dataset in :data:`AUTO_TRAIN` is trained
+    first (quick recipe, seconds) and cached. None when it is missing and cannot train itself.
+
+    Concurrent callers (the server and simulated clients share one cache) serialize on a lock
+    file, so the classifier is trained once and a reader never sees a partial file."""
+    path = classifier_path(dataset, image_size, channels, directory)
+    if path.is_file():
+        return path
+    recipe = AUTO_TRAIN.get(dataset)
+    if recipe is None:
+        return None
+    import fcntl
+    import time
+
+    from app.data import load_dataset
+    from models.classifier import accuracy, predict, train_epoch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():   # another process trained it while this one waited
+            return path
+        if say is not None:
+            say(f"no '{dataset}' classifier cached: training one ({recipe['epochs']} epochs, seconds) into {path}")
+        start = time.monotonic()
+        train = load_dataset(dataset, image_size=image_size, channels=channels, split="train")
+        test = load_dataset(dataset, image_size=image_size, channels=channels, split="test")
+        gen = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = Classifier(train.x.shape[1], train.x.shape[-1], train.num_classes, width=recipe["width"])
+        opt = torch.optim.SGD(net.parameters(), lr=recipe["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+        steps = recipe["epochs"] * (len(train) // recipe["batch_size"])
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.2,
+                                                    anneal_strategy="linear", div_factor=10, final_div_factor=100)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # a network this small is no faster on more threads, and they contend
+        try:
+            for _ in range(recipe["epochs"]):
+                train_epoch(net, opt, sched, train.x, train.y, batch_size=recipe["batch_size"], gen=gen, flip=False,
+                            shift=recipe["shift"], label_smoothing=0.2)
+            acc = accuracy(predict(net, test.x), test.y)
+        finally:
+            torch.set_num_threads(threads)
+        seconds = time.monotonic() - start
+        save_classifier(path, net.to(memory_format=torch.contiguous_format),
+                        {"dataset": dataset, "test_accuracy": acc, "num_train": len(train), "num_test": len(test),
+                         "epochs": recipe["epochs"], "train_seconds": round(seconds, 1), "device": "cpu",
+                         "recipe": "auto (app.metrics.ensure_classifier)", "torch": str(torch.__version__),
+                         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if say is not None:
+            say(f"'{dataset}' classifier trained in {seconds:.1f} s: test accuracy {acc:.3f}")
+    return path
+
+
 # =====================================================================================
 # Feature networks by name
 # =====================================================================================
@@ -144,17 +207,18 @@ class ClassifierFeatures(FeatureNet):
 
 
 class InceptionFeatures(FeatureNet):
-    """Inception-v3 as FID's reference implementation uses it (torch-fidelity's port, loaded
-    through torchmetrics): 2048-d pool features and the 1008 logits; images become 8-bit RGB."""
+    """Inception-v3 as FID's reference implementation uses it, through torch-fidelity's public
+    feature extractor (``torch_fidelity.FeatureExtractorInceptionV3``, TF-1.x-compatible
+    bilinear resize to 299): 2048-d pool features and the 1008 logits; images become 8-bit RGB."""
 
     name = "inception"
 
     def __init__(self, weights: str | Path) -> None:
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torch_fidelity import FeatureExtractorInceptionV3
 
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=str(weights))
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(weights))
         self.num_features = 2048
         self.num_classes = 1008
 
@@ -162,7 +226,7 @@ class InceptionFeatures(FeatureNet):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        f, logits = self.net._torch_fidelity_forward(u8)  # (features_list order); forward() keeps only the first
+        f, logits = self.net(u8)  # in features_list order
         return f.reshape(len(x), -1), logits.reshape(len(x), -1)
 
 
@@ -382,7 +446,8 @@ def density_plot(path: str | Path, panels: dict[str, torch.Tensor], means: torch
 
 
 __all__ = ["mode_metrics", "density_plot", "EvaluatorMissing", "evaluator_dir", "classifier_path",
-           "save_classifier", "load_classifier", "EXTRACTORS", "INCEPTION_FILE", "inception_weights_path",
+           "save_classifier", "load_classifier", "ensure_classifier", "AUTO_TRAIN", "EXTRACTORS", "INCEPTION_FILE",
+           "inception_weights_path",
            "FeatureNet", "ClassifierFeatures", "InceptionFeatures", "load_feature_net", "embed",
            "fid_from_features", "kid_from_features", "inception_score_from_logits", "label_histogram",
            "tv_distance", "ImageEvaluator", "describe_scores"]

@@ -454,7 +454,7 @@ class RunFolder:
             per_client = client_series.get(key, {})
             for cid in sorted(per_client, key=_natural_key):
                 xs, ys = zip(*per_client[cid])
-                ax.plot(xs, ys, linewidth=0.9, alpha=0.6, label=f"client {cid}")
+                ax.plot(xs, ys, linewidth=0.9, alpha=0.6, label=client_legend_label(cid))
             if per_client:
                 by_round: dict[float, list[float]] = {}
                 for pts in per_client.values():
@@ -547,6 +547,13 @@ def quality_series(records: list[dict], group: str, key: str) -> tuple[dict[str,
                 elif group == "client_eval" and "num_fake" in scores and not note:
                     note = f"{int(scores['num_fake'])} fakes vs each client's data"
     return out, note
+
+
+def client_legend_label(cid: Any) -> str:
+    """A per-client line's legend entry: the record's client key as it is when it already names
+    the client ("client 0 (classes 0,1)"), else "client <id>" for a bare id."""
+    text = str(cid)
+    return text if text.startswith("client") else f"client {text}"
 
 
 def _natural_key(text: str) -> tuple:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import traceback
@@ -20,11 +21,15 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from app.builders import geometry, image_evaluator, make_discriminator, make_generator, optimizer_for
-from app.config import Config, ConfigError, config_from_context, parse_config, resolve_device
+from app.config import (RESUMABLE, Config, ConfigError, check_tracking, config_from_context, parse_config,
+                        resolve_device)
 from app import data as data_module
 from app.data import client_dataset, mode_means, partition_summary, server_dataset, test_dataset
-from app.metrics import EvaluatorMissing, density_plot, describe_scores, mode_metrics
+from app.generators import export_server_generators, flower_run_id_of, mark_flower_run
+from app.metrics import (EvaluatorMissing, classifier_path, density_plot, describe_scores, ensure_classifier,
+                         mode_metrics)
 from app.runs import Progress, RunFolder, describe_os_error, eval_sets
+from app.tracking import NullTracker, Tracker, make_tracker
 from strategies.base import RunInterrupted, log
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
 from strategies.centralized import Centralized, CentralizedSettings
@@ -43,29 +48,44 @@ def say(text: str) -> None:
 class RunRecorder:
     """Writes what a strategy reports into the run folder and prints progress."""
 
-    def __init__(self, folder: RunFolder, total_rounds: int, means: torch.Tensor | None = None) -> None:
+    def __init__(self, folder: RunFolder, total_rounds: int, means: torch.Tensor | None = None, *,
+                 cfg: Config | None = None, flower_run_id: int | None = None, tracker: Tracker | None = None) -> None:
         self.folder = folder
         self.means = means
+        self.cfg = cfg                      # given: the server's generators go to generators/ with each server.pt
+        self.flower_run_id = flower_run_id
+        self.tracker = tracker or NullTracker()   # live tracking mirrors metrics.jsonl and the grids (app/tracking.py)
         self.start = time.monotonic()
         self.rounds_logged = 0
+        self.last_round = 0
         self._progress = Progress(total_rounds)
 
     def log_round(self, record: dict) -> None:
-        self.folder.log_metrics({**record, "elapsed": time.monotonic() - self.start})
+        row = {**record, "elapsed": time.monotonic() - self.start}
+        self.folder.log_metrics(row)
         self.rounds_logged += 1
+        if isinstance(record.get("round"), (int, float)) and not isinstance(record.get("round"), bool):
+            self.last_round = int(record["round"])
+        self.tracker.log_round(row, step=self.last_round)
 
     def log_comm(self, rows: list[dict]) -> None:
         self.folder.log_comm(rows)
 
     def save_samples(self, tag: str, rows: dict) -> None:
-        self.folder.save_samples(tag, rows)
+        png = self.folder.save_samples(tag, rows)
+        numbered = re.fullmatch(r"round(\d+)", tag)
+        step = int(numbered.group(1)) if numbered else self.last_round
+        self.tracker.log_image("samples", png, step)
         if rows and all(t.dim() == 2 and t.shape[1] == 2 for t in rows.values()):
             # 2-D data: also a density map (modes marked) and the raw points for later plots
-            density_plot(self.folder.path / "samples" / f"{tag}_density.png", rows, self.means)
+            density = density_plot(self.folder.path / "samples" / f"{tag}_density.png", rows, self.means)
             torch.save({k: v.cpu() for k, v in rows.items()}, self.folder.path / "samples" / f"{tag}.pt")
+            self.tracker.log_image("samples_density", density, step)
 
     def save_checkpoint(self, name: str, obj: object) -> None:
         self.folder.save_checkpoint(name, obj)
+        if self.cfg is not None and name == "server.pt":   # teacher / students / global G, for fedgan-sample
+            export_server_generators(self.folder.path, self.cfg, obj, flower_run_id=self.flower_run_id)
 
     def progress(self, rnd: int, metrics: dict) -> None:
         self._progress.update(rnd, metrics)
@@ -188,13 +208,42 @@ def image_evaluation(cfg: Config) -> bool:
     return geometry(cfg).kind != "mlp" and cfg.eval_every > 0
 
 
+def end_report_wanted(cfg: Config) -> bool:
+    """The end-of-run report: with ``client-eval`` (PrivacyGAN, local; images) every client scores
+    its generator's samples on its own data at the last round -- own-class share and TV to its own
+    labels by the dataset classifier -- also when ``eval-every`` = 0 (then at the last round only)."""
+    return (cfg.client_eval and cfg.strategy in ("privacygan", "local") and geometry(cfg).kind != "mlp"
+            and cfg.eval_extractor == "classifier")
+
+
+def prepare_end_report(cfg: Config) -> None:
+    """At start: the report needs the dataset classifier; a missing digits one trains itself now
+    (seconds; simulated clients share the cache), another dataset's report is skipped, saying how
+    to train its classifier."""
+    if not end_report_wanted(cfg) or image_evaluation(cfg):
+        return
+    geo = geometry(cfg)
+    if ensure_classifier(cfg.dataset, geo.image_size, geo.channels, cfg.evaluator_dir, say=say) is None:
+        say(f"no '{cfg.dataset}' classifier cached: the end-of-run client report is skipped (train one with "
+            f"python simulations/train_evaluator.py --dataset {cfg.dataset} --image-size {geo.image_size} "
+            f"--channels {geo.channels})")
+
+
 def client_eval_enabled(cfg: Config) -> bool:
-    return cfg.client_eval and image_evaluation(cfg) and cfg.strategy in ("privacygan", "local")
+    """Clients score fakes on their own data: every ``eval-every`` rounds and the last, or (eval-every
+    = 0) in the end-of-run report at the last round when the dataset classifier is there."""
+    if not (cfg.client_eval and cfg.strategy in ("privacygan", "local")):
+        return False
+    if image_evaluation(cfg):
+        return True
+    geo = geometry(cfg)
+    return end_report_wanted(cfg) and classifier_path(cfg.dataset, geo.image_size, geo.channels,
+                                                      cfg.evaluator_dir).is_file()
 
 
 def global_label_histogram(cfg: Config) -> list[int] | None:
     """The population's label histogram (the run config's test split), for ``tv_global``."""
-    if not image_evaluation(cfg):
+    if not image_evaluation(cfg) and not client_eval_enabled(cfg):
         return None
     return test_dataset(cfg.data_spec()).label_histogram().tolist()
 
@@ -265,10 +314,18 @@ def run_dataparallel(grid, cfg, folder, device, recorder, checkpoint=None) -> di
                         describe_partition=partition_labeller(cfg), **_common(cfg, device, recorder)).run(grid)
 
 
+def fedavg_settings(cfg: Config) -> FedAvgSettings:
+    return _settings(FedAvgSettings, cfg, **_on_client_lrs(cfg), variant=cfg.fedavg_variant,
+                     proximal_mu=cfg.fedprox_mu, server_lr=cfg.fedopt_server_lr, server_tau=cfg.fedopt_tau)
+
+
 def run_fedavg(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
-    return FedAvg(_settings(FedAvgSettings, cfg, **_on_client_lrs(cfg)),
-                  make_generator=lambda: make_generator(cfg), make_discriminator=lambda: make_discriminator(cfg),
-                  describe_partition=partition_labeller(cfg), **_common(cfg, device, recorder)).run(grid)
+    strategy = FedAvg(fedavg_settings(cfg), make_generator=lambda: make_generator(cfg),
+                      make_discriminator=lambda: make_discriminator(cfg), describe_partition=partition_labeller(cfg),
+                      **_common(cfg, device, recorder))
+    if checkpoint is not None:
+        strategy.restore(checkpoint)
+    return strategy.run(grid)
 
 
 def run_local(grid, cfg, folder, device, recorder, checkpoint=None) -> dict:
@@ -324,6 +381,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     before any new round leaves the resumed run's files as they were."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    check_tracking(cfg)   # tracking=tensorboard|wandb without its package stops the run here, saying what to install
     checkpoint = None
     if cfg.resume:
         folder, cfg, checkpoint = open_for_resume(cfg)
@@ -332,12 +390,22 @@ def run(grid: Grid, cfg: Config) -> Path:
                                   run_name=cfg.run_name)
         for name in ("metrics.jsonl", "comm.jsonl"):  # present for every strategy, even one that sends nothing
             (folder.path / name).touch()
+    flower_run_id = flower_run_id_of(grid)
+    marker = mark_flower_run(folder.path, flower_run_id)   # how this run's simulated clients find the folder
     handler = _attach_log_file(folder)
     say(f"run folder: {folder.path}")
+    tracker = make_tracker(cfg.tracking, folder.path, name=folder.path.name, config=cfg.to_run_config(),
+                           purge_step=int(checkpoint["round"]) + 1 if checkpoint is not None else None)
+    if cfg.tracking == "tensorboard":
+        say(f"live tracking: tensorboard --logdir {folder.path}")
+    elif cfg.tracking == "wandb":
+        say(f"live tracking: Weights & Biases run in {folder.path / 'wandb'}")
     if checkpoint is not None:
         say(f"resuming from the checkpoint of round {checkpoint['round']} (the run's own config.json applies; "
-            f"rounds after that checkpoint are redone, clients start fresh discriminators)")
+            f"rounds after that checkpoint are redone, "
+            f"{'clients start fresh discriminators' if cfg.strategy == 'privacygan' else 'clients start fresh optimizers'})")
     detail = (f"alpha={cfg.alpha} steps-per-round={cfg.steps_per_round}" if cfg.strategy == "privacygan" else
+              f"variant={cfg.fedavg_variant} local-steps={cfg.local_steps}" if cfg.strategy == "fedavg" else
               f"groups' losses={cfg.mggan_losses} local-steps={cfg.local_steps} regroup-interval={cfg.regroup_interval}")
     say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} rounds={cfg.num_rounds} "
         f"{detail} device={device}")
@@ -354,16 +422,19 @@ def run(grid: Grid, cfg: Config) -> Path:
             test_dataset(cfg.data_spec())
             server_dataset(cfg.data_spec())
         means = mode_means(cfg.dataset)[0] if geometry(cfg).kind == "mlp" else None
-        recorder = RunRecorder(folder, cfg.num_rounds, means)
+        prepare_end_report(cfg)
+        recorder = RunRecorder(folder, cfg.num_rounds, means, cfg=cfg, flower_run_id=flower_run_id, tracker=tracker)
         result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder, checkpoint)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
         folder.plot_quality()
         _write_summary_or_say(folder, _summary(cfg, result, time.monotonic() - started, status="success"))
+        for line in end_report_console(result):
+            say(line)
     except RunInterrupted as exc:
         done = last_checkpoint_round(folder)
         if done is None:
             resume = "no checkpoint to resume from"
-        elif cfg.strategy == "privacygan":
+        elif cfg.strategy in RESUMABLE:
             resume = f"resume with --set resume={folder.path} (run config resume=\"{folder.path}\")"
         else:
             resume = "resuming is implemented for privacygan only"
@@ -375,6 +446,8 @@ def run(grid: Grid, cfg: Config) -> Path:
         error = (f"{describe_os_error(exc)}" if isinstance(exc, OSError)
                  else "".join(traceback.format_exception_only(type(exc), exc)).strip())
         if checkpoint is not None and not _wrote_rounds(recorder):
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             say(f"resume FAILED before any new round: {error}; the run's files are unchanged")
         else:
             _write_summary_or_say(folder, _summary(cfg, {}, time.monotonic() - started, status="failed", error=error))
@@ -382,6 +455,7 @@ def run(grid: Grid, cfg: Config) -> Path:
             say(f"results (partial) in {folder.path}")
         raise
     finally:
+        tracker.close()
         log.removeHandler(handler)
         handler.close()
     say(f"finished in {time.monotonic() - started:.1f} s; results in {folder.path}")
@@ -460,6 +534,10 @@ def open_for_resume(cfg: Config) -> tuple[RunFolder, Config, dict]:
 def check_resumable(cfg: Config, checkpoint: dict, path: Path) -> None:
     """ConfigError unless every network in ``checkpoint`` loads into the networks ``cfg`` builds."""
     try:
+        if cfg.strategy == "fedavg":
+            make_generator(cfg).load_state_dict(checkpoint["g"])
+            make_discriminator(cfg).load_state_dict(checkpoint["d"])
+            return
         make_generator(cfg).load_state_dict(checkpoint["teacher_g"])
         make_discriminator(cfg).load_state_dict(checkpoint["teacher_d"])
         for blob in checkpoint["students"].values():
@@ -501,18 +579,64 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
             if "fid" in scores:
                 tv = f", TV to test labels {scores['tv_global']:.3f}" if "tv_global" in scores else ""
                 lines.append(f"- {name}: {describe_scores(scores)}{tv}")
-        for name, scores in (result.get("client_eval") or {}).items():
-            lines.append(f"- {name}, scored on its own data: FID {scores['fid']:.2f}, KID {scores['kid']:.4f} "
-                         f"({int(scores['num_fake'])} fakes vs {int(scores['num_real'])} own samples), "
-                         f"TV to own labels {scores['tv_own']:.3f}"
-                         + (f", to global labels {scores['tv_global']:.3f}" if "tv_global" in scores else ""))
         for name, scores in eval_sets(result.get("eval")).items():
             if "modes_covered" in scores:
                 lines.append(f"- {name}: {scores['modes_covered']}/{scores['num_modes']} modes, "
                              f"{scores['high_quality_pct']:.1f}% high-quality, reverse KL {scores['reverse_kl']:.3f} "
                              f"({scores['num_samples']} samples)")
+        lines += end_report_markdown(result)
     lines += ["", "## Configuration", "", "```", *(f"{k} = {v!r}" for k, v in cfg.to_run_config().items()), "```", ""]
     return "\n".join(lines)
+
+
+def _fmt(scores: dict, key: str, spec: str) -> str:
+    return format(scores[key], spec) if isinstance(scores.get(key), (int, float)) else "–"
+
+
+def end_report_markdown(result: dict) -> list[str]:
+    """summary.md's end-of-run report: one table row per client, from the scores each client
+    computed on its own data at the last round (``client_eval``); empty when there are none."""
+    per_client = result.get("client_eval") or {}
+    missing = (result.get("last") or {}).get("client_eval_dropped") or {}
+    if not per_client:
+        return ["", "## End-of-run report: each client's generator, scored on the client", "",
+                "Not scored: " + "; ".join(f"node {n}: {why}" for n, why in missing.items())] if missing else []
+    first = next(iter(per_client.values()))
+    lines = ["", "## End-of-run report: each client's generator, scored on the client", "",
+             f"At the last round each client labelled {int(first.get('num_fake', 0)):,} samples of its generator "
+             f"with the dataset classifier and compared them with its own data; only these numbers came back. "
+             f"Own-class share: the share of samples labelled as a class the client holds (an even spread over "
+             f"10 classes scores 0.2 for a client holding 2). TV: total-variation distance between the samples' "
+             f"label histogram and the client's own (0 = the same distribution) or the population's.", "",
+             "| client | own-class share | TV to own labels | TV to global labels | FID vs own data | KID | "
+             "samples / own |", "|---|---|---|---|---|---|---|"]
+    for name, s in per_client.items():
+        lines.append(f"| {name} | {_fmt(s, 'own_share', '.3f')} | {_fmt(s, 'tv_own', '.3f')} | "
+                     f"{_fmt(s, 'tv_global', '.3f')} | {_fmt(s, 'fid', '.2f')} | {_fmt(s, 'kid', '.4f')} | "
+                     f"{int(s.get('num_fake', 0)):,} / {int(s.get('num_real', 0)):,} |")
+    shares = [s["own_share"] for s in per_client.values() if "own_share" in s]
+    if shares:
+        lines += ["", f"Mean over {len(shares)} client(s): own-class share {sum(shares) / len(shares):.3f}, "
+                      f"TV to own labels {sum(s['tv_own'] for s in per_client.values()) / len(per_client):.3f}."]
+    if missing:
+        lines += ["", "Not scored: " + "; ".join(f"node {n}: {why}" for n, why in missing.items())]
+    return lines
+
+
+def end_report_console(result: dict) -> list[str]:
+    """The same report as lines for the console (the end of `flwr run`'s output)."""
+    per_client = result.get("client_eval") or {}
+    missing = (result.get("last") or {}).get("client_eval_dropped") or {}
+    if not per_client:
+        return [f"end-of-run report: no client could score its generator ({len(missing)} failed; see summary.md)"] \
+            if missing else []
+    first = next(iter(per_client.values()))
+    lines = [f"end-of-run report, scored on each client ({int(first.get('num_fake', 0)):,} samples of its "
+             f"generator, labelled by the dataset classifier):"]
+    for name, s in per_client.items():
+        lines.append(f"  {name}: own-class share {_fmt(s, 'own_share', '.2f')}, TV to own labels "
+                     f"{_fmt(s, 'tv_own', '.3f')}")
+    return lines
 
 
 def make_server_app(config: Config | None = None) -> ServerApp:

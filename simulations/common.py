@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from app.config import Config, ConfigError, parse_config, positive_int
+from app.config import Config, ConfigError, check_tracking, parse_config, positive_int
 from app.data import DataError
 from app.runs import RunFolderError, describe_os_error, ensure_writable_dir, resolve_output_dir
 from strategies.base import STOP, RunFailed
@@ -107,17 +107,22 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def add_common_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML experiment file of run-config keys")
-    p.add_argument("--clients", type=positive_int, help="number of virtual clients (SuperNodes)")
-    p.add_argument("--rounds", type=positive_int, help="num-rounds")
+def add_common_flags(p: argparse.ArgumentParser, *, config_default: str = "none, the embedded defaults",
+                     clients_default: str = "the experiment's min-nodes") -> None:
+    """The flags every simulation script shares; ``config_default`` / ``clients_default`` say in
+    words what the script does without ``--config`` / ``--clients``."""
+    p.add_argument("--config", help=f"YAML experiment file of run-config keys (default: {config_default})")
+    p.add_argument("--clients", type=positive_int,
+                   help=f"number of virtual clients (SuperNodes) (default: {clients_default})")
+    p.add_argument("--rounds", type=positive_int, help="num-rounds (default: the experiment's)")
     p.add_argument("--output-dir", help="where runs/ goes (default: ./fedgan-output)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="server and client device")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="server and client device (default: the experiment's, else auto)")
     p.add_argument("--client-cpus", type=positive_int, default=1, help="CPUs per virtual client (Ray resources)")
     p.add_argument("--client-gpus", type=float, default=None,
                    help="GPUs per virtual client (fractional; default 0 on CPU machines, 1/clients with CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run-config key, e.g. --set fakes-dtype=uint8 (repeatable)")
+                   help="any run-config key, e.g. --set fakes-dtype=uint8 (repeatable; default: none)")
 
 
 def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
@@ -129,7 +134,9 @@ def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict
             raw[key] = value
     raw.setdefault("output-dir", str(Path.cwd() / "fedgan-output"))
     raw.update(parse_sets(args.set))
-    return parse_config(raw)
+    cfg = parse_config(raw)
+    check_tracking(cfg)   # the simulation's ServerApp runs in this process
+    return cfg
 
 
 def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus: float | None = None) -> Path:

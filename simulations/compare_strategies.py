@@ -39,7 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import STRATEGIES, ConfigError, parse_config  # noqa: E402
-from simulations import comparison as cmp  # noqa: E402
+from app import comparison as cmp  # noqa: E402
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import CONFIGS, SHARED_CIFAR, parse_sets, read_experiment  # noqa: E402
 
 DEFAULT_CONFIG = CONFIGS / "compare_digits.yaml"
@@ -51,6 +52,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "K2": ("privacygan", {"steps-per-round": 2}, "privacygan K=2"),
     "K4": ("privacygan", {"steps-per-round": 4}, "privacygan K=4"),
     "dp-alternating": ("dataparallel", {"dataparallel-mode": "alternating"}, "dataparallel alternating"),
+    # FedAvg's Flower variants (issue #14): the same bytes as fedavg, another aggregation
+    "fedprox": ("fedavg", {"fedavg-variant": "fedprox"}, "fedavg fedprox"),
+    "fedadam": ("fedavg", {"fedavg-variant": "fedadam"}, "fedavg fedadam"),
+    "fedyogi": ("fedavg", {"fedavg-variant": "fedyogi"}, "fedavg fedyogi"),
+    "krum": ("fedavg", {"fedavg-variant": "krum"}, "fedavg krum"),
+    "trimmed-mean": ("fedavg", {"fedavg-variant": "trimmed-mean"}, "fedavg trimmed-mean"),
 }
 TWO_D = ("ring", "grid")
 
@@ -225,7 +232,7 @@ def write_outputs(results: Path, rows: list[dict], runs: list[dict], profiles: d
              f"Analytic check (bytes from the models' sizes): {matched}/{len(checks)} runs match their recorded "
              "bytes exactly.", ""]
     lines += [f"## Modeled time per bandwidth profile (link: {args.link})", "", times, "",
-              "Thesis Eq. 4.1/4.2 generalized (simulations/comparison.py `modeled_time`): per round the measured "
+              "Thesis Eq. 4.1/4.2 generalized (app/comparison.py `modeled_time`): per round the measured "
               "compute time + for each sequential message exchange the slowest client's bytes down ÷ downlink + "
               "bytes up ÷ uplink (`per-client`: every client on its own link, in parallel; `shared`: all traffic "
               "through one link, as the thesis' M·ω/v) + one round-trip latency. "
@@ -304,10 +311,11 @@ def preflight(runs: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML experiment file (default: %(default)s)")
     p.add_argument("--strategies", help=f"comma-separated, default all: {','.join(STRATEGIES)}")
-    p.add_argument("--dataset", help="run-config 'dataset' for every run (e.g. digits, ring, cifar10)")
+    p.add_argument("--dataset", help="run-config 'dataset' for every run (e.g. digits, ring, cifar10; default: "
+                                     "the file's)")
     p.add_argument("--clients", type=int, help="virtual clients (default: the file's min-nodes, else 4)")
     p.add_argument("--steps", type=int, help="generator steps per client for every strategy (default: the file's "
                                              "num-rounds, read as generator steps)")
@@ -319,20 +327,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-key", help="score for the final-quality and bytes-to-target columns (default: fid; "
                                          "high_quality_pct on ring/grid)")
     p.add_argument("--target-fid", "--target", dest="target", type=float,
-                   help="quality target for 'bytes to target' (FID: reached when <= it)")
+                   help="quality target for 'bytes to target' (FID: reached when <= it; default: none, no "
+                        "bytes-to-target column values)")
     p.add_argument("--profiles", help="YAML/JSON file overriding or adding bandwidth profiles "
-                                      "({name: {uplink_bps, downlink_bps, latency_s}})")
+                                      "({name: {uplink_bps, downlink_bps, latency_s}}; default: the built-in ones)")
     p.add_argument("--link", choices=cmp.LINKS, default="per-client",
                    help="modeled time: each client on its own link (default) or all through one shared link")
     p.add_argument("--warmup", choices=("median", "keep"), default="median",
                    help="round 1's compute in the modeled time: median of later rounds (default) or as measured")
     p.add_argument("--output-dir", default=str(Path.cwd() / "fedgan-output"),
                    help="where compare-<time>/ goes (default: ./fedgan-output)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="run-config 'device'")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="run-config 'device' (default: the file's)")
     p.add_argument("--client-cpus", type=int, default=1, help="CPUs per virtual client (Ray resources)")
-    p.add_argument("--client-gpus", type=float, default=None, help="GPUs per virtual client (fractional)")
+    p.add_argument("--client-gpus", type=float, default=None,
+                   help="GPUs per virtual client (fractional; default 0 on CPU machines, 1/clients with CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any run-config key for every run (repeatable)")
+                   help="any run-config key for every run (repeatable; default: none)")
     p.add_argument("--verbose", action="store_true", help="show every run's own progress lines")
     return p
 

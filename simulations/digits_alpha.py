@@ -30,6 +30,7 @@ from app.builders import make_generator  # noqa: E402
 from app.config import parse_config  # noqa: E402
 from app.data import load_dataset, partition_summary  # noqa: E402
 from app.runs import RunFolder  # noqa: E402
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import add_common_flags, build_config, simulate  # noqa: E402
 
 
@@ -68,9 +69,11 @@ def own_class_shares(run: Path, clf, n: int = 1000) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_flags(p)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.5, 0.8, 1.0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    add_common_flags(p, config_default="none, the embedded defaults (this sweep does not read a file)",
+                     clients_default="5")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.5, 0.8, 1.0],
+                   help="JRLF weights alpha to run, one simulation each")
     args = p.parse_args(argv)
     clients = args.clients or 5
     clf, acc = digits_classifier(16)

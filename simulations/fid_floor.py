@@ -23,19 +23,24 @@ import torch  # noqa: E402
 
 from app.data import load_dataset  # noqa: E402
 from app.metrics import ImageEvaluator, describe_scores, load_feature_net  # noqa: E402
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import SHARED_CIFAR  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", default="")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--dataset", default="cifar10", help="dataset whose train/test split is scored")
+    p.add_argument("--data-dir", default="", help=f"where the data is (default: empty = {SHARED_CIFAR} for "
+                                                  "cifar10 when present)")
     p.add_argument("--samples", type=int, nargs="+", default=[10000], help="training images per score")
-    p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"))
-    p.add_argument("--evaluator-dir", default="")
-    p.add_argument("--inception-weights", default="")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--extractor", default="classifier", choices=("classifier", "inception"),
+                   help="feature network for FID/KID")
+    p.add_argument("--evaluator-dir", default="", help="classifier cache folder (default: empty = "
+                                                       "$FEDGAN_EVALUATORS or ~/.cache/fedgan/evaluators)")
+    p.add_argument("--inception-weights", default="", help="Inception-v3 weights file (default: empty = torch "
+                                                           "hub's cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn images")
     args = p.parse_args(argv)
 
     data_dir = args.data_dir or (str(SHARED_CIFAR) if args.dataset == "cifar10" and SHARED_CIFAR.is_file() else "")

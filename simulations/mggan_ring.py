@@ -34,6 +34,7 @@ from app.config import parse_config  # noqa: E402
 from app.data import mode_means  # noqa: E402
 from app.metrics import density_plot  # noqa: E402
 from app.runs import RunFolder  # noqa: E402
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import simulate  # noqa: E402
 
 # Published ring results (modes covered of 8, % high-quality samples); their settings differ from ours.
@@ -78,16 +79,18 @@ def density_figures(out: Path, runs: dict[str, list[str]], K: int, intervals: li
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--groups", type=int, nargs="+", default=[2, 3, 4, 6])
-    p.add_argument("--intervals", type=int, nargs="+", default=[0, 25, 300])
+                                formatter_class=HelpFormatter)
+    p.add_argument("--seeds", type=int, default=5, help="seeds per (groups, interval) setting")
+    p.add_argument("--groups", type=int, nargs="+", default=[2, 3, 4, 6], help="numbers of MGGAN groups K to run")
+    p.add_argument("--intervals", type=int, nargs="+", default=[0, 25, 300],
+                   help="regroup intervals T to run (0 = never regroup)")
     p.add_argument("--iterations", type=int, default=3000, help="base-GAN iterations per group")
     p.add_argument("--local-steps", type=int, default=100, help="iterations per round when T allows")
-    p.add_argument("--partition", default="full", choices=["full", "classes"])
+    p.add_argument("--partition", default="full", choices=["full", "classes"],
+                   help="how the ring's points are shared among the clients")
     p.add_argument("--losses", default="bce", help='per-group losses, cycled (e.g. "bce,wgan")')
     p.add_argument("--snapshots", type=int, default=5, help="density snapshots for the figure (seed 0)")
-    p.add_argument("--output-dir", default="fedgan-output")
+    p.add_argument("--output-dir", default="fedgan-output", help="where mggan_ring-<time>/ goes")
     args = p.parse_args(argv)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     args.out = Path(args.output_dir).resolve() / f"mggan_ring-{stamp}"

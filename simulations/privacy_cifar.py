@@ -22,18 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import (CONFIGS, SHARED_CIFAR, add_common_flags, read_experiment,  # noqa: E402
                                 run_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(p)
-    p.add_argument("--alpha", type=float, help="JRLF weight of the client's discriminator (beta = 1 - alpha)")
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
+    add_common_flags(p, config_default="configs/privacy_cifar.yaml with CUDA, else configs/privacy_cifar_tiny.yaml",
+                     clients_default="the experiment's min-nodes, at least 4")
+    p.add_argument("--alpha", type=float, help="JRLF weight of the client's discriminator (beta = 1 - alpha; "
+                                               "default: the experiment's)")
     p.add_argument("--data", help=f"CIFAR-10 location: the folder-per-class zip, an extracted tree or a "
                                   f"torchvision root (default: {SHARED_CIFAR} when present)")
-    p.add_argument("--fraction", type=float, help="each client's share of the training set (0.1 = 1:10, 0.01 = 1:100)")
+    p.add_argument("--fraction", type=float, help="each client's share of the training set (0.1 = 1:10, 0.01 = 1:100; "
+                                                  "default: the experiment's)")
     args = p.parse_args(argv)
 
     import torch

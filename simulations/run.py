@@ -17,13 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import add_common_flags, read_experiment, run_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(p)
+                                formatter_class=HelpFormatter)
+    add_common_flags(p, clients_default="the experiment's min-nodes, at least 2")
     args = p.parse_args(argv)
     return run_from_args(lambda: read_experiment(args.config) if args.config else {}, args, {}, default_clients=2)
 

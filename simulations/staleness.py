@@ -30,19 +30,21 @@ from app.builders import make_discriminator, make_generator, optimizer_for  # no
 from app.config import parse_config  # noqa: E402
 from app.data import client_dataset, server_dataset  # noqa: E402
 from models.steps import sample_latent  # noqa: E402
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import parse_sets  # noqa: E402
 from strategies.privacygan import stale_feedback_errors, train_teacher  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8], help="steps per round K to measure")
     p.add_argument("--rounds", type=int, default=60, help="rounds played per K (errors are averaged over them)")
     p.add_argument("--clients", type=int, default=5, help="how many clients the data is split into (client 0 is used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any run-config key, e.g. --set alpha=0.8 (default: the embedded demo's settings)")
-    p.add_argument("--out", default="", help="write the results as JSON to this file")
+    p.add_argument("--out", default="", help="write the results as JSON to this file (default: empty = "
+                                              "print them only)")
     return p.parse_args(argv)
 
 

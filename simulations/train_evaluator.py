@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from app.data import load_dataset  # noqa: E402
 from app.metrics import classifier_path, save_classifier  # noqa: E402
 from models.classifier import Classifier, accuracy, predict, train_epoch  # noqa: E402
+from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import SHARED_CIFAR  # noqa: E402
 
 # Per dataset: epochs, batch size, peak learning rate, flips, shift (pixels), accuracy target.
@@ -55,27 +56,31 @@ def use_bf16(choice: str, device: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="digits", help="digits, mnist, cifar10 or imagefolder:<path>")
-    p.add_argument("--data-dir", default="", help=f"where the data is (cifar10 default: {SHARED_CIFAR} when present)")
+    p.add_argument("--data-dir", default="", help=f"where the data is (default: empty = {SHARED_CIFAR} for "
+                                                  "cifar10 when present)")
     p.add_argument("--image-size", type=int, default=0, help="side in pixels (0 = the dataset's default)")
     p.add_argument("--channels", type=int, default=0, help="1 or 3 (0 = the dataset's default)")
     p.add_argument("--epochs", type=int, help="passes over the training split (default: per dataset)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle SGD schedule")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: per dataset)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle SGD schedule (default: per dataset)")
     p.add_argument("--width", type=int, help="channels of the first layer, doubling per group (default: 16 for "
                                              "digits, 32 otherwise)")
-    p.add_argument("--label-smoothing", type=float, default=0.2)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--limit-per-class", type=int, default=0, help="use only this many training images per class")
+    p.add_argument("--label-smoothing", type=float, default=0.2, help="label smoothing of the cross-entropy")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--limit-per-class", type=int, default=0, help="use only this many training images per class "
+                                                                  "(0 = all)")
     p.add_argument("--min-accuracy", type=float, help="exit 1 below this test accuracy (default: the dataset's target)")
     p.add_argument("--evaluator-dir", default="", help="cache folder (default: $FEDGAN_EVALUATORS or "
                                                        "~/.cache/fedgan/evaluators)")
-    p.add_argument("--output", default="", help="write the weights here instead of the cache")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--output", default="", help="write the weights here instead of the cache (default: empty = "
+                                                 "the cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 autocast (auto = on for CUDA and for CPUs with AVX-512)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and the batch order")
     args = p.parse_args(argv)
 
     kind = args.dataset.split(":", 1)[0].lower()

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
+from torch import nn
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from models.losses import check_loss_kind
+from models.losses import check_loss_kind, make_optimizer
+from models.steps import sample_latent, train_gan_step
 from strategies.wire import BadReply, message_bytes
 
 log = logging.getLogger("fedgan")
@@ -454,6 +456,141 @@ def require_replies(rnd: int, ex: Exchange, min_replies: int) -> None:
                         f"{min_replies} ({reasons})")
 
 
-__all__ = ["STOP", "check_stop", "RunInterrupted", "collect_late", "pending_nodes", "all_finite", "Snapshot",
+
+# =====================================================================================
+# What the GAN baselines share: seeded networks, local GAN steps, one global (G, D) server
+# =====================================================================================
+def seeded_models(make_generator: Callable[[], nn.Module], make_discriminator: Callable[[], nn.Module],
+                  seed: int, device: str) -> tuple[nn.Module, nn.Module]:
+    """G and D initialised from ``seed`` without touching the global RNG, so every baseline
+    (and every ``local`` client) starts from the very same networks for a given seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        G, D = make_generator(), make_discriminator()
+    G.to(device).train()
+    D.to(device).train()
+    return G, D
+
+
+def fixed_latents(n: int, latent_dim: int, seed: int, device: str) -> torch.Tensor:
+    """Latents of the sample grids and of the final evaluation (the same every round)."""
+    return sample_latent(n, latent_dim, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def gan_config(*, loss: str, gen_lr: float, disc_lr: float, beta1: float, beta2: float, batch_size: int,
+               steps: int, disc_steps: int, rnd: int, seed: int) -> ConfigRecord:
+    """The settings a client needs for local GAN steps (sent with every training message)."""
+    return ConfigRecord({"round": rnd, "loss": loss, "gen-lr": gen_lr, "disc-lr": disc_lr, "beta1": beta1,
+                         "beta2": beta2, "batch-size": batch_size, "steps": steps, "client-disc-steps": disc_steps,
+                         "seed": seed})
+
+
+def gan_optimizers(cfg: ConfigRecord, G: nn.Module, D: nn.Module):
+    loss, betas = str(cfg["loss"]), (float(cfg["beta1"]), float(cfg["beta2"]))
+    return (make_optimizer(loss, G.parameters(), float(cfg["gen-lr"]), betas),
+            make_optimizer(loss, D.parameters(), float(cfg["disc-lr"]), betas))
+
+
+def local_gan_steps(G, D, opt_g, opt_d, *, sample_real, cfg: ConfigRecord, seed: int, partition_id: int | None,
+                    steps_done: int, device: str) -> dict[str, float]:
+    """``cfg['steps']`` base-GAN steps on this client's data; mean statistics of the steps.
+
+    Real batches and latents are drawn from generators seeded by the client's seed,
+    its partition id and its step count, so reruns are reproducible.
+    """
+    pid = partition_id or 0
+    data_gen = torch.Generator().manual_seed(seed * 1_000_003 + pid * 7919 + steps_done)
+    latent_gen = torch.Generator(device=device).manual_seed(seed * 31 + pid * 131 + steps_done)
+    loss, batch = str(cfg["loss"]), int(cfg["batch-size"])
+    n, d_steps = int(cfg["steps"]), int(cfg["client-disc-steps"])
+    totals: dict[str, float] = {}
+    for _ in range(n):
+        real = sample_real(batch, data_gen).to(device=device, dtype=param_dtype(D))
+        out = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, d_steps=d_steps, generator=latent_gen)
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {k: v / max(1, n) for k, v in totals.items()}
+
+
+class GlobalGANServer:
+    """What the servers holding one global (G, D) share — data-parallel and FedAvg: the
+    sample grid, the final evaluation and the round loop. A subclass provides
+    ``run_round(grid, rnd, nodes) -> record`` and ``checkpoint(rnd) -> dict``."""
+
+    name = "GlobalGAN"
+
+    def __init__(self, settings, *, make_generator: Callable[[], nn.Module],
+                 make_discriminator: Callable[[], nn.Module], recorder: Recorder,
+                 evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None, device: str = "cpu",
+                 sample_shape: tuple[int, ...] | None = None, with_optimizers: bool = True) -> None:
+        s = self.s = settings
+        self.device = device
+        self.recorder = recorder
+        self.evaluate = evaluate
+        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
+        if with_optimizers:
+            betas = (s.beta1, s.beta2)
+            self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
+            self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
+        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
+        self.last_eval: dict = {}
+        self.sample_shape = tuple(sample_shape) if sample_shape else None
+        self.first_round = 1          # a subclass's restore() moves it past a checkpoint's round
+
+    # --- outputs --------------------------------------------------------------------------
+    def samples(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
+
+    def finish_round(self, record: dict, rnd: int) -> None:
+        """After a round: score the global generator (every ``eval_every`` rounds and at the
+        last), log the record and progress, save the sample grid and checkpoint when due."""
+        s = self.s
+        if self.evaluate is not None and should(s.eval_every, rnd, s.num_rounds):
+            t_eval = time.monotonic()
+            self.last_eval = record["eval"] = self.final_eval()
+            record["eval_time"] = time.monotonic() - t_eval
+        self.recorder.log_round(record)
+        self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
+        if should(s.sample_every, rnd, s.num_rounds):
+            self.recorder.save_samples(f"round{rnd:05d}", self.samples())
+        if should(s.checkpoint_every, rnd, s.num_rounds):
+            self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
+
+    def final_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
+        with torch.no_grad():
+            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        s = self.s
+        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
+        self.nodes.num_nodes = len(nodes)
+        log.info("%s: %d nodes, %d rounds", self.name, len(nodes), s.num_rounds)
+        last: dict = {}
+        for rnd in range(self.first_round, s.num_rounds + 1):
+            check_stop()
+            nodes = sorted(grid.get_node_ids()) or nodes
+            t0 = time.monotonic()
+            record = self.run_round(grid, rnd, nodes)
+            record["wall_time"] = time.monotonic() - t0
+            self.recorder.log_comm(self.comm.round_rows(rnd))
+            self.finish_round(record, rnd)
+            last = record
+        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
+                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
+                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
+                "eval": self.last_eval}
+
+
+__all__ = ["seeded_models", "fixed_latents", "param_dtype", "gan_config", "gan_optimizers",
+           "local_gan_steps", "GlobalGANServer", "STOP", "check_stop", "RunInterrupted", "collect_late", "pending_nodes", "all_finite", "Snapshot",
            "guarded_update", "apply_with_blame", "require_replies", "should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from models.steps import train_gan_step
-from strategies.base import GANSettings, Recorder, check_stop, log
-from strategies.dataparallel import GlobalGANServer, param_dtype
+from strategies.base import GANSettings, GlobalGANServer, Recorder, check_stop, log, param_dtype
 
 
 @dataclass(frozen=True)

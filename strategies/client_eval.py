@@ -10,7 +10,8 @@ every client to score generated samples against the client's *own* data:
 
 The client returns scalars only: FID and KID of the fakes against its data (features of
 the named extractor), ``tv_own`` (total-variation distance between the classifier's
-label histogram of the fakes and the client's label histogram) and the label histogram
+label histogram of the fakes and the client's label histogram), ``own_share`` (the share
+of fakes the classifier puts in a class the client holds) and the label histogram
 of the *fakes*. Its data, its features and its own label histogram never leave it. The
 server adds ``tv_global``: the same histogram against the global label distribution
 (what the run config's test set holds), which shows whether G_i learned its client's
@@ -40,7 +41,8 @@ EVAL_ALONE = "evaluate.alone"   # server -> client: n + seed (G_i is on the clie
 # What a client's evaluate reply may carry in its MetricRecord; anything else is refused.
 SCALARS = ("fid", "kid", "kid_std", "tv_own", "num_fake", "num_real")
 HISTOGRAM = "label_histogram"
-ALLOWED = set(SCALARS) | {HISTOGRAM, "partition_id", "steps_total"}
+OWN_SHARE = "own_share"   # optional scalar: share of the fakes labelled as one of the client's own classes
+ALLOWED = set(SCALARS) | {HISTOGRAM, OWN_SHARE, "partition_id", "steps_total"}
 
 
 def fakes_content(fakes: torch.Tensor, rnd: int, dtype: str = "float32") -> RecordDict:
@@ -77,6 +79,11 @@ def parse_scores(content: RecordDict, num_classes: int | None = None) -> dict:
         raise wire.BadReply(f"'{HISTOGRAM}' has {len(hist)} classes, expected {num_classes}")
     out[HISTOGRAM] = [int(v) for v in hist]
     out["num_fake"], out["num_real"] = int(out["num_fake"]), int(out["num_real"])
+    if OWN_SHARE in raw:
+        share = float(raw[OWN_SHARE])
+        if not 0.0 <= share <= 1.0:   # also refuses NaN
+            raise wire.BadReply(f"metric '{OWN_SHARE}' must be in [0, 1], got {share}")
+        out[OWN_SHARE] = share
     if "partition_id" in raw:
         out["partition_id"] = int(raw["partition_id"])
     return out
@@ -90,11 +97,20 @@ def tv_distance(p, q) -> float:
     return float(0.5 * np.abs(p / p.sum() - q / q.sum()).sum())
 
 
+def own_class_share(fake_histogram, own_histogram) -> float:
+    """Share of the fakes labelled as a class the client holds (a class with any own sample);
+    what a client reports as ``own_share``. 2 of 10 classes held and fakes spread evenly: 0.2."""
+    fake, own = np.asarray(fake_histogram, dtype=np.float64), np.asarray(own_histogram, dtype=np.float64)
+    if fake.shape != own.shape or fake.sum() <= 0:
+        raise ValueError(f"histograms must have the same length and fakes: {fake.tolist()} vs {own.tolist()}")
+    return float(fake[own > 0].sum() / fake.sum())
+
+
 def summarize(per_client: dict[str, dict]) -> dict:
     """Means over clients of every score (what the progress line and plots show)."""
     if not per_client:
         return {}
-    keys = [k for k in ("fid", "kid", "tv_own", "tv_global") if all(k in s for s in per_client.values())]
+    keys = [k for k in ("fid", "kid", "tv_own", "tv_global", OWN_SHARE) if all(k in s for s in per_client.values())]
     return {f"{k}_mean": float(np.mean([s[k] for s in per_client.values()])) for k in keys}
 
 
@@ -123,5 +139,5 @@ def evaluate_clients(grid: Grid, contents: dict[int, RecordDict], message_type: 
             "client_eval_dropped": {str(n): why for n, why in ex.dropped.items()}}
 
 
-__all__ = ["EVAL_FAKES", "EVAL_ALONE", "fakes_content", "parse_scores", "tv_distance", "summarize",
-           "evaluate_clients", "SCALARS", "HISTOGRAM"]
+__all__ = ["EVAL_FAKES", "EVAL_ALONE", "fakes_content", "parse_scores", "tv_distance", "own_class_share", "summarize",
+           "evaluate_clients", "SCALARS", "HISTOGRAM", "OWN_SHARE"]

@@ -47,21 +47,22 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
 from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_loss, generator_loss,
-                           gradient_penalty, make_optimizer)
+                           gradient_penalty)
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import (FederatedSettings, NodeBook, Recorder, apply_with_blame, check_stop, exchange,
-                             log, require_replies, sample_nodes, should, wait_for_nodes)
+from strategies.base import (FederatedSettings, GlobalGANServer, NodeBook, Recorder, apply_with_blame, exchange,
+                             log, param_dtype, require_replies, sample_nodes)
+from strategies.wire import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, load_weights, make_message, require_count,
+                             require_metrics, require_tensors, weights_record)
 
 DP_STEP = "train.dp_step"                    # simultaneous: G and D down once, both gradients up once
 DP_DISCRIMINATOR = "train.dp_discriminator"  # alternating (a): D's gradient
@@ -69,14 +70,10 @@ DP_GENERATOR = "train.dp_generator"          # alternating (b): G's gradient thr
 MODES = ("simultaneous", "alternating")
 
 # record names inside a message's RecordDict
-G_WEIGHTS = "g"        # ArrayRecord: G's state_dict (parameters and buffers)
-D_WEIGHTS = "d"        # ArrayRecord: D's state_dict
 GRADS = "grad"         # ArrayRecord: one gradient per named parameter of the network stepped (alternating)
 D_GRADS = "grad_d"     # ArrayRecord: D's gradient per named parameter (simultaneous)
 G_GRADS = "grad_g"     # ArrayRecord: G's gradient per named parameter (simultaneous, when asked for)
-NUM_EXAMPLES = "num-examples"   # metric: weight of a reply in the average (Flower's usual name)
 
-# Offsets that keep the seeds of different clients / purposes apart.
 _PID_LATENT = 7_919
 _PID_DATA = 104_729
 
@@ -84,88 +81,6 @@ _PID_DATA = 104_729
 # =====================================================================================
 # Helpers the baselines share
 # =====================================================================================
-def make_message(content: RecordDict, nid: int, message_type: str, rnd: int) -> Message:
-    """The one place where the baselines build Flower messages (tests swap it out)."""
-    return Message(content=content, dst_node_id=nid, message_type=message_type, group_id=str(rnd))
-
-
-def weights_record(model: nn.Module) -> ArrayRecord:
-    """A network's full state_dict (parameters and buffers) as an ArrayRecord."""
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-
-
-def load_weights(model: nn.Module, record: ArrayRecord) -> None:
-    """Load an ArrayRecord made by :func:`weights_record` (or an aggregate of them)."""
-    model.load_state_dict({k: wire.get_tensor(record, k) for k in record.keys()})
-
-
-def _check_tensor(t: torch.Tensor, ref: torch.Tensor, where: str) -> None:
-    if tuple(t.shape) != tuple(ref.shape):
-        raise wire.BadReply(f"'{where}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-    if t.dtype != ref.dtype:
-        raise wire.BadReply(f"'{where}' has dtype {t.dtype}, expected {ref.dtype}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise wire.BadReply(f"'{where}' holds NaN or Inf")
-
-
-def require_tensors(content: RecordDict, record: str, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``content[record]`` as tensors, with exactly the keys, shapes and dtypes of ``reference``
-    and finite values; :class:`~strategies.wire.BadReply` otherwise."""
-    if record not in content.array_records:
-        raise wire.BadReply(f"missing array record '{record}'")
-    rec = content.array_records[record]
-    keys, expected = set(rec.keys()), set(reference)
-    if keys != expected:
-        missing, extra = sorted(expected - keys), sorted(keys - expected)
-        raise wire.BadReply(f"'{record}' keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})")
-    out = {}
-    for k, ref in reference.items():
-        t = wire.get_tensor(rec, k)
-        _check_tensor(t, ref.detach().cpu(), f"{record}.{k}")
-        out[k] = t
-    return out
-
-
-def require_count(metrics: dict[str, float], expected: int | None = None) -> int:
-    """The positive integer sample count of a reply; with ``expected`` (what the server asked
-    for) any other value is a bad reply — a client does not get to choose its own weight."""
-    if NUM_EXAMPLES not in metrics:
-        raise wire.BadReply(f"missing metric '{NUM_EXAMPLES}'")
-    n = metrics[NUM_EXAMPLES]
-    if n < 1 or n != int(n):
-        raise wire.BadReply(f"metric '{NUM_EXAMPLES}' = {n} is not a positive integer")
-    if expected is not None and int(n) != expected:
-        raise wire.BadReply(f"metric '{NUM_EXAMPLES}' = {int(n)}, but the server asked for a batch of {expected}")
-    return int(n)
-
-
-def require_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if key not in metrics:
-            raise wire.BadReply(f"missing metric '{key}'")
-
-
-def seeded_models(make_generator: Callable[[], nn.Module], make_discriminator: Callable[[], nn.Module],
-                  seed: int, device: str) -> tuple[nn.Module, nn.Module]:
-    """G and D initialised from ``seed`` without touching the global RNG, so every baseline
-    (and every ``local`` client) starts from the very same networks for a given seed."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        G, D = make_generator(), make_discriminator()
-    G.to(device).train()
-    D.to(device).train()
-    return G, D
-
-
-def fixed_latents(n: int, latent_dim: int, seed: int, device: str) -> torch.Tensor:
-    """Latents of the sample grids and of the final evaluation (the same every round)."""
-    return sample_latent(n, latent_dim, generator=torch.Generator(device=device).manual_seed(seed), device=device)
-
-
-def param_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def weighted_mean(values: list[float], weights: list[float]) -> float:
     total = float(sum(weights))
     return float(sum(v * w for v, w in zip(values, weights)) / total) if total > 0 else math.nan
@@ -335,79 +250,6 @@ def client_dp_generator(content: RecordDict, state: RecordDict | None = None, *,
 # =====================================================================================
 # Server side
 # =====================================================================================
-class GlobalGANServer:
-    """What the servers holding one global (G, D) share — data-parallel and FedAvg: the
-    sample grid, the final evaluation and the round loop. A subclass provides
-    ``run_round(grid, rnd, nodes) -> record`` and ``checkpoint(rnd) -> dict``."""
-
-    name = "GlobalGAN"
-
-    def __init__(self, settings, *, make_generator: Callable[[], nn.Module],
-                 make_discriminator: Callable[[], nn.Module], recorder: Recorder,
-                 evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None, device: str = "cpu",
-                 sample_shape: tuple[int, ...] | None = None, with_optimizers: bool = True) -> None:
-        s = self.s = settings
-        self.device = device
-        self.recorder = recorder
-        self.evaluate = evaluate
-        self.G, self.D = seeded_models(make_generator, make_discriminator, s.seed, device)
-        if with_optimizers:
-            betas = (s.beta1, s.beta2)
-            self.opt_g = make_optimizer(s.loss, self.G.parameters(), s.gen_lr, betas)
-            self.opt_d = make_optimizer(s.loss, self.D.parameters(), s.disc_lr, betas)
-        self.fixed_z = fixed_latents(s.samples_per_client, s.latent_dim, s.seed + 29, device)
-        self.last_eval: dict = {}
-        self.sample_shape = tuple(sample_shape) if sample_shape else None
-
-    # --- outputs --------------------------------------------------------------------------
-    def samples(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {"global": self.G(self.fixed_z.to(param_dtype(self.G))).cpu()}
-
-    def finish_round(self, record: dict, rnd: int) -> None:
-        """After a round: score the global generator (every ``eval_every`` rounds and at the
-        last), log the record and progress, save the sample grid and checkpoint when due."""
-        s = self.s
-        if self.evaluate is not None and should(s.eval_every, rnd, s.num_rounds):
-            t_eval = time.monotonic()
-            self.last_eval = record["eval"] = self.final_eval()
-            record["eval_time"] = time.monotonic() - t_eval
-        self.recorder.log_round(record)
-        self.recorder.progress(rnd, {k: record[k] for k in ("g_loss", "d_loss", "d_real_acc", "d_fake_acc")})
-        if should(s.sample_every, rnd, s.num_rounds):
-            self.recorder.save_samples(f"round{rnd:05d}", self.samples())
-        if should(s.checkpoint_every, rnd, s.num_rounds):
-            self.recorder.save_checkpoint("server.pt", self.checkpoint(rnd))
-
-    def final_eval(self) -> dict:
-        if self.evaluate is None:
-            return {}
-        z = fixed_latents(self.s.eval_samples, self.s.latent_dim, self.s.seed + 31, self.device)
-        with torch.no_grad():
-            return self.evaluate({"global": self.G(z.to(param_dtype(self.G))).cpu()})
-
-    # --- the loop -------------------------------------------------------------------------
-    def run(self, grid: Grid) -> dict:
-        s = self.s
-        nodes = wait_for_nodes(grid, s.min_nodes, s.node_wait_timeout)
-        self.nodes.num_nodes = len(nodes)
-        log.info("%s: %d nodes, %d rounds", self.name, len(nodes), s.num_rounds)
-        last: dict = {}
-        for rnd in range(1, s.num_rounds + 1):
-            check_stop()
-            nodes = sorted(grid.get_node_ids()) or nodes
-            t0 = time.monotonic()
-            record = self.run_round(grid, rnd, nodes)
-            record["wall_time"] = time.monotonic() - t0
-            self.recorder.log_comm(self.comm.round_rows(rnd))
-            self.finish_round(record, rnd)
-            last = record
-        return {"rounds": s.num_rounds, "last": last, "bytes_down": self.comm.down_total,
-                "bytes_up": self.comm.up_total, "dropped_replies": self.dropped_total,
-                "clients": {self.nodes.label(n): n for n in self.nodes.order(self.nodes.seen)},
-                "eval": self.last_eval}
-
-
 @dataclass(frozen=True)
 class DataParallelSettings(FederatedSettings):
     """What the data-parallel server loop needs. ``batch_size`` is per client: with N
@@ -624,6 +466,5 @@ class DataParallel(GlobalGANServer):
 
 __all__ = ["DataParallel", "DataParallelSettings", "client_dp_step", "client_dp_discriminator", "client_dp_generator",
            "client_latents", "client_real_batch", "discriminator_gradients", "generator_gradients",
-           "average_gradients", "apply_gradients", "DP_STEP", "DP_DISCRIMINATOR", "DP_GENERATOR", "MODES", "G_WEIGHTS",
-           "D_WEIGHTS", "GRADS", "D_GRADS", "G_GRADS", "NUM_EXAMPLES", "make_message", "weights_record", "load_weights", "require_tensors",
-           "require_count", "seeded_models", "fixed_latents", "should"]
+           "average_gradients", "apply_gradients", "DP_STEP", "DP_DISCRIMINATOR", "DP_GENERATOR", "MODES",
+           "GRADS", "D_GRADS", "G_GRADS", "weighted_mean"]

@@ -24,13 +24,13 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from models.losses import make_optimizer
-from models.steps import sample_latent, train_gan_step
+from models.steps import sample_latent
 from strategies import wire
 from strategies import client_eval
-from strategies.base import (FederatedSettings, NodeBook, Recorder, check_stop, exchange, log, require_replies,
-                             sample_nodes, should, wait_for_nodes)
-from strategies.dataparallel import make_message, param_dtype, require_metrics, seeded_models
+from strategies.base import (FederatedSettings, NodeBook, Recorder, check_stop, exchange, gan_config, gan_optimizers,
+                             local_gan_steps,
+                             log, param_dtype, require_replies, sample_nodes, seeded_models, should, wait_for_nodes)
+from strategies.wire import make_message, require_metrics
 
 ALONE = "train.alone"
 ALONE_SAMPLE = "query.alone_sample"
@@ -42,20 +42,6 @@ TRAIN_METRICS = ("g_loss", "d_loss", "d_real_acc", "d_fake_acc", "steps_total")
 # =====================================================================================
 # Client side: (G_i, D_i) never leave client i
 # =====================================================================================
-def gan_config(*, loss: str, gen_lr: float, disc_lr: float, beta1: float, beta2: float, batch_size: int,
-               steps: int, disc_steps: int, rnd: int, seed: int) -> ConfigRecord:
-    """The settings a client needs for local GAN steps (sent with every training message)."""
-    return ConfigRecord({"round": rnd, "loss": loss, "gen-lr": gen_lr, "disc-lr": disc_lr, "beta1": beta1,
-                         "beta2": beta2, "batch-size": batch_size, "steps": steps, "client-disc-steps": disc_steps,
-                         "seed": seed})
-
-
-def gan_optimizers(cfg: ConfigRecord, G: nn.Module, D: nn.Module):
-    loss, betas = str(cfg["loss"]), (float(cfg["beta1"]), float(cfg["beta2"]))
-    return (make_optimizer(loss, G.parameters(), float(cfg["gen-lr"]), betas),
-            make_optimizer(loss, D.parameters(), float(cfg["disc-lr"]), betas))
-
-
 def load_alone(state: RecordDict, cfg: ConfigRecord, build_generator, build_discriminator, device: str):
     """(G, D, opt_g, opt_d, steps) of this client: from ``state``, or new ones on first contact
     (initialised from the run seed in the config, like the other baselines' networks)."""
@@ -78,27 +64,6 @@ def save_alone(state: RecordDict, G, D, opt_g, opt_d, steps: int) -> None:
     torch.save({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                 "steps": steps}, buf)
     state.config_records[CLIENT_STATE] = ConfigRecord({"blob": buf.getvalue(), "steps": steps})
-
-
-def local_gan_steps(G, D, opt_g, opt_d, *, sample_real, cfg: ConfigRecord, seed: int, partition_id: int | None,
-                    steps_done: int, device: str) -> dict[str, float]:
-    """``cfg['steps']`` base-GAN steps on this client's data; mean statistics of the steps.
-
-    Real batches and latents are drawn from generators seeded by the client's seed,
-    its partition id and its step count, so reruns are reproducible.
-    """
-    pid = partition_id or 0
-    data_gen = torch.Generator().manual_seed(seed * 1_000_003 + pid * 7919 + steps_done)
-    latent_gen = torch.Generator(device=device).manual_seed(seed * 31 + pid * 131 + steps_done)
-    loss, batch = str(cfg["loss"]), int(cfg["batch-size"])
-    n, d_steps = int(cfg["steps"]), int(cfg["client-disc-steps"])
-    totals: dict[str, float] = {}
-    for _ in range(n):
-        real = sample_real(batch, data_gen).to(device=device, dtype=param_dtype(D))
-        out = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, d_steps=d_steps, generator=latent_gen)
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {k: v / max(1, n) for k, v in totals.items()}
 
 
 def client_alone(content: RecordDict, state: RecordDict, *,
@@ -299,5 +264,5 @@ class Local:
                 "eval_bytes": self.eval_comm.down_total + self.eval_comm.up_total}
 
 
-__all__ = ["Local", "LocalSettings", "client_alone", "client_alone_sample", "gan_config", "load_alone", "save_alone",
-           "local_gan_steps", "ALONE", "ALONE_SAMPLE", "SAMPLES", "CLIENT_STATE", "TRAIN_METRICS"]
+__all__ = ["Local", "LocalSettings", "client_alone", "client_alone_sample", "load_alone", "save_alone",
+           "ALONE", "ALONE_SAMPLE", "SAMPLES", "CLIENT_STATE", "TRAIN_METRICS"]

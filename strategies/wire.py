@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 # --- message types (SPEC 4.1: train.<action>, evaluate.<action>, query.<action>) ---
@@ -223,11 +224,81 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
     return out
 
 
+# =====================================================================================
+# Whole-network records (the baselines that move weights: data-parallel, FedAvg)
+# =====================================================================================
+G_WEIGHTS = "g"        # ArrayRecord: G's state_dict (parameters and buffers)
+D_WEIGHTS = "d"        # ArrayRecord: D's state_dict
+NUM_EXAMPLES = "num-examples"   # metric: weight of a reply in the average (Flower's usual name)
+
+
+def make_message(content: RecordDict, nid: int, message_type: str, rnd: int) -> Message:
+    """The one place where the baselines build Flower messages (tests swap it out)."""
+    return Message(content=content, dst_node_id=nid, message_type=message_type, group_id=str(rnd))
+
+
+def weights_record(model: nn.Module) -> ArrayRecord:
+    """A network's full state_dict (parameters and buffers) as an ArrayRecord."""
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def load_weights(model: nn.Module, record: ArrayRecord) -> None:
+    """Load an ArrayRecord made by :func:`weights_record` (or an aggregate of them)."""
+    model.load_state_dict({k: get_tensor(record, k) for k in record.keys()})
+
+
+def _check_tensor(t: torch.Tensor, ref: torch.Tensor, where: str) -> None:
+    if tuple(t.shape) != tuple(ref.shape):
+        raise BadReply(f"'{where}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise BadReply(f"'{where}' has dtype {t.dtype}, expected {ref.dtype}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise BadReply(f"'{where}' holds NaN or Inf")
+
+
+def require_tensors(content: RecordDict, record: str, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``content[record]`` as tensors, with exactly the keys, shapes and dtypes of ``reference``
+    and finite values; :class:`~strategies.BadReply` otherwise."""
+    if record not in content.array_records:
+        raise BadReply(f"missing array record '{record}'")
+    rec = content.array_records[record]
+    keys, expected = set(rec.keys()), set(reference)
+    if keys != expected:
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        raise BadReply(f"'{record}' keys differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})")
+    out = {}
+    for k, ref in reference.items():
+        t = get_tensor(rec, k)
+        _check_tensor(t, ref.detach().cpu(), f"{record}.{k}")
+        out[k] = t
+    return out
+
+
+def require_count(metrics: dict[str, float], expected: int | None = None) -> int:
+    """The positive integer sample count of a reply; with ``expected`` (what the server asked
+    for) any other value is a bad reply — a client does not get to choose its own weight."""
+    if NUM_EXAMPLES not in metrics:
+        raise BadReply(f"missing metric '{NUM_EXAMPLES}'")
+    n = metrics[NUM_EXAMPLES]
+    if n < 1 or n != int(n):
+        raise BadReply(f"metric '{NUM_EXAMPLES}' = {n} is not a positive integer")
+    if expected is not None and int(n) != expected:
+        raise BadReply(f"metric '{NUM_EXAMPLES}' = {int(n)}, but the server asked for a batch of {expected}")
+    return int(n)
+
+
+def require_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if key not in metrics:
+            raise BadReply(f"missing metric '{key}'")
+
+
 __all__ = [
     "DISCRIMINATE", "INFO", "FAKES", "CONFIG", "D_INIT", "REPLY", "LABELS", "FEEDBACK", "METRICS",
     "FAKE_DTYPES", "FEEDBACK_DTYPES", "encode_fakes", "decode_fakes", "encode_feedback",
     "decode_feedback", "tensor_record", "get_tensor", "record_bytes", "message_bytes",
     "array_bytes", "NPY_HEADER_BYTES", "CommLog", "BadReply", "require_array", "metrics_of", "require_labels",
     "require_norm", "require_total_norm", "require_only", "LABEL_LIMIT",
-    "ConfigRecord", "MetricRecord", "RecordDict", "ArrayRecord",
+    "ConfigRecord", "MetricRecord", "RecordDict", "ArrayRecord", "G_WEIGHTS", "D_WEIGHTS", "NUM_EXAMPLES",
+    "make_message", "weights_record", "load_weights", "require_tensors", "require_count", "require_metrics",
 ]

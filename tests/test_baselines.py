@@ -16,7 +16,7 @@ from models import MLPDiscriminator, MLPGenerator
 from models.losses import make_optimizer
 from models.losses import discriminator_loss, generator_loss
 from models.steps import discriminator_step, generator_step
-from strategies import dataparallel, wire
+from strategies import wire
 from strategies.base import NullRecorder, RunFailed
 from strategies.centralized import Centralized, CentralizedSettings
 from strategies.dataparallel import (DP_DISCRIMINATOR, DP_GENERATOR, DP_STEP, DataParallel, DataParallelSettings,
@@ -124,7 +124,7 @@ class FakeGrid:
 
 @pytest.fixture
 def fake_messages(monkeypatch):
-    monkeypatch.setattr(dataparallel, "Message", FakeMessage)
+    monkeypatch.setattr(wire, "Message", FakeMessage)
 
 
 def dp_handlers(make_gen=make_g, make_disc=make_d, partition=lambda p: p):
@@ -391,11 +391,10 @@ def test_fedavg_server_sets_both_networks_to_the_weighted_average():
         reply = client_fedavg(content, states[p], sample_real=sampler(p), num_examples=n, build_generator=make_g,
                               build_discriminator=make_d, device="cpu", seed=SEED, partition_id=p)
         replies.append(strat.parse_content(reply))
-    strat.aggregate(replies)
+    strat.aggregate(1, replies)
     for name, net in (("g", strat.G), ("d", strat.D)):
         for key, value in net.state_dict().items():
-            which = 0 if name == "g" else 1
-            hand = sum(n * wire.get_tensor(r[which], key) for r, n in zip(replies, (10, 30, 60))) / 100
+            hand = sum(n * wire.get_tensor(r[0]["arrays"], f"{name}.{key}") for r, n in zip(replies, (10, 30, 60))) / 100
             assert torch.allclose(value, hand, atol=1e-6), f"{name}.{key}"
 
 
@@ -406,7 +405,8 @@ def test_fedavg_client_keeps_its_optimizers_and_reveals_only_weights_and_its_cou
     kw = dict(sample_real=sampler(0), num_examples=40, build_generator=make_g, build_discriminator=make_d,
               device="cpu", seed=SEED, partition_id=0)
     first = client_fedavg(strat.build_content(1), state, **kw)
-    assert set(dict(first.items())) == {"g", "d", "metrics"}
+    assert set(dict(first.items())) == {"arrays", "metrics"}
+    assert {k[:2] for k in first["arrays"].keys()} == {"g.", "d."}
     assert first.metric_records["metrics"]["num-examples"] == 40 and first.metric_records["metrics"]["steps_total"] == 3
     second = client_fedavg(strat.build_content(2), state, **kw)
     assert second.metric_records["metrics"]["steps_total"] == 6
@@ -426,8 +426,9 @@ def test_fedavg_run_bytes_equal_hand_arithmetic(fake_messages):
     G, D = make_g(), make_d()
     cfg = {"round": 1, "loss": "bce", "gen-lr": 0.1, "disc-lr": 0.1, "beta1": 0.1, "beta2": 0.1, "batch-size": 4,
            "steps": 2, "client-disc-steps": 1, "seed": 0}
-    down = state_bytes(G) + state_bytes(D) + config_bytes(cfg)
-    up = state_bytes(G) + state_bytes(D) + metric_bytes(["num-examples", "g_loss", "d_loss", "d_real_acc",
+    packed = state_bytes(G) + state_bytes(D) + 2 * (len(G.state_dict()) + len(D.state_dict()))   # "g."/"d." keys
+    down = packed + config_bytes(cfg)
+    up = packed + metric_bytes(["num-examples", "g_loss", "d_loss", "d_real_acc",
                                                          "d_fake_acc", "steps_total", "partition_id"])
     assert [r["bytes_down"] for r in rec.rounds] == [2 * down] * 2
     assert [r["bytes_up"] for r in rec.rounds] == [2 * up] * 2
@@ -519,3 +520,43 @@ def test_centralized_runs_and_reports_one_record_per_round():
     dp = DataParallel(DataParallelSettings(latent_dim=NZ), make_generator=make_g, make_discriminator=make_d,
                       recorder=NullRecorder())
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), dp.G.state_dict().values()))
+
+
+def test_fedavg_resumed_from_its_checkpoint_equals_the_uninterrupted_run(fake_messages):
+    """FedAdam keeps server state (its moments): a run stopped after round 2 and resumed from its
+    checkpoint ends with the very networks and byte totals of a run that never stopped."""
+    from dataclasses import replace
+
+    s = FedAvgSettings(num_rounds=3, latent_dim=NZ, batch_size=4, local_steps=2, sample_every=0, checkpoint_every=1,
+                       variant="fedadam", server_lr=0.05)
+    build = {"build_generator": make_g, "build_discriminator": make_d, "device": "cpu"}
+
+    def grid():
+        return FakeGrid({FEDAVG: lambda c, st, p: client_fedavg(c, st, sample_real=sampler(p),
+                                                                num_examples=len(DATA[p]), seed=SEED, partition_id=p,
+                                                                **build)})
+
+    def server(settings, rec):
+        return FedAvg(settings, make_generator=make_g, make_discriminator=make_d, recorder=rec)
+
+    full = server(s, NullRecorder())
+    full_out = full.run(grid())
+    g, rec = grid(), NullRecorder()
+    server(replace(s, num_rounds=2), rec).run(g)
+    ckpt = copy.deepcopy(rec.checkpoints["server.pt"])
+    assert ckpt["round"] == 2 and set(ckpt["flower_state"]) == {"m_t", "v_t"}
+    resumed = server(s, NullRecorder())
+    resumed.restore(ckpt)
+    out = resumed.run(g)       # the same clients, who kept their optimizers
+    for a, b in ((full.G, resumed.G), (full.D, resumed.D)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (out["bytes_down"], out["bytes_up"]) == (full_out["bytes_down"], full_out["bytes_up"])
+    assert [r["round"] for r in resumed.recorder.rounds] == [3]
+
+
+def test_fedprox_sends_its_mu_and_the_other_variants_do_not():
+    for variant, mu in (("fedprox", 0.25), ("fedavg", None), ("fedadam", None)):
+        strat = FedAvg(FedAvgSettings(latent_dim=NZ, variant=variant, proximal_mu=0.25), make_generator=make_g,
+                       make_discriminator=make_d, recorder=NullRecorder())
+        cfg = strat.build_content(1)["config"]
+        assert cfg.get("proximal-mu") == mu, variant

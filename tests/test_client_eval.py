@@ -149,3 +149,45 @@ def test_bad_evaluate_replies_are_refused_with_a_reason():
     with_array = RecordDict({wire.METRICS: MetricRecord(good), "x": wire.tensor_record(x=torch.zeros(2))})
     with pytest.raises(BadReply, match="only scalars"):
         client_eval.parse_scores(with_array, 2)
+
+
+def test_own_class_share_counts_the_fakes_in_the_classes_the_client_holds():
+    own = [30, 0, 0, 10, 0]                        # the client holds classes 0 and 3
+    assert client_eval.own_class_share([5, 1, 2, 2, 0], own) == pytest.approx(0.7)
+    assert client_eval.own_class_share([0, 4, 4, 0, 2], own) == 0.0
+    with pytest.raises(ValueError, match="same length"):
+        client_eval.own_class_share([1, 2], own)
+    good = {"fid": 1.0, "kid": 0.1, "kid_std": 0.01, "tv_own": 0.2, "num_fake": 4, "num_real": 9,
+            client_eval.HISTOGRAM: [1, 3]}
+    parsed = client_eval.parse_scores(RecordDict({wire.METRICS: MetricRecord({**good, "own_share": 0.75})}), 2)
+    assert parsed["own_share"] == 0.75
+    assert "own_share" not in client_eval.parse_scores(RecordDict({wire.METRICS: MetricRecord(good)}), 2)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(BadReply, match="own_share"):
+            client_eval.parse_scores(RecordDict({wire.METRICS: MetricRecord({**good, "own_share": bad})}), 2)
+
+
+def test_the_end_of_run_report_is_on_by_default_for_image_runs_with_a_classifier(tmp_path):
+    from app.metrics import classifier_path, ensure_classifier
+    from app.server_app import client_eval_enabled, end_report_console, end_report_markdown
+
+    ev = str(tmp_path / "ev")
+    cfg = parse_config({"evaluator-dir": ev})                    # the embedded default: eval-every = 0
+    assert not client_eval_enabled(cfg)                          # no classifier yet (run() trains the digits one)
+    path = classifier_path("digits", 16, 1, ev)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"stand-in")
+    assert client_eval_enabled(cfg) and client_eval_enabled(cfg.replace(strategy="local"))
+    assert not client_eval_enabled(cfg.replace(client_eval=False))
+    assert not client_eval_enabled(cfg.replace(strategy="mggan"))
+    assert not client_eval_enabled(cfg.replace(dataset="ring", model="mlp"))
+    assert not client_eval_enabled(cfg.replace(eval_extractor="inception"))
+    assert ensure_classifier("cifar10", 32, 3, ev) is None       # only the digits classifier trains itself
+    result = {"client_eval": {f"client {i} (classes {2 * i},{2 * i + 1})": {
+        "own_share": 0.9 + i / 100, "tv_own": 0.1, "tv_global": 0.8, "fid": 5.0, "kid": 0.01, "num_fake": 2500,
+        "num_real": 144} for i in range(3)}}
+    rows = [line for line in end_report_markdown(result) if line.startswith("| client ") and "own-class" not in line]
+    assert rows == [f"| client {i} (classes {2 * i},{2 * i + 1}) | {0.9 + i / 100:.3f} | 0.100 | 0.800 | 5.00 | "
+                    f"0.0100 | 2,500 / 144 |" for i in range(3)]
+    assert end_report_console(result)[1] == "  client 0 (classes 0,1): own-class share 0.90, TV to own labels 0.100"
+    assert end_report_markdown({}) == [] and end_report_console({"client_eval": {}}) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from simulations import compare_strategies as cli
-from simulations import comparison as cmp
+from app import comparison as cmp
 from simulations.common import CONFIGS
 
 TINY = CONFIGS / "compare_tiny.yaml"

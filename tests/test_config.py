@@ -53,3 +53,32 @@ def test_unknown_key_suggests_the_close_one():
 def test_uint8_fakes_refused_for_2d_data():
     with pytest.raises(ConfigError, match="fakes-dtype"):
         parse_config({"dataset": "ring", "fakes-dtype": "uint8"})
+
+
+def test_imagefolder_path_is_checked_at_start_naming_key_and_path(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(ConfigError, match=r"run config 'dataset' = .*no-such-folder.*: no such folder") as err:
+        parse_config({"dataset": f"imagefolder:{missing}"})
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not images")
+    with pytest.raises(ConfigError, match=rf"'dataset' = .*{a_file}: it is a file, not a folder"):
+        parse_config({"dataset": f"imagefolder:{a_file}"})
+    # a folder, or a zip of a folder-per-class tree, is accepted
+    (tmp_path / "faces" / "0").mkdir(parents=True)
+    assert parse_config({"dataset": f"imagefolder:{tmp_path / 'faces'}"}).dataset.endswith("faces")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "faces.zip", "w") as zf:
+        zf.writestr("0/a.png", b"")
+    assert parse_config({"dataset": f"imagefolder:{tmp_path / 'faces.zip'}"}).dataset.endswith("faces.zip")
+    # a process that does not read the path (a deployed ClientApp) can skip the check
+    assert parse_config({"dataset": f"imagefolder:{missing}"}, check_paths=False).dataset.endswith("no-such-folder")
+
+
+def test_fedgan_run_refuses_a_missing_imagefolder_before_flower_starts(tmp_path, capsys):
+    from app.launch import check_run_config
+
+    problem = check_run_config(f"dataset='imagefolder:{tmp_path / 'gone'}'")
+    assert problem is not None and "'dataset'" in problem and str(tmp_path / "gone") in problem
+    # against a remote SuperLink the path is the server's: not checked here
+    assert check_run_config(f"dataset='imagefolder:{tmp_path / 'gone'}'", check_paths=False) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -231,6 +232,26 @@ def test_dirichlet_covers_everything_once(digit_labels):
     _assert_sorted_int64(parts)
     again = partition_indices(digit_labels, 4, "dirichlet", dirichlet_alpha=0.3, seed=5)
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = partition_indices(digit_labels, 4, "dirichlet", dirichlet_alpha=0.3, seed=6)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+
+
+def test_dirichlet_is_numpy_only_skewed_by_alpha_and_bounded(digit_labels, monkeypatch):
+    # no flwr-datasets / HF datasets behind it (a None entry makes any import fail)
+    monkeypatch.setitem(sys.modules, "flwr_datasets", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+
+    def skew(alpha):  # mean share of a partition's largest class
+        parts = partition_indices(digit_labels, 5, "dirichlet", dirichlet_alpha=alpha, seed=0)
+        _assert_partition_of(parts, digit_labels.size)
+        assert min(p.size for p in parts) >= 10  # min(10, n // (2 * partitions))
+        return np.mean([np.bincount(digit_labels[p], minlength=10).max() / p.size for p in parts])
+
+    assert skew(0.05) > 0.5       # nearly one class per client
+    assert skew(1000.0) < 0.15    # nearly uniform (10 classes)
+    # 50 partitions at alpha 0.001: most get nothing, none can reach 10 items
+    with pytest.raises(DataError, match=rf"dirichlet partitioning of {digit_labels.size} items into 50 .* < 10 items"):
+        partition_indices(digit_labels, 50, "dirichlet", dirichlet_alpha=0.001, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from app.config import parse_config
 from app.data import client_dataset
 from app.runs import RunFolder
 from app.server_app import make_server_app
-from strategies import wire
+from strategies import client_eval, wire
 from strategies.base import RunFailed
 
 pytestmark = pytest.mark.e2e
@@ -53,14 +53,19 @@ def make_tap(folder):
     return tap
 
 
-def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path):
+def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path, capsys):
     taps = tmp_path / "taps"
     taps.mkdir()
+    # no digits classifier in this evaluator folder: the end-of-run report trains one (seconds) and caches it
     cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 2, "fakes-dtype": "float16",
-                        "output-dir": str(tmp_path / "out"), "min-nodes": 3})
+                        "output-dir": str(tmp_path / "out"), "min-nodes": 3, "eval-samples": 64,
+                        "evaluator-dir": str(tmp_path / "evaluators")})
     run = simulate(cfg, 3, [make_tap(taps)])
     records = [pickle.loads(p.read_bytes()) for p in taps.iterdir()]
+    reports = [r for r in records if r["type"] == client_eval.EVAL_FAKES]
+    records = [r for r in records if r["type"] != client_eval.EVAL_FAKES]
     assert len(records) == 3 * 2  # 3 clients x 2 rounds, every one tapped
+    check_end_of_run_report(run, cfg, reports, capsys.readouterr().out)
     K, B, shape = 2, 8, (1, 16, 16)
     for r in records:
         assert r["error"] is None
@@ -102,11 +107,45 @@ def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path):
     up = (128 + K * B * 4 + 6) + (128 + n * 4 + 8) + sum(8 + len(k) for k in
                                                         ["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total",
                                                          "d_fresh", "partition_id"])
-    comm = run.read_jsonl("comm.jsonl")
+    comm = [row for row in run.read_jsonl("comm.jsonl") if row.get("phase") != "eval"]   # the report is apart
     assert len(comm) == 6 and all(row["down"] == down and row["up"] == up for row in comm)
     assert sorted(row["partition"] for row in comm) == [0, 0, 1, 1, 2, 2]
     assert "status: **success**" in (run.path / "summary.md").read_text()
     assert len(list((run.path / "samples").glob("*.png"))) == 2
+    # the server's generators are in the run folder for fedgan-sample: the teacher and every student
+    from app.generators import list_generators
+    assert list(list_generators(run.path)) == ["student0", "student1", "student2", "teacher"]
+
+
+def check_end_of_run_report(run, cfg, reports, output):
+    """The end-of-run report of the embedded default (PrivacyGAN, digits by class, client-eval on,
+    eval-every 0): each client got samples of its own student once, at the last round, labelled them
+    on its side and sent back scalars only; summary.md and the console show one row per client with
+    exactly the numbers the clients sent."""
+    assert len(reports) == 3 and {r["partition"] for r in reports} == {0, 1, 2}
+    assert (run.path.parent.parent.parent / "evaluators" / "classifier-digits-16px-1ch.pt").is_file()
+    sent = {}
+    for r in reports:
+        assert r["error"] is None, r["error"]
+        assert set(r["down"]) == {wire.FAKES, wire.CONFIG} and r["down"][wire.CONFIG]["round"] == cfg.num_rounds
+        assert tuple(r["down"][wire.FAKES][wire.FAKES].shape) == (cfg.eval_samples, 1, 16, 16)
+        assert set(r["up"]) == {wire.METRICS} and set(r["up"][wire.METRICS]) <= client_eval.ALLOWED
+        up = r["up"][wire.METRICS]
+        own = client_dataset(cfg.data_spec(), r["partition"], 3).label_histogram().tolist()
+        assert up[client_eval.OWN_SHARE] == pytest.approx(client_eval.own_class_share(up["label_histogram"], own))
+        assert up["tv_own"] == pytest.approx(client_eval.tv_distance(up["label_histogram"], own))
+        sent[r["partition"]] = up
+    summary = (run.path / "summary.md").read_text()
+    assert "## End-of-run report: each client's generator, scored on the client" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| client ") and not line.startswith("| client |")]
+    assert len(rows) == 3
+    for pid, label in enumerate(["client 0 (classes 0,1)", "client 1 (classes 2,3)", "client 2 (classes 4,5)"]):
+        (row,) = [line for line in rows if line.startswith(f"| {label} |")]
+        share, tv = row.split(" | ")[1:3]
+        assert (share, tv) == (f"{sent[pid]['own_share']:.3f}", f"{sent[pid]['tv_own']:.3f}")
+        assert (f"{label}: own-class share {sent[pid]['own_share']:.2f}, TV to own labels "
+                f"{sent[pid]['tv_own']:.3f}") in output
+    assert "end-of-run report, scored on each client" in output
 
 
 def corrupt(msg, context, call_next):
@@ -130,7 +169,7 @@ def corrupt(msg, context, call_next):
 
 def test_bad_replies_are_dropped_with_a_reason_and_the_round_completes(tmp_path):
     cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 1, "output-dir": str(tmp_path / "out"),
-                        "min-nodes": 5, "min-replies": 1})
+                        "min-nodes": 5, "min-replies": 1, "client-eval": False})   # training replies only
     run = simulate(cfg, 5, [corrupt])
     metrics = run.read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2]

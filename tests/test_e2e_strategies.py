@@ -13,7 +13,9 @@ from flwr.simulation import run_simulation
 from app.builders import make_discriminator
 from app.client_app import make_client_app
 from app.config import parse_config
+from app.generators import list_generators
 from app.runs import RunFolder
+from app.sample import main as fedgan_sample
 from app.server_app import make_server_app
 from strategies import wire
 from strategies.base import RunFailed
@@ -65,6 +67,13 @@ def test_bpgan_generator_nodes_get_no_data_and_discriminator_nodes_no_generator(
     metrics = run.read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2] and all(m["dropped"] == 0 for m in metrics)
     assert "status: **success**" in (run.path / "summary.md").read_text()
+    # each generator block wrote its own G (never sent) into the run folder; fedgan-sample draws from it
+    known = list_generators(run.path)
+    assert list(known) == ["gb1", "gb3"]
+    assert all((m["owner"], m["round"], m["steps"]) == ("client", 2, 2) for m in known.values())
+    out = tmp_path / "gb3-samples"
+    assert fedgan_sample(["--run", str(run.path), "--generator", "gb3", "--num", "3", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 3 and (out / "samples.json").is_file()
 
 
 def optimizer_summary(opt_state: dict) -> dict:
@@ -104,7 +113,7 @@ def run_hybrid(tmp_path, model, **extra):
     assert not any(r["error"] for r in seen)
     assert "status: **success**" in (run.path / "summary.md").read_text()
     # the comparison's analytic formula (model sizes, the n_critic schedule) equals the recorded bytes
-    from simulations import comparison as cmp
+    from app import comparison as cmp
     data = cmp.read_run(run.path)
     analytic, measured = cmp.analytic_bytes(data.config, 4, len(data.metrics)), cmp.measured_bytes(data)
     assert {k: analytic[k] for k in ("down_total", "up_total", "steps")} == \
@@ -207,3 +216,44 @@ def test_baseline_runs_and_writes_the_same_run_folder(tmp_path, strategy):
         assert (run.path / name).exists(), name
     assert list((run.path / "samples").glob("*.png"))
     assert "status: **success**" in (run.path / "summary.md").read_text()
+    # every generator the run trained is in its folder: the server's global G, or (local) the one
+    # each client trained and wrote itself; fedgan-sample draws from it
+    known = list_generators(run.path)
+    assert list(known) == (["client0", "client1"] if strategy == "local" else ["global"])
+    assert {m["round"] for m in known.values()} == {2}
+    if strategy == "local":
+        assert all((m["owner"], m["steps"]) == ("client", 6) for m in known.values())
+        out = tmp_path / "client1.npz"
+        assert fedgan_sample(["--run", str(run.path), "--generator", "client1", "--num", "20", "--out", str(out)]) == 0
+        z = __import__("numpy").load(out)
+        assert z["images"].shape == (20, 16, 16, 1) and (str(z["generator"]), int(z["round"])) == ("client1", 2)
+
+
+@pytest.mark.parametrize("variant", ["fedprox", "fedadam", "fedyogi", "krum", "trimmed-mean"])
+def test_fedavg_variant_runs_end_to_end_with_flowers_strategy(tmp_path, variant):
+    """Each of Flower's aggregations as ``fedavg-variant``: the run completes, and what it leaves
+    says which strategy aggregated (FedOpt's moments in the checkpoint; FedProx's mu in the config
+    every client received)."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def tap(msg, context, call_next):
+        cfg = msg.content.config_records.get("config")
+        Path(seen, uuid.uuid4().hex).write_text(repr(None if cfg is None else cfg.get("proximal-mu")))
+        return call_next(msg, context)
+
+    cfg = parse_config({**TINY, "strategy": "fedavg", "fedavg-variant": variant, "fedprox-mu": 0.5, "min-nodes": 2,
+                        "checkpoint-every": 1, "output-dir": str(tmp_path / "out")})
+    run = simulate(cfg, 2, [tap])
+    assert [m["round"] for m in run.read_jsonl("metrics.jsonl")] == [1, 2]
+    assert "status: **success**" in (run.path / "summary.md").read_text()
+    ckpt = torch.load(run.path / "checkpoints" / "server.pt", weights_only=False)
+    assert ckpt["settings"]["variant"] == variant and ckpt["round"] == 2
+    if variant in ("fedadam", "fedyogi"):
+        moments = ckpt["flower_state"]
+        assert set(moments) == {"m_t", "v_t"} and set(moments["m_t"]) == {k for k in moments["v_t"]}
+        assert any(abs(m).sum() > 0 for m in moments["m_t"].values())     # the server optimizer has moved
+    else:
+        assert ckpt["flower_state"] == {}
+    mus = {p.read_text() for p in seen.iterdir()}
+    assert mus == ({"0.5"} if variant == "fedprox" else {"None"})

@@ -158,9 +158,25 @@ def test_inception_weights_are_found_where_the_error_message_says(tmp_path, monk
 
 def test_inception_weights_at_a_configured_path(tmp_path):
     path = write_standin_inception_weights(tmp_path / "w" / "my-inception.pth")
-    with pytest.raises(EvaluatorMissing, match="no-such.pth"):
-        load_feature_net("inception", inception_weights=str(tmp_path / "no-such.pth"))
+    missing = tmp_path / "no-such.pth"
+    with pytest.raises(EvaluatorMissing, match="no-such.pth") as err:
+        load_feature_net("inception", inception_weights=str(missing))
+    assert "\n" not in str(err.value) and str(missing) in str(err.value)   # one line naming the path
     assert load_feature_net("inception", inception_weights=str(path)).num_features == 2048
+
+
+def test_inception_features_come_from_torch_fidelitys_public_extractor(tmp_path):
+    import torch_fidelity
+
+    path = write_standin_inception_weights(tmp_path / "w" / "inception.pth")
+    net = load_feature_net("inception", inception_weights=str(path))
+    assert type(net.net) is torch_fidelity.FeatureExtractorInceptionV3   # not torchmetrics' private subclass
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    f, logits = net(x)
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    want_f, want_logits = net.net(u8)      # the public forward, features in the order asked for
+    assert torch.equal(f, want_f) and torch.equal(logits, want_logits)
+    assert f.shape == (3, 2048) and logits.shape == (3, 1008)
 
 
 def test_an_unknown_extractor_is_a_config_error():

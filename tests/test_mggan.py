@@ -282,6 +282,16 @@ def test_simulation_regroups_and_counts_the_moved_discriminators(tmp_path):
     run = RunFolder.open(next((tmp_path / "runs").iterdir()))
     metrics = run.read_jsonl("metrics.jsonl")
     server = run.load_checkpoint("server.pt")
+    # each group's G was written by its own client into the run folder (the server never holds one)
+    from app.generators import list_generators
+    from app.sample import main as fedgan_sample
+
+    known = list_generators(run.path)
+    assert list(known) == ["client0", "client1", "client2"]
+    assert all(m["owner"] == "client" and m["round"] == 5 and m["architecture"]["kind"] == "mlp" for m in known.values())
+    assert fedgan_sample(["--run", str(run.path), "--generator", "client1", "--num", "50",
+                          "--out", str(tmp_path / "g1.npz")]) == 0
+    assert __import__("numpy").load(tmp_path / "g1.npz")["points"].shape == (50, 2)
     # every group's D updates, counted on its client, match the server's iteration count times
     # the group's own critic steps (groups 0, 2: bce, 1 each; group 1: wgan, wgan-critic-steps = 2)
     for m in metrics:

@@ -37,7 +37,8 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 
 def totals(run: Path) -> tuple[int, int]:
-    rows = RunFolder.open(run).read_jsonl("comm.jsonl")
+    """Training bytes (the end-of-run report's evaluation rows are logged apart, phase "eval")."""
+    rows = [r for r in RunFolder.open(run).read_jsonl("comm.jsonl") if r.get("phase") != "eval"]
     return sum(r["down"] for r in rows), sum(r["up"] for r in rows)
 
 

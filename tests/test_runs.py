@@ -312,3 +312,22 @@ def test_quality_plot_has_one_line_per_set_and_client_and_names_the_extractor(tm
         "client 0": [(1, 0.1), (2, 0.1)]}
     path = folder.plot_quality()
     assert path == folder.path / "quality.png" and path.stat().st_size > 10_000
+
+
+def test_metrics_plot_legend_names_each_client_once(tmp_path, monkeypatch):
+    """Per-client keys such as "client 0 (classes 0,1)" are the legend entries as they are (it read
+    "client client 0 (classes 0,1)"); a bare id still gets "client <id>"."""
+    from app.runs import client_legend_label
+
+    assert client_legend_label("client 0 (classes 0,1)") == "client 0 (classes 0,1)"
+    assert client_legend_label(3) == "client 3" and client_legend_label("7") == "client 7"
+    folder = RunFolder.create(tmp_path, "privacygan", "digits", {})
+    for rnd in (1, 2):
+        folder.log_metrics({"round": rnd, "g_loss": 1.0, "clients": {"client 0 (classes 0,1)": {"g_loss": 0.5},
+                                                                     "client 1 (classes 2,3)": {"g_loss": 1.5}}})
+    figures = []
+    monkeypatch.setattr(runs, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    folder.plot_metrics(["g_loss"])
+    (legend,) = [ax.get_legend() for ax in figures[0].axes]
+    assert [t.get_text() for t in legend.get_texts()] == ["client 0 (classes 0,1)", "client 1 (classes 2,3)",
+                                                          "client mean", "g_loss"]

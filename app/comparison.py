@@ -4,7 +4,8 @@ Pure analysis, importable without starting anything: read a run folder, count wh
 crossed the network per client and per generator step, check it against an analytic
 formula from the models' sizes, find the bytes at which a quality target is reached,
 model the wall time under bandwidth profiles (thesis Eq. 4.1/4.2, generalized), and
-render the Markdown tables and plots that ``simulations/compare_strategies.py`` writes.
+render the Markdown tables and plots that ``simulations/compare_strategies.py`` writes
+(the script stays thin; it and the tests import this library module).
 
 What a run folder holds (app/runs.py):
 
@@ -428,8 +429,10 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
       |config|; up |D grads| + |G grads| + metrics (a round without a G step: no |G grads|).
       ``dataparallel-mode = alternating``: that download twice, up |D grads| + metrics, then
       |G grads| + metrics. One G step per n rounds (n D steps per G step).
-    * ``fedavg`` — down and up |G weights| + |D weights| (+ config / metrics); ``local-steps``
-      steps per round.
+    * ``fedavg`` — down and up |G weights| + |D weights| in one record whose keys carry a
+      ``g.`` / ``d.`` prefix (2 B more per entry), + config (``fedprox``: + ``proximal-mu``) /
+      metrics; ``local-steps`` steps per round. Every ``fedavg-variant`` moves the same bytes:
+      they differ in how the server aggregates, not in what crosses the network.
     * ``local`` — a config down and metrics up; ``mggan`` — config down, the loss trace
       (8 B per iteration) and metrics up, plus |D weights| (+ moments, + 13 B of optimizer
       kind) up at a regrouping and down with the next round's message.
@@ -491,7 +494,11 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
                         "train.dp_generator down": down, "train.dp_generator up": up_g}
             t.steps = g_rounds
         else:
-            down = weights + config_bytes(_gan_config(cfg))
+            weights += 2 * (len(sizes["g_state"]) + len(sizes["d_state"]))     # the "g." / "d." key prefixes
+            config = _gan_config(cfg)
+            if cfg.fedavg_variant == "fedprox":
+                config["proximal-mu"] = 0.0
+            down = weights + config_bytes(config)
             up = weights + metric_bytes(["num-examples", "g_loss", "d_loss", "d_real_acc", "d_fake_acc",
                                          "steps_total", "partition_id"])
             for i in range(N):
@@ -518,7 +525,7 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
 
 
 def _gan_config(cfg) -> dict:
-    """``strategies.local.gan_config`` (fedavg, local): the settings of local GAN steps."""
+    """``strategies.base.gan_config`` (fedavg, local): the settings of local GAN steps."""
     return {"round": 0, "loss": cfg.loss, "gen-lr": 0.0, "disc-lr": 0.0, "beta1": 0.0, "beta2": 0.0,
             "batch-size": 0, "steps": 0, "client-disc-steps": 0, "seed": 0}
 
