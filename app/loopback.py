@@ -409,6 +409,9 @@ class Loopback:
         node_config = f"partition-id={pid} num-partitions={n}"
         if data_path is not None:
             node_config += f" data-path={json.dumps(str(data_path))}"
+        # what the node trains itself (local's, MGGAN's, BPGAN's client generators) stays in
+        # the device's own folder, as on a real device (app/generators.py)
+        node_config += f" node-dir={json.dumps(str(node_dir / 'fedgan'))}"
         port = free_port()
         self.node_ports.append(port)
         cmd = [str(bin_dir() / "flower-supernode"), "--superlink", self.address, "--port", str(port),

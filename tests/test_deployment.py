@@ -1,8 +1,9 @@
 """A real deployment on loopback: `flower-superlink`, `flower-supernode` processes with their
 own data folders, and the `flwr run` CLI -- no simulation engine, no mocks.
 
-What is checked: a plain run, a SuperNode dying mid-run, a SuperNode pointed at a data folder
-that does not exist, and TLS (including a SuperNode that does not trust the SuperLink's CA).
+What is checked: a plain run, `local` clients keeping their generators in their own node
+folders, a SuperNode dying mid-run, a SuperNode pointed at a data folder that does not exist, and
+TLS (including a SuperNode that does not trust the SuperLink's CA).
 Every process the tests start is gone afterwards, also when a test fails (fixture teardown).
 
 Cost on 2 CPU cores: each round takes 10-20 s (every message starts a fresh ClientApp
@@ -115,6 +116,33 @@ def test_two_supernodes_run_privacygan_and_leave_no_process(deploy, folders, tmp
     lb.stop()
     assert not [p for p in started if process_alive(p)]
     assert not lb.all_pids()
+
+
+def test_local_clients_keep_their_generators_in_their_own_node_folders(deploy, folders, tmp_path):
+    """strategy=local on real SuperNodes: each node writes the generator it trained into its own
+    node-dir (never sent); the server's run folder holds none; fedgan-sample draws from a node's."""
+    lb = deploy(folders[:2])
+    out = tmp_path / "out"
+    rc, output, run_id, status = lb.run(config(out, strategy='"local"', num_rounds=2, min_nodes=2, local_steps=2),
+                                        timeout=300)
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    assert [m["round"] for m in rounds(folder)] == [1, 2]
+    assert not (folder / "generators").exists()          # local's server trains no generator
+    from app.generators import list_generators
+    from app.sample import main as fedgan_sample
+
+    for i in range(2):
+        node_run = lb.dir / f"supernode{i}" / "fedgan" / "node-runs" / f"flower-run-{run_id}"
+        known = list_generators(node_run)
+        assert list(known) == [f"client{i}"], (i, known)
+        meta = known[f"client{i}"]
+        assert (meta["owner"], meta["round"], meta["steps"], meta["flower_run_id"]) == \
+            ("client", 2, 4, str(run_id))
+    target = tmp_path / "node1.npz"
+    node1 = lb.dir / "supernode1" / "fedgan" / "node-runs" / f"flower-run-{run_id}"
+    assert fedgan_sample(["--run", str(node1), "--generator", "client1", "--num", "6", "--out", str(target)]) == 0
+    assert __import__("numpy").load(target)["images"].shape == (6, 16, 16, 1)
 
 
 def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(deploy, folders, tmp_path):
