@@ -139,8 +139,10 @@ def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict
     return cfg
 
 
-def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus: float | None = None) -> Path:
-    """Run ``cfg`` with ``num_clients`` virtual clients; returns the run folder."""
+def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus: float | None = None,
+             server_app=None) -> Path:
+    """Run ``cfg`` with ``num_clients`` virtual clients; returns the run folder. ``server_app``
+    replaces the project's ServerApp (e.g. the privacy audit's, which trains and then probes)."""
     import torch
     from flwr.simulation import run_simulation
 
@@ -164,7 +166,7 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     started = time.monotonic()
     with stop_on_signals():
         try:
-            run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+            run_simulation(server_app=server_app or make_server_app(cfg), client_app=make_client_app(cfg),
                            num_supernodes=num_clients,
                            backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}})
         except SystemExit as exc:

@@ -1,0 +1,105 @@
+"""Membership-inference scoring for the privacy audit (``simulations/privacy_audit.py``).
+
+Pure functions over scores and tensors; what the attacks *observe* is decided by the script,
+which only uses what a strategy's server legitimately receives or may send (docs/PRIVACY.md).
+
+Convention: a higher score means "more likely a member" (a record the client trained on).
+
+* :func:`attack_report` -- ROC AUC, a stratified bootstrap 95 % interval of it, and the true
+  positive rate at 1 % and 0.1 % false positives (the max TPR whose FPR does not exceed the
+  target: conservative, no interpolation between ROC points);
+* :func:`dcr_scores` -- distance to the closest record: for each candidate, minus its smallest
+  L2 distance to a set of generated samples (a generator that memorised a training image puts a
+  sample close to it);
+* :func:`probe_batches` -- candidates packed into the (K, B, ...) "fakes" layout of a PrivacyGAN
+  ``train.discriminate`` message, with the padding it needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
+    """The largest true-positive rate among ROC points with false-positive rate <= ``fpr``."""
+    from sklearn.metrics import roc_curve
+
+    f, t, _ = roc_curve(labels, scores)
+    ok = f <= fpr + 1e-12
+    return float(t[ok].max()) if ok.any() else 0.0
+
+
+def bootstrap_auc(members: np.ndarray, nonmembers: np.ndarray, *, resamples: int = 1000,
+                  seed: int = 0) -> tuple[float, float]:
+    """2.5 and 97.5 percentiles of the AUC over resamples drawn with replacement, members and
+    non-members resampled separately (their counts stay fixed)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    aucs = np.empty(resamples)
+    for r in range(resamples):
+        m = members[rng.integers(0, len(members), len(members))]
+        n = nonmembers[rng.integers(0, len(nonmembers), len(nonmembers))]
+        aucs[r] = roc_auc_score(labels, np.r_[m, n])
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def attack_report(member_scores, nonmember_scores, *, resamples: int = 1000, seed: int = 0) -> dict:
+    """AUC, its bootstrap interval, TPR at 1 % and 0.1 % FPR, and the counts."""
+    from sklearn.metrics import roc_auc_score
+
+    m = np.asarray(member_scores, dtype=np.float64).ravel()
+    n = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    if len(m) == 0 or len(n) == 0:
+        raise ValueError(f"an attack needs members and non-members, got {len(m)} and {len(n)}")
+    if not (np.isfinite(m).all() and np.isfinite(n).all()):
+        raise ValueError("attack scores must be finite")
+    labels = np.r_[np.ones(len(m)), np.zeros(len(n))]
+    scores = np.r_[m, n]
+    lo, hi = bootstrap_auc(m, n, resamples=resamples, seed=seed)
+    return {"auc": float(roc_auc_score(labels, scores)), "auc_ci95": [lo, hi],
+            "tpr_at_1pct_fpr": tpr_at_fpr(labels, scores, 0.01),
+            "tpr_at_0.1pct_fpr": tpr_at_fpr(labels, scores, 0.001),
+            "members": int(len(m)), "nonmembers": int(len(n))}
+
+
+def roc_points(member_scores, nonmember_scores) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of the ROC curve, for plots."""
+    from sklearn.metrics import roc_curve
+
+    m = np.asarray(member_scores, dtype=np.float64).ravel()
+    n = np.asarray(nonmember_scores, dtype=np.float64).ravel()
+    f, t, _ = roc_curve(np.r_[np.ones(len(m)), np.zeros(len(n))], np.r_[m, n])
+    return f, t
+
+
+def dcr_scores(candidates: torch.Tensor, samples: torch.Tensor, *, chunk: int = 1024) -> np.ndarray:
+    """Minus the L2 distance from each candidate to its closest generated sample (flattened)."""
+    c = candidates.reshape(len(candidates), -1).double()
+    s = samples.reshape(len(samples), -1).double()
+    if c.shape[1] != s.shape[1]:
+        raise ValueError(f"candidates have {c.shape[1]} values each, samples {s.shape[1]}")
+    best = torch.full((len(c),), math.inf, dtype=torch.float64)
+    for start in range(0, len(s), chunk):
+        best = torch.minimum(best, torch.cdist(c, s[start:start + chunk]).min(dim=1).values)
+    return (-best).numpy()
+
+
+def probe_batches(candidates: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """``candidates`` (N, ...) as (K, B, ...) with K = ceil(N / B), the last batch padded by
+    repeating the first candidates; returns the batches and N (the first N scores are the
+    candidates', in order)."""
+    n = len(candidates)
+    if n == 0:
+        raise ValueError("no candidates to probe with")
+    k = math.ceil(n / batch_size)
+    x = candidates[torch.arange(k * batch_size) % n]   # the padding repeats candidates from the start
+    return x.reshape(k, batch_size, *candidates.shape[1:]), n
+
+
+__all__ = ["tpr_at_fpr", "bootstrap_auc", "attack_report", "roc_points", "dcr_scores", "probe_batches"]
