@@ -27,17 +27,18 @@ from typing import Sequence
 
 import torch
 
+from app.config import ConfigError, resolve_device
 from app.generators import GeneratorError, generators_dir, list_generators, load_generator
 
 PROG = "fedgan-sample"
 
 
 def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GeneratorError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
-    return name
+    """``--device``, resolved as the run config's ``device`` is (app.config.resolve_device)."""
+    try:
+        return resolve_device(name)
+    except ConfigError:
+        raise GeneratorError("--device cuda: no CUDA device is available here (use --device auto or cpu)") from None
 
 
 def draw(G: torch.nn.Module, num: int, *, seed: int = 0, batch_size: int = 500, device: str = "cpu",
