@@ -9,6 +9,7 @@ from torch import nn
 
 from app.config import Config
 from app.metrics import ClassifierFeatures, EvaluatorMissing, FeatureNet, ImageEvaluator, load_classifier, load_feature_net
+from models.dp import DPConfig
 from models.factory import build_discriminator, build_generator
 from models.losses import make_optimizer
 
@@ -45,9 +46,19 @@ def make_generator(cfg: Config) -> nn.Module:
 
 
 def make_discriminator(cfg: Config) -> nn.Module:
+    """The run's D; with ``dp`` on, a DCGAN D gets GroupNorm ("layer") instead of BatchNorm
+    (per-example gradients need a per-sample network; models/dp.py refuses BatchNorm)."""
     g = geometry(cfg)
     return build_discriminator(g.kind, channels=g.channels, image_size=g.image_size,
-                               features=cfg.disc_features, loss=cfg.loss)
+                               features=cfg.disc_features, loss=cfg.loss, norm="layer" if cfg.dp else None)
+
+
+def dp_settings(cfg: Config) -> DPConfig | None:
+    """What a client needs for DP-SGD (None when ``dp`` is off)."""
+    if not cfg.dp:
+        return None
+    return DPConfig(noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
+                    delta=cfg.dp_delta, target_epsilon=cfg.dp_target_epsilon, planned_steps=cfg.dp_planned_steps())
 
 
 def optimizer_for(cfg: Config, module: nn.Module, lr: float) -> torch.optim.Optimizer:

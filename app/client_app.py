@@ -19,8 +19,8 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from app.builders import geometry, image_evaluator, make_discriminator, make_generator
-from app.config import Config, config_from_context, resolve_device
+from app.builders import dp_settings, geometry, image_evaluator, make_discriminator, make_generator
+from app.config import Config, check_dp_data, config_from_context, resolve_device
 from app.data import ArrayDataset, client_dataset
 from app.generators import client_generator_mod
 from app.metrics import ImageEvaluator, ensure_classifier
@@ -79,6 +79,33 @@ def _parsed(items: tuple) -> Config:
 
 def _config(fixed: Config | None, context: Context) -> Config:
     return fixed if fixed is not None else _parsed(tuple(sorted(context.run_config.items())))
+
+
+@lru_cache(maxsize=64)
+def client_dp(cfg: Config, n: int):
+    """This client's DP settings (models.dp.DPConfig; None with dp off), checked against its
+    dataset size ``n`` at first contact: ``dp-delta`` < 1/n, and with ``dp-target-epsilon`` the
+    noise multiplier derived for its own sample rate q = batch-size / n (a ConfigError naming
+    the key otherwise: the client's reply is an error, the server drops it with that reason)."""
+    dp = dp_settings(cfg)
+    if dp is None:
+        return None
+    sigma = check_dp_data(cfg, n)
+    return dataclasses.replace(dp, noise_multiplier=sigma)
+
+
+def check_dp_partitions(cfg: Config, num_partitions: int) -> None:
+    """Before a simulation starts: every virtual client's DP check (:func:`client_dp`) on the
+    partition it will hold, so a ``dp-delta`` >= 1/n or an unreachable ``dp-target-epsilon``
+    stops the launch naming the key instead of failing round 1 (a deployed node still checks
+    its own data at first contact)."""
+    if not cfg.dp:
+        return
+    from app.data import partition_summary
+
+    holders = max(1, num_partitions // 2) if cfg.strategy == "bpgan" else num_partitions   # see local_data
+    for part in partition_summary(cfg.data_spec(), holders):
+        client_dp(cfg, int(part["size"]))
 
 
 def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]:
@@ -143,7 +170,8 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         reply = client_discriminate(
             msg.content, context.state, sample_real=sample_real,
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
-            betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid)
+            betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid,
+            dp=client_dp(cfg, len(x)), real_data=x)
         return Message(content=reply, reply_to=msg)
 
     def builders(cfg: Config) -> dict:
@@ -155,7 +183,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         data, pid = local_data(cfg, context)
         x = data.x
         return {"sample_real": lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], "partition_id": pid,
-                "num_examples": len(x)}
+                "num_examples": len(x), "real_data": x, "dp": client_dp(cfg, len(x))}
 
     def handler(fn, *, data: bool):
         """A ClientApp handler around a strategy's client function: it gets this node's data
@@ -186,7 +214,8 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         data = with_data(cfg, context)
         reply = bpgan.client_discriminator_grad(
             msg.content, context.state, sample_real=data["sample_real"], partition_id=data["partition_id"],
-            build_discriminator=lambda: make_discriminator(d_cfg), device=resolve_device(cfg.device), seed=cfg.seed)
+            build_discriminator=lambda: make_discriminator(d_cfg), device=resolve_device(cfg.device), seed=cfg.seed,
+            dp=data["dp"], real_data=data["real_data"])
         return Message(content=reply, reply_to=msg)
 
     app.train("dp_step")(handler(dataparallel.client_dp_step, data=True))

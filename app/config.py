@@ -139,6 +139,12 @@ class Config:
     checkpoint_every: int = 10
     resume: str = ""
     tracking: str = "none"              # live tracking: none | tensorboard | wandb (app/tracking.py)
+    # --- differential privacy: DP-SGD on every real-data gradient a client computes (models/dp.py) ---
+    dp: bool = False
+    dp_noise_multiplier: float = 1.0    # sigma (ignored when dp-target-epsilon > 0)
+    dp_max_grad_norm: float = 1.0       # C, per-example L2 clipping bound over all of D's parameters
+    dp_delta: float = 1e-5              # delta of the reported (epsilon, delta); must be < 1/n per client
+    dp_target_epsilon: float = 0.0      # > 0: sigma derived per client for the planned steps; stop at it
 
     # ---------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
@@ -166,6 +172,20 @@ class Config:
         """Discriminator / critic updates per generator update for ``loss``: ``wgan-critic-steps``
         (n_critic of the WGAN paper) for the clipped WGAN, else ``client-disc-steps``."""
         return self.wgan_critic_steps if loss == "wgan" else self.client_disc_steps
+
+    def dp_planned_steps(self) -> int:
+        """DP discriminator steps on real data one client takes over the whole run if it trains
+        every round (what ``dp-target-epsilon`` derives sigma for): PrivacyGAN rounds x
+        steps-per-round x D steps; BPGAN / data-parallel one D gradient per round; FedAvg / local /
+        MGGAN rounds x local-steps x D steps per iteration."""
+        if self.strategy == "privacygan":
+            return self.num_rounds * self.steps_per_round * self.disc_steps_for(self.loss)
+        if self.strategy in ("bpgan", "dataparallel"):
+            return self.num_rounds
+        if self.strategy == "mggan":
+            per = max(self.disc_steps_for(lo.strip()) for lo in self.mggan_losses.split(","))
+            return self.num_rounds * self.local_steps * per
+        return self.num_rounds * self.local_steps * self.disc_steps_for(self.loss)
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat hyphenated mapping (what ``context.run_config`` holds)."""
@@ -374,12 +394,62 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
            "'float32' or 'float16' for 2-D data (uint8 quantizes images in [-1, 1])")
     _check(cfg.resume == "" or cfg.strategy in RESUMABLE, k("resume"), cfg.resume,
            f"empty: resuming is implemented for strategies {', '.join(map(repr, RESUMABLE))}")
+    validate_dp(cfg)
     if cfg.strategy != "privacygan":
         return
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or cfg.alpha == 1.0, k("teacher-steps"),
            cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1")
     _check(cfg.server_data != "none" or cfg.teacher_path != "" or cfg.teacher_steps == 0, k("server-data"),
            cfg.server_data, "'heldout' or 'full' when the server trains a teacher")
+
+
+DP_LOSSES = ("bce", "wgan")   # models.dp.DP_LOSSES (losses with a per-example real-data term)
+
+
+def validate_dp(cfg: Config) -> None:
+    """The DP keys (checked whatever ``dp`` is, so a bad value never waits for dp=true) and,
+    with ``dp`` on, what DP-SGD cannot cover: a gradient-penalty loss, the centralized reference."""
+    k = key_of
+    _check(cfg.dp_noise_multiplier > 0, k("dp-noise-multiplier"), cfg.dp_noise_multiplier, "> 0 (sigma)")
+    _check(cfg.dp_max_grad_norm > 0, k("dp-max-grad-norm"), cfg.dp_max_grad_norm, "> 0 (the clipping bound C)")
+    _check(0.0 < cfg.dp_delta < 1.0, k("dp-delta"), cfg.dp_delta, "in (0, 1), and below 1/n for every client's n")
+    _check(cfg.dp_target_epsilon >= 0, k("dp-target-epsilon"), cfg.dp_target_epsilon, ">= 0 (0 = no target)")
+    if not cfg.dp:
+        return
+    _check(cfg.resume == "", k("resume"), cfg.resume,
+           "empty with dp = true: each client's privacy accountant lives in its context.state, which a resumed "
+           "Flower run starts empty, so the reported epsilon would restart from 0")
+    _check(cfg.strategy != "centralized", k("dp"), cfg.dp,
+           "false for strategy 'centralized': its server trains on the pooled data, there is no client whose "
+           "gradients DP-SGD could protect")
+    if cfg.strategy == "mggan":
+        for loss in cfg.mggan_losses.split(","):
+            _check(loss.strip() in DP_LOSSES, k("mggan-losses"), cfg.mggan_losses,
+                   f"made of {', '.join(DP_LOSSES)} with dp = true (DP-SGD needs a per-example real-data term; "
+                   "wgan-gp's gradient penalty is not one)")
+    elif cfg.strategy != "bpgan":   # BPGAN's D loss follows bpgan-model: bce or wgan, both supported
+        _check(cfg.loss in DP_LOSSES, k("loss"), cfg.loss,
+               f"one of {', '.join(map(repr, DP_LOSSES))} with dp = true (DP-SGD needs a per-example real-data "
+               "term; wgan-gp's gradient penalty is not one)")
+
+
+def check_dp_data(cfg: Config, n: int, batch_size: int | None = None) -> float:
+    """Checks that need a client's dataset size ``n`` (made on the client at first contact,
+    where n is known): ``dp-delta`` < 1/n and, with ``dp-target-epsilon``, that the target is
+    reachable for :meth:`Config.dp_planned_steps`. Returns the client's noise multiplier."""
+    from models.dp import DPAccount, sample_rate
+
+    _check(cfg.dp_delta < 1.0 / max(1, n), key_of("dp-delta"), cfg.dp_delta,
+           f"< 1/n = {1.0 / max(1, n):.3g} (this client holds n = {n} records; delta >= 1/n allows "
+           "publishing a record outright)")
+    if cfg.dp_target_epsilon <= 0:
+        return cfg.dp_noise_multiplier
+    q = sample_rate(batch_size or cfg.batch_size, n)
+    try:
+        return DPAccount.noise_for_target(cfg.dp_target_epsilon, cfg.dp_delta, q, cfg.dp_planned_steps())
+    except ValueError as exc:
+        raise ConfigError(f"run config 'dp-target-epsilon' = {cfg.dp_target_epsilon!r} is not allowed: {exc}") \
+            from None
 
 
 def config_from_context(run_config: Mapping[str, Any], *, check_paths: bool = True) -> Config:
@@ -409,4 +479,4 @@ def check_tracking(cfg: Config) -> None:
 
 
 __all__ = ["Config", "ConfigError", "parse_config", "validate", "config_from_context", "key_of",
-           "resolve_device", "check_tracking", "STRATEGIES"]
+           "resolve_device", "check_tracking", "STRATEGIES", "validate_dp", "check_dp_data"]

@@ -212,15 +212,20 @@ def run_config_overrides(run_config: str) -> dict[str, object]:
     return out
 
 
-def check_run_config(run_config: str, check_paths: bool = True) -> str | None:
+def check_run_config(run_config: str, check_paths: bool = True, num_supernodes: int | None = None) -> str | None:
     """None when the overrides parse into a valid Config, else the one-line reason (naming the key).
-    ``check_paths=False`` for a remote SuperLink: its paths are on the server's machine."""
+    ``check_paths=False`` for a remote SuperLink: its paths are on the server's machine.
+    ``num_supernodes`` (a local simulation): also each virtual client's DP checks on its partition."""
     from app.config import ConfigError, check_tracking, parse_config
 
     try:
         cfg = parse_config(run_config_overrides(run_config), check_paths=check_paths)
         if check_paths:   # the local SuperLink's ServerApp runs here: its tracking package must be here too
             check_tracking(cfg)
+        if num_supernodes is not None and cfg.dp:
+            from app.client_app import check_dp_partitions
+
+            check_dp_partitions(cfg, num_supernodes)
     except (ConfigError, ValueError) as exc:
         return str(exc)
     return None
@@ -249,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     env = _env(Path(args.flwr_home).resolve())
     port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     run_config = with_output_dir(args.run_config, Path.cwd())
-    problem = check_run_config(run_config, check_paths=not deployed)
+    problem = check_run_config(run_config, check_paths=not deployed,
+                               num_supernodes=None if deployed else args.num_supernodes)
     if problem is not None:   # Flower would only say "[code: 15] Invalid run configuration."
         print(f"[fedgan-run] error: {problem}", file=sys.stderr, flush=True)
         return 2

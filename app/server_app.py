@@ -59,8 +59,14 @@ class RunRecorder:
         self.rounds_logged = 0
         self.last_round = 0
         self._progress = Progress(total_rounds)
+        self.dp_epsilon: dict[str, float] = {}   # client label -> latest dp_epsilon it reported
 
     def log_round(self, record: dict) -> None:
+        for name, row in (record.get("clients") or {}).items():
+            if isinstance(row, dict) and isinstance(row.get("dp_epsilon"), (int, float)):
+                self.dp_epsilon[str(name)] = float(row["dp_epsilon"])
+        if self.dp_epsilon:
+            record = {**record, "dp_epsilon_max": max(self.dp_epsilon.values())}
         row = {**record, "elapsed": time.monotonic() - self.start}
         self.folder.log_metrics(row)
         self.rounds_logged += 1
@@ -88,6 +94,8 @@ class RunRecorder:
             export_server_generators(self.folder.path, self.cfg, obj, flower_run_id=self.flower_run_id)
 
     def progress(self, rnd: int, metrics: dict) -> None:
+        if self.dp_epsilon:   # DP runs: the largest epsilon any client has spent so far
+            metrics = {**metrics, "max_eps": max(self.dp_epsilon.values())}
         self._progress.update(rnd, metrics)
 
 
@@ -117,7 +125,14 @@ def prepare_teacher(cfg: Config, folder: RunFolder, device: str) -> tuple[torch.
             raise FileNotFoundError(f"run config 'teacher-path' = {cfg.teacher_path!r}: no such file")
         blob = torch.load(path, map_location=device, weights_only=False)
         G.load_state_dict(blob["g"])
-        D.load_state_dict(blob["d"])
+        try:
+            D.load_state_dict(blob["d"])
+        except RuntimeError as exc:
+            if not cfg.dp:
+                raise
+            raise ConfigError(f"run config 'teacher-path' = {cfg.teacher_path!r}: its discriminator does not load "
+                              "into the GroupNorm D that dp = true builds (a teacher trained with dp = false has "
+                              f"BatchNorm; train one with dp = true): {str(exc).splitlines()[0]}") from None
         say(f"teacher loaded from {path}")
         return G, D
     if cfg.teacher_steps == 0:
@@ -409,6 +424,17 @@ def run(grid: Grid, cfg: Config) -> Path:
               f"groups' losses={cfg.mggan_losses} local-steps={cfg.local_steps} regroup-interval={cfg.regroup_interval}")
     say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} rounds={cfg.num_rounds} "
         f"{detail} device={device}")
+    if cfg.dp:
+        sigma = (f"derived per client for dp-target-epsilon={cfg.dp_target_epsilon:g} over "
+                 f"{cfg.dp_planned_steps()} planned D steps (dp-noise-multiplier is ignored)"
+                 if cfg.dp_target_epsilon > 0 else f"dp-noise-multiplier={cfg.dp_noise_multiplier:g}")
+        say(f"differential privacy: DP-SGD on every client D step on real data (Poisson sampling at "
+            f"q = batch-size / n, clipping dp-max-grad-norm={cfg.dp_max_grad_norm:g}, noise {sigma}); each client "
+            f"reports (epsilon, dp-delta={cfg.dp_delta:g}); not covered: evaluation replies, sizes, label histograms, "
+            f"loss/accuracy scalars -- see README 'Differential privacy'")
+        if cfg.strategy == "privacygan" and cfg.server_data == "full" and cfg.teacher_steps > 0 and not cfg.teacher_path:
+            say("differential privacy: server-data=full trains the teacher on the whole dataset, clients' records "
+                "included, without DP -- the clients' (epsilon, delta) do not cover that; use server-data=heldout")
     if cfg.strategy == "privacygan" and cfg.steps_per_round > 1:
         say(f"steps-per-round={cfg.steps_per_round}: step 1 of each round is the exact JRLF update; steps "
             f"2..{cfg.steps_per_round} apply feedback on fakes made before the round's earlier updates (stale by up "
@@ -425,6 +451,8 @@ def run(grid: Grid, cfg: Config) -> Path:
         prepare_end_report(cfg)
         recorder = RunRecorder(folder, cfg.num_rounds, means, cfg=cfg, flower_run_id=flower_run_id, tracker=tracker)
         result = RUNNERS[cfg.strategy](grid, cfg, folder, device, recorder, checkpoint)
+        if cfg.dp:
+            result["dp_epsilon"] = dict(recorder.dp_epsilon)
         folder.plot_metrics(["g_loss", "d_loss", "d_real_acc", "d_fake_acc"])
         folder.plot_quality()
         _write_summary_or_say(folder, _summary(cfg, result, time.monotonic() - started, status="success"))
@@ -584,9 +612,30 @@ def _summary(cfg: Config, result: dict, seconds: float, *, status: str, error: s
                 lines.append(f"- {name}: {scores['modes_covered']}/{scores['num_modes']} modes, "
                              f"{scores['high_quality_pct']:.1f}% high-quality, reverse KL {scores['reverse_kl']:.3f} "
                              f"({scores['num_samples']} samples)")
+        lines += dp_report_markdown(cfg, result)
         lines += end_report_markdown(result)
     lines += ["", "## Configuration", "", "```", *(f"{k} = {v!r}" for k, v in cfg.to_run_config().items()), "```", ""]
     return "\n".join(lines)
+
+
+def dp_report_markdown(cfg: Config, result: dict) -> list[str]:
+    """summary.md's differential-privacy section: each client's (epsilon, delta) at its last reply."""
+    if not cfg.dp:
+        return []
+    eps = result.get("dp_epsilon") or {}
+    lines = ["", "## Differential privacy", "",
+             f"DP-SGD on every discriminator step a client took on its real data (clipping C = "
+             f"{cfg.dp_max_grad_norm:g}, " + (f"noise derived per client for a target epsilon of "
+                                             f"{cfg.dp_target_epsilon:g}" if cfg.dp_target_epsilon > 0 else
+                                             f"noise multiplier {cfg.dp_noise_multiplier:g}") +
+             f"); record-level (epsilon, delta = {cfg.dp_delta:g}) per client, from its own RDP accountant. "
+             "Not covered: evaluation replies, dataset sizes, label histograms, loss/accuracy scalars.", ""]
+    if not eps:
+        return lines + ["No client reported an epsilon."]
+    lines += ["| client | epsilon |", "|---|---|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in eps.items()]
+    lines += ["", f"Largest: {max(eps.values()):.3f}."]
+    return lines
 
 
 def _fmt(scores: dict, key: str, spec: str) -> str:

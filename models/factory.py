@@ -43,18 +43,22 @@ def build_discriminator(
     features: int,
     loss: str,
     in_dim: int = 2,
+    norm: str | None = None,
 ) -> nn.Module:
     """Discriminator / critic for ``kind``.
 
     For ``"dcgan"`` the normalisation depends on the loss: a WGAN-GP critic
     must not couple samples within a batch (the penalty is defined per
     sample), so it gets the per-sample ``"layer"`` norm; all other losses use
-    BatchNorm. For ``"mlp"`` the hidden width is ``features``.
+    BatchNorm. ``norm`` (``"batch"`` | ``"layer"`` (GroupNorm(1, C)) | ``"none"``) overrides
+    that choice: DP training (models/dp.py) needs a discriminator without BatchNorm and asks for
+    ``"layer"``. For ``"mlp"`` the hidden width is ``features`` (an MLP D has no normalisation).
     """
     _check_kind(kind)
     check_loss_kind(loss)
     if kind == "dcgan":
-        norm = "layer" if loss == "wgan-gp" else "batch"
+        if norm is None:
+            norm = "layer" if loss == "wgan-gp" else "batch"
         return DCGANDiscriminator(
             channels=channels, image_size=image_size, features=features, norm=norm
         )

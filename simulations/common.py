@@ -146,11 +146,12 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     import torch
     from flwr.simulation import run_simulation
 
-    from app.client_app import make_client_app
+    from app.client_app import check_dp_partitions, make_client_app
     from app.server_app import make_server_app
 
     if cfg.min_nodes > num_clients:
         raise ConfigError(f"run config 'min-nodes' = {cfg.min_nodes} exceeds --clients {num_clients}")
+    check_dp_partitions(cfg, num_clients)   # dp-delta < 1/n and a reachable target, per client, before Ray
     if client_gpus is None:
         client_gpus = (1.0 / num_clients) if torch.cuda.is_available() and cfg.device != "cpu" else 0.0
     if client_gpus > 0 and not torch.cuda.is_available():

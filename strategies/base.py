@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import secrets
 import threading
 import time
 import weakref
@@ -17,12 +18,14 @@ from typing import Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from models.dp import DPAccount, DPConfig, dp_discriminator_gradient, dp_discriminator_step, dp_train_gan_step
+from models.dp import check_dp_loss, check_dp_module, poisson_sample, sample_rate
 from models.losses import check_loss_kind, make_optimizer
 from models.steps import sample_latent, train_gan_step
-from strategies.wire import BadReply, message_bytes
+from strategies.wire import METRICS, BadReply, message_bytes
 
 log = logging.getLogger("fedgan")
 
@@ -496,11 +499,12 @@ def gan_optimizers(cfg: ConfigRecord, G: nn.Module, D: nn.Module):
 
 
 def local_gan_steps(G, D, opt_g, opt_d, *, sample_real, cfg: ConfigRecord, seed: int, partition_id: int | None,
-                    steps_done: int, device: str) -> dict[str, float]:
+                    steps_done: int, device: str, dp: "ClientDP | None" = None) -> dict[str, float]:
     """``cfg['steps']`` base-GAN steps on this client's data; mean statistics of the steps.
 
     Real batches and latents are drawn from generators seeded by the client's seed,
-    its partition id and its step count, so reruns are reproducible.
+    its partition id and its step count, so reruns are reproducible. With ``dp`` every D step
+    is a DP-SGD step on its own Poisson batch (:meth:`ClientDP.train_gan_step`).
     """
     pid = partition_id or 0
     data_gen = torch.Generator().manual_seed(seed * 1_000_003 + pid * 7919 + steps_done)
@@ -509,11 +513,151 @@ def local_gan_steps(G, D, opt_g, opt_d, *, sample_real, cfg: ConfigRecord, seed:
     n, d_steps = int(cfg["steps"]), int(cfg["client-disc-steps"])
     totals: dict[str, float] = {}
     for _ in range(n):
-        real = sample_real(batch, data_gen).to(device=device, dtype=param_dtype(D))
-        out = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, d_steps=d_steps, generator=latent_gen)
+        if dp is not None:
+            out = dp.train_gan_step(G, D, opt_g, opt_d, kind=loss, d_steps=d_steps, generator=latent_gen)
+        else:
+            real = sample_real(batch, data_gen).to(device=device, dtype=param_dtype(D))
+            out = train_gan_step(G, D, opt_g, opt_d, real, kind=loss, d_steps=d_steps, generator=latent_gen)
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + v
     return {k: v / max(1, n) for k, v in totals.items()}
+
+
+# =====================================================================================
+# Differential privacy on the client (models/dp.py): one ledger per client in context.state
+# =====================================================================================
+DP_STATE = "dp"            # ConfigRecord in a client's context.state: its DPAccount as plain lists
+DP_EPSILON = "dp_epsilon"  # reply metric: epsilon so far at dp-delta
+DP_EXHAUSTED = "dp_exhausted"  # reply metric: 1 when the client stopped at dp-target-epsilon
+
+
+class ClientDP:
+    """A client's DP-SGD state for one message: its settings (``dp``: the noise multiplier
+    already resolved for this client by the app), its private records ``data`` (n of them,
+    Poisson-sampled at q = batch_size / n), its accountant (from ``state``) and seeded
+    generators for the sampling and the noise.
+
+    Their seed is a per-client *secret* drawn from the OS (``secrets``) at the client's first DP
+    step and kept in its ``context.state`` next to the accountant, never sent: the run's
+    ``seed`` is known to the server, and noise (or a batch draw) the server could recompute
+    would give no privacy at all. So DP runs are not bit-reproducible across reruns; within a
+    client the generators continue from the number of steps taken. (``seed`` and
+    ``partition_id`` are accepted for a uniform signature and not used for the draws.)"""
+
+    def __init__(self, dp: DPConfig, state, data: torch.Tensor, *, batch_size: int, seed: int,
+                 partition_id: int | None, device: str) -> None:
+        if data is None:
+            raise ValueError("a DP client needs its records (real_data) to Poisson-sample from")
+        self.cfg, self.state, self.data, self.device = dp, state, data, device
+        self.n = int(data.shape[0])
+        self.batch_size = int(batch_size)
+        self.q = sample_rate(self.batch_size, self.n)
+        self.sigma = float(dp.noise_multiplier)
+        rec = state.config_records[DP_STATE] if DP_STATE in state.config_records else None
+        self.account = DPAccount.from_plain(rec) if rec is not None else DPAccount()
+        self.secret = int(rec["secret"]) if rec is not None and "secret" in rec else secrets.randbits(62)
+        base = (self.secret + 2 * self.account.steps) % (1 << 63)
+        self.sample_gen = torch.Generator().manual_seed(base)
+        self.noise_gen = torch.Generator(device=device).manual_seed((base + 1) % (1 << 63))
+
+    # --- budget -----------------------------------------------------------------------------
+    def exhausted(self, steps_more: int) -> bool:
+        """Whether ``steps_more`` DP steps would take epsilon above ``dp-target-epsilon``."""
+        return self.account.would_exceed(self.cfg.target_epsilon, self.cfg.delta, steps_more,
+                                         noise_multiplier=self.sigma, sample_rate=self.q)
+
+    def epsilon(self) -> float:
+        return self.account.epsilon(self.cfg.delta)
+
+    def save(self) -> None:
+        """Keep the accountant and the secret seed in ``context.state`` (client-local)."""
+        self.state.config_records[DP_STATE] = ConfigRecord({**self.account.to_plain(), "secret": self.secret})
+
+    def metrics(self) -> dict[str, float]:
+        """What a reply says about privacy: ``dp_epsilon`` (at dp-delta, all steps so far)."""
+        return {DP_EPSILON: self.epsilon()}
+
+    def exhausted_metrics(self, partition_id: int | None) -> dict:
+        """The whole reply of a client that stopped at its target: no gradient, no step."""
+        out = {DP_EXHAUSTED: 1, DP_EPSILON: self.epsilon()}
+        if partition_id is not None:
+            out["partition_id"] = int(partition_id)
+        return out
+
+    # --- the DP steps -------------------------------------------------------------------------
+    def real_batch(self, dtype: torch.dtype) -> torch.Tensor:
+        idx = poisson_sample(self.n, self.q, self.sample_gen)
+        return self.data[idx].to(device=self.device, dtype=dtype)
+
+    def _kw(self) -> dict:
+        return {"expected_batch": self.q * self.n, "noise_multiplier": self.sigma,
+                "max_grad_norm": self.cfg.max_grad_norm, "noise_generator": self.noise_gen}
+
+    def _count(self) -> None:
+        self.account.step(self.sigma, self.q)
+
+    def discriminator_step(self, D: nn.Module, opt: torch.optim.Optimizer, fake: torch.Tensor,
+                           kind: str) -> dict[str, float]:
+        """One DP-SGD step of ``D`` on a fresh Poisson batch and ``fake`` (counted)."""
+        stats = dp_discriminator_step(D, opt, self.real_batch(param_dtype(D)), fake, kind, **self._kw())
+        self._count()
+        return stats
+
+    def discriminator_gradient(self, D: nn.Module, fake: torch.Tensor,
+                               kind: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The DP gradient of D's objective on a fresh Poisson batch and ``fake`` (counted), not stepped."""
+        grads, stats = dp_discriminator_gradient(D, self.real_batch(param_dtype(D)), fake, kind, **self._kw())
+        self._count()
+        return grads, stats
+
+    def train_gan_step(self, G, D, opt_g, opt_d, *, kind: str, d_steps: int,
+                       generator: torch.Generator | None) -> dict[str, float]:
+        """``d_steps`` DP D steps (each counted) and one generator step."""
+        return dp_train_gan_step(G, D, opt_g, opt_d, lambda: self.real_batch(param_dtype(D)), kind=kind,
+                                 batch_size=self.batch_size, d_steps=d_steps, generator=generator,
+                                 on_d_step=self._count, **self._kw())
+
+    @classmethod
+    def begin(cls, dp: DPConfig | None, state, real_data: torch.Tensor | None, D: nn.Module, kind: str, *,
+              batch_size: int, steps_more: int, seed: int, partition_id: int | None,
+              device: str) -> tuple["ClientDP | None", RecordDict | None]:
+        """How every DP client function opens: ``(None, None)`` when ``dp`` is off; otherwise
+        checks ``D`` and the loss (:meth:`check`), loads the client's ledger and returns
+        ``(private, None)``, or ``(private, reply)`` when ``steps_more`` DP steps would exceed
+        ``dp-target-epsilon`` — ``reply`` is then the whole metrics-only reply content
+        (``dp_exhausted`` = 1) and the caller must return it without training."""
+        if dp is None:
+            return None, None
+        if state is None:
+            raise ValueError("a DP client needs its context.state (its privacy accountant lives there)")
+        cls.check(D, kind)
+        private = cls(dp, state, real_data, batch_size=batch_size, seed=seed, partition_id=partition_id,
+                      device=device)
+        if private.exhausted(steps_more):
+            return private, RecordDict({METRICS: MetricRecord(private.exhausted_metrics(partition_id))})
+        return private, None
+
+    @staticmethod
+    def check(D: nn.Module, kind: str) -> None:
+        """ValueError for a D / loss DP-SGD cannot handle (BatchNorm, a gradient penalty)."""
+        check_dp_loss(kind)
+        check_dp_module(D)
+
+
+def check_dp_reply(metrics: dict) -> None:
+    """BadReply for the reply of a client that stopped at ``dp-target-epsilon``: it carries no
+    update, is dropped with this reason (logged, naming the node) and does not count as a
+    training reply; the run fails when fewer than ``min-replies`` clients can still train."""
+    if metrics.get(DP_EXHAUSTED, 0):
+        part = f"client of partition {int(metrics['partition_id'])}: " if "partition_id" in metrics else ""
+        raise BadReply(f"{part}its differential-privacy budget is spent (dp_epsilon = "
+                       f"{metrics.get(DP_EPSILON, float('nan')):.3f}; its next steps would exceed run config "
+                       "'dp-target-epsilon'): it no longer trains and does not count as a training reply")
+
+
+def dp_columns(metrics: dict) -> dict:
+    """The DP values of a reply's metrics that go into a round record's per-client row."""
+    return {k: metrics[k] for k in (DP_EPSILON,) if k in metrics}
 
 
 class GlobalGANServer:
@@ -590,7 +734,10 @@ class GlobalGANServer:
                 "eval": self.last_eval}
 
 
-__all__ = ["seeded_models", "fixed_latents", "param_dtype", "gan_config", "gan_optimizers",
-           "local_gan_steps", "GlobalGANServer", "STOP", "check_stop", "RunInterrupted", "collect_late", "pending_nodes", "all_finite", "Snapshot",
-           "guarded_update", "apply_with_blame", "require_replies", "should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings", "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
+__all__ = ["ClientDP", "check_dp_reply", "dp_columns", "DP_STATE", "DP_EPSILON", "DP_EXHAUSTED",
+           "seeded_models", "fixed_latents", "param_dtype", "gan_config", "gan_optimizers",
+           "local_gan_steps", "GlobalGANServer", "STOP", "check_stop", "RunInterrupted", "collect_late",
+           "pending_nodes", "all_finite", "Snapshot", "guarded_update", "apply_with_blame",
+           "require_replies", "should", "NodeBook", "check_identities", "GANSettings", "FederatedSettings",
+           "RunFailed", "Recorder", "NullRecorder", "wait_for_nodes", "sample_nodes", "Exchange",
            "exchange", "ERROR_CODES", "log"]

@@ -77,9 +77,10 @@ from torch import nn
 from models.losses import (GP_WEIGHT, LOSS_KINDS, WGAN_CLIP, discriminator_loss, generator_loss,
                            gradient_penalty, make_optimizer)
 from models.steps import apply_feedback, generator_feedback, sample_latent
+from models.dp import DPConfig
 from strategies import wire
-from strategies.base import (Exchange, Recorder, RunFailed, apply_with_blame, check_stop, exchange, log,
-                             should, wait_for_nodes)
+from strategies.base import (ClientDP, check_dp_reply, dp_columns, Exchange, Recorder, RunFailed,
+                             apply_with_blame, check_stop, exchange, log, should, wait_for_nodes)
 
 # --- message types -----------------------------------------------------------------------
 GENERATOR_STEP = "train.generator_step"          # server -> GB: relayed feedback; GB -> server: new fakes
@@ -367,7 +368,8 @@ def client_generator_step(content: RecordDict, state: RecordDict, *, build_gener
 def client_discriminator_grad(content: RecordDict, state: RecordDict, *,
                               sample_real: Callable[[int, torch.Generator], torch.Tensor],
                               build_discriminator: Callable[[], nn.Module], device: str, seed: int,
-                              partition_id: int | None = None) -> RecordDict:
+                              partition_id: int | None = None, dp: DPConfig | None = None,
+                              real_data: torch.Tensor | None = None) -> RecordDict:
     """Handle ``train.discriminator_grad`` on a DB (thesis Algorithm 2).
 
     Builds D from the weights in the message (the DB keeps no model, only its step
@@ -378,6 +380,12 @@ def client_discriminator_grad(content: RecordDict, state: RecordDict, *,
     ``d_real_acc``, ``d_fake_acc``, ``batch_size``. When the config says
     ``want-feedback = false`` (a critic-only round of an n_critic > 1 schedule: no G step
     will use it) the feedback is left out; the labels still go. No sample leaves the node.
+
+    With ``dp`` (and the node's records ``real_data``) the gradient is a DP-SGD gradient
+    (models/dp.py: a Poisson batch, per-example clipping, Gaussian noise), counted in the node's
+    accountant (``context.state``); the reply adds ``dp_epsilon``. The labels and feedback are
+    computed by the received D on server-chosen fakes (no real data). A node whose next step
+    would exceed ``dp-target-epsilon`` sends metrics only (``dp_exhausted`` = 1).
     """
     cfg = content.config_records[wire.CONFIG]
     kind = str(cfg["d-loss"])
@@ -388,12 +396,21 @@ def client_discriminator_grad(content: RecordDict, state: RecordDict, *,
     D.load_state_dict(content.array_records[D_WEIGHTS].to_torch_state_dict())
     D.train()
     steps = int(state.config_records[DB_STATE]["steps"]) if DB_STATE in state.config_records else 0
-    real = sample_real(B, real_batch_rng(seed, partition_id, steps)).to(device)
-    grads, stats = discriminator_gradient(D, real, fakes, kind, gp_seed=gp_seed(seed, partition_id, steps))
+    private, stop = ClientDP.begin(dp, state, real_data, D, kind, batch_size=B, steps_more=1, seed=seed,
+                                   partition_id=partition_id, device=device)
+    if stop is not None:
+        return stop
+    if private is not None:
+        grads, stats = private.discriminator_gradient(D, fakes, kind)
+        private.save()
+    else:
+        real = sample_real(B, real_batch_rng(seed, partition_id, steps)).to(device)
+        grads, stats = discriminator_gradient(D, real, fakes, kind, gp_seed=gp_seed(seed, partition_id, steps))
     labels, feedback = generator_feedback(D, fakes, kind)
     state.config_records[DB_STATE] = ConfigRecord({"steps": steps + 1})
     metrics = {"d_loss": stats["d_loss"], "d_real_acc": stats["d_real_acc"], "d_fake_acc": stats["d_fake_acc"],
-               "batch_size": int(B), "d_steps_total": steps + 1}
+               "batch_size": int(B), "d_steps_total": steps + 1,
+               **(private.metrics() if private is not None else {})}
     if partition_id is not None:
         metrics["partition_id"] = int(partition_id)
     reply = {wire.LABELS: labels.float()}
@@ -659,6 +676,7 @@ class BPGAN:
                     raise wire.BadReply("missing metric 'generation'")
             return out
         if mtype == DISCRIMINATOR_GRAD:
+            check_dp_reply(metrics)   # a DB at its dp-target-epsilon sends no gradient
             # the shapes and the weight are what the server sent this DB, never what it reports
             n = self.asked.get(nid)
             if n is None:
@@ -814,7 +832,8 @@ class BPGAN:
                 "db_node": p.db_node, "gb_node": p.gb_node, "g_loss": d.get("g_loss", math.nan),
                 "d_loss": d.get("d_loss", math.nan), "d_real_acc": d.get("d_real_acc", math.nan),
                 "d_fake_acc": d.get("d_fake_acc", math.nan), "batch_size": int(d.get("batch_size", 0)),
-                "g_applied": int(g.get("applied", 0)), "g_steps_total": int(g.get("g_steps_total", 0))}
+                "g_applied": int(g.get("applied", 0)), "g_steps_total": int(g.get("g_steps_total", 0)),
+                **dp_columns(d)}
         weights = {p.index: db[p.index]["batch_size"] for p in self.pairs if p.index in db}
         total_w = sum(weights.values())
 

@@ -57,10 +57,12 @@ from torch import nn
 
 from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_loss, generator_loss,
                            gradient_penalty)
+from models.dp import DPConfig
 from models.steps import sample_latent
 from strategies import wire
-from strategies.base import (FederatedSettings, GlobalGANServer, NodeBook, Recorder, apply_with_blame, exchange,
-                             log, param_dtype, require_replies, sample_nodes)
+from strategies.base import (ClientDP, check_dp_reply, dp_columns, FederatedSettings, GlobalGANServer, NodeBook,
+                             Recorder, apply_with_blame, exchange, log, param_dtype, require_replies,
+                             sample_nodes)
 from strategies.wire import (D_WEIGHTS, G_WEIGHTS, NUM_EXAMPLES, load_weights, make_message, require_count,
                              require_metrics, require_tensors, weights_record)
 
@@ -181,31 +183,52 @@ def _reply(grads: dict[str, torch.Tensor], metrics: dict, partition_id: int | No
     return RecordDict({GRADS: wire.tensor_record(**grads), wire.METRICS: MetricRecord(metrics)})
 
 
+def _d_gradient(private: ClientDP | None, D: nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                loss: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """D's gradient on (real, fake): plain, or with ``private`` a DP-SGD gradient on a fresh
+    Poisson batch (``real`` unused), counted and saved in the client's accountant, with
+    ``dp_epsilon`` added to the stats."""
+    if private is None:
+        return discriminator_gradients(D, real, fake, loss)
+    grads, stats = private.discriminator_gradient(D, fake, loss)
+    private.save()
+    return grads, {**stats, **private.metrics()}
+
+
 def client_dp_discriminator(content: RecordDict, state: RecordDict | None = None, *,
                             sample_real: Callable[[int, torch.Generator], torch.Tensor],
                             build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
-                            device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+                            device: str, seed: int, partition_id: int | None = None,
+                            dp: DPConfig | None = None, real_data: torch.Tensor | None = None) -> RecordDict:
     """``train.dp_discriminator``: D's gradient on (own real batch, G(z_i)) and the batch size.
 
-    ``state`` is not used (the client keeps nothing between rounds); it is accepted for a
-    uniform handler signature.
+    ``state`` is not used (the client keeps nothing between rounds) except, with ``dp``, for
+    the client's privacy accountant: the gradient is then a DP-SGD one (:func:`_d_gradient`).
     """
     cfg = content.config_records[wire.CONFIG]
     loss, batch, rnd = str(cfg["loss"]), int(cfg["batch-size"]), int(cfg["round"])
     G, D = _networks(content, build_generator, build_discriminator, device)
-    real = client_real_batch(sample_real, seed, partition_id, rnd, batch).to(device=device, dtype=param_dtype(D))
+    real = (client_real_batch(sample_real, seed, partition_id, rnd, batch).to(device=device, dtype=param_dtype(D))
+            if dp is None else None)   # with dp: a Poisson batch is drawn in _d_gradient
     z = client_latents(int(cfg["latent-seed"]), partition_id, batch, G.latent_dim, device).to(param_dtype(G))
     with torch.no_grad():
         fake = G(z)
-    grads, stats = discriminator_gradients(D, real, fake.to(param_dtype(D)), loss)
+    private, stop = ClientDP.begin(dp, state, real_data, D, loss, batch_size=batch, steps_more=1, seed=seed,
+                                   partition_id=partition_id, device=device)
+    if stop is not None:
+        return stop
+    grads, stats = _d_gradient(private, D, real, fake.to(param_dtype(D)), loss)
     return _reply(grads, {NUM_EXAMPLES: batch, **stats}, partition_id)
 
 
 def client_dp_step(content: RecordDict, state: RecordDict | None = None, *,
                    sample_real: Callable[[int, torch.Generator], torch.Tensor],
                    build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
-                   device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+                   device: str, seed: int, partition_id: int | None = None,
+                   dp: DPConfig | None = None, real_data: torch.Tensor | None = None) -> RecordDict:
     """``train.dp_step`` (thesis Fig. 4.7): both gradients at the weights received, one reply.
+    With ``dp`` D's gradient is a DP-SGD one (G's never touches real data); a client at its
+    ``dp-target-epsilon`` replies with metrics only (``dp_exhausted`` = 1).
 
     D's gradient on (own real batch, x) and, when the server asks for it (``want-g``), G's
     gradient of the generator loss on D(x), with x = G(z_i) the same fakes. ``state`` is not
@@ -214,12 +237,17 @@ def client_dp_step(content: RecordDict, state: RecordDict | None = None, *,
     cfg = content.config_records[wire.CONFIG]
     loss, batch, rnd = str(cfg["loss"]), int(cfg["batch-size"]), int(cfg["round"])
     G, D = _networks(content, build_generator, build_discriminator, device)
-    real = client_real_batch(sample_real, seed, partition_id, rnd, batch).to(device=device, dtype=param_dtype(D))
+    real = (client_real_batch(sample_real, seed, partition_id, rnd, batch).to(device=device, dtype=param_dtype(D))
+            if dp is None else None)   # with dp: a Poisson batch is drawn in _d_gradient
     z = client_latents(int(cfg["latent-seed"]), partition_id, batch, G.latent_dim, device).to(param_dtype(G))
     want_g = bool(cfg["want-g"])
+    private, stop = ClientDP.begin(dp, state, real_data, D, loss, batch_size=batch, steps_more=1, seed=seed,
+                                   partition_id=partition_id, device=device)
+    if stop is not None:
+        return stop
     with torch.set_grad_enabled(want_g):
         fake = G(z)
-    d_grads, stats = discriminator_gradients(D, real, fake.detach().to(param_dtype(D)), loss)
+    d_grads, stats = _d_gradient(private, D, real, fake.detach().to(param_dtype(D)), loss)
     metrics = {NUM_EXAMPLES: batch, **stats}
     reply = RecordDict({D_GRADS: wire.tensor_record(**d_grads)})
     if want_g:
@@ -320,12 +348,14 @@ class DataParallel(GlobalGANServer):
 
     def parse_content(self, content: RecordDict, model: nn.Module) -> tuple[dict[str, torch.Tensor], int, dict]:
         """An alternating reply's gradients (one per named parameter of ``model``), count and metrics."""
+        check_dp_reply(wire.metrics_of(content))   # a client at its dp-target-epsilon sends no gradient
         grads = self.parse_grads(content, GRADS, model)
         metrics = wire.metrics_of(content)
         return grads, require_count(metrics, self.s.batch_size), metrics
 
     def parse_step(self, content: RecordDict, want_g: bool) -> tuple[dict, dict | None, int, dict]:
         """A simultaneous reply: D's gradients, G's (when asked for), the count and the metrics."""
+        check_dp_reply(wire.metrics_of(content))   # a client at its dp-target-epsilon sends no gradient
         d_grads = self.parse_grads(content, D_GRADS, self.D)
         g_grads = self.parse_grads(content, G_GRADS, self.G) if want_g else None
         if not want_g and G_GRADS in content.array_records:
@@ -403,7 +433,7 @@ class DataParallel(GlobalGANServer):
             _, _, n, m = ex.replies[nid]
             clients[self.nodes.label(nid)] = {"node": nid, "num_examples": n,
                                               **{k: m[k] for k in ("d_loss", "d_real_acc", "d_fake_acc", "g_loss")
-                                                 if k in m}}
+                                                 if k in m}, **dp_columns(m)}
         return {"round": rnd, "g_loss": g_stats.get("g_loss", math.nan), **d_stats, "g_step": int(want_g),
                 "g_steps_total": self.g_steps, "replies": len(ex.replies), "dropped": len(ex.dropped),
                 "dropped_reasons": {str(n): f"{DP_STEP}: {why}" for n, why in ex.dropped.items()},
@@ -440,7 +470,8 @@ class DataParallel(GlobalGANServer):
             row: dict = {"node": nid}
             if nid in ex_d.replies:
                 _, n, m = ex_d.replies[nid]
-                row.update(num_examples=n, d_loss=m["d_loss"], d_real_acc=m["d_real_acc"], d_fake_acc=m["d_fake_acc"])
+                row.update(num_examples=n, d_loss=m["d_loss"], d_real_acc=m["d_real_acc"], d_fake_acc=m["d_fake_acc"],
+                           **dp_columns(m))
             if ex_g is not None and nid in ex_g.replies:
                 row["g_loss"] = ex_g.replies[nid][2]["g_loss"]
             if len(row) > 1:

@@ -47,9 +47,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower
 from torch import nn
 
+from models.dp import DPConfig
 from strategies import wire
-from strategies.base import (FederatedSettings, GlobalGANServer, NodeBook, Recorder, apply_with_blame, exchange,
-                             gan_config, gan_optimizers, local_gan_steps, log, require_replies, sample_nodes)
+from strategies.base import (ClientDP, check_dp_reply, dp_columns, FederatedSettings, GlobalGANServer, NodeBook,
+                             Recorder, apply_with_blame, exchange, gan_config, gan_optimizers, local_gan_steps,
+                             log, require_replies, sample_nodes)
 from strategies.wire import NUM_EXAMPLES, make_message, require_count, require_metrics, require_tensors
 
 FEDAVG = "train.fedavg"
@@ -115,10 +117,16 @@ class Proximal:
 def client_fedavg(content: RecordDict, state: RecordDict, *,
                   sample_real: Callable[[int, torch.Generator], torch.Tensor], num_examples: int,
                   build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
-                  device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+                  device: str, seed: int, partition_id: int | None = None,
+                  dp: DPConfig | None = None, real_data: torch.Tensor | None = None) -> RecordDict:
     """``train.fedavg``: E local GAN steps from the global (G, D) — with FedProx's proximal
     term when the config carries ``proximal-mu`` > 0; both networks (one record) and
-    ``num-examples`` (the size of this client's dataset) go back."""
+    ``num-examples`` (the size of this client's dataset) go back.
+
+    With ``dp`` every local D step is a DP-SGD step (models/dp.py) counted in the client's
+    accountant; the weights sent back are post-processing. A client whose steps this round
+    would exceed ``dp-target-epsilon`` trains nothing and replies with metrics only
+    (``dp_exhausted`` = 1)."""
     cfg = content.config_records[wire.CONFIG]
     G, D = build_generator().to(device), build_discriminator().to(device)
     g_state, d_state = unpack({k: wire.get_tensor(content.array_records[ARRAYS], k)
@@ -137,15 +145,23 @@ def client_fedavg(content: RecordDict, state: RecordDict, *,
         done = int(blob["steps"])
     mu = float(cfg.get(PROXIMAL_MU, 0.0))
     step_g, step_d = (Proximal(opt_g, G, mu), Proximal(opt_d, D, mu)) if mu > 0 else (opt_g, opt_d)
+    private, stop = ClientDP.begin(dp, state, real_data, D, str(cfg["loss"]), batch_size=int(cfg["batch-size"]),
+                                   steps_more=int(cfg["steps"]) * int(cfg["client-disc-steps"]), seed=seed,
+                                   partition_id=partition_id, device=device)
+    if stop is not None:
+        return stop
     stats = local_gan_steps(G, D, step_g, step_d, sample_real=sample_real, cfg=cfg, seed=seed,
-                            partition_id=partition_id, steps_done=done, device=device)
+                            partition_id=partition_id, steps_done=done, device=device, dp=private)
+    if private is not None:
+        private.save()
     done += int(cfg["steps"])
     buf = io.BytesIO()
     torch.save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "steps": done}, buf)
     state.config_records[CLIENT_STATE] = ConfigRecord({"blob": buf.getvalue(), "steps": done})
     metrics = {NUM_EXAMPLES: int(num_examples), "g_loss": stats.get("g_loss", math.nan),
                "d_loss": stats.get("d_loss", math.nan), "d_real_acc": stats.get("d_real_acc", math.nan),
-               "d_fake_acc": stats.get("d_fake_acc", math.nan), "steps_total": done}
+               "d_fake_acc": stats.get("d_fake_acc", math.nan), "steps_total": done,
+               **(private.metrics() if private is not None else {})}
     if partition_id is not None:
         metrics["partition_id"] = int(partition_id)
     return RecordDict({ARRAYS: pack(G, D), wire.METRICS: MetricRecord(metrics)})
@@ -275,6 +291,7 @@ class FedAvg(GlobalGANServer):
     def parse_content(self, content: RecordDict) -> tuple[RecordDict, int, dict]:
         """The reply content (both networks checked against the global ones: keys, shapes, dtypes,
         finite values, a bounded move), its example count and metrics."""
+        check_dp_reply(wire.metrics_of(content))   # a client at its dp-target-epsilon sends no weights
         wire.require_only(content, {ARRAYS: None, wire.METRICS: None})
         current = packed_reference(self.G, self.D)
         got = require_tensors(content, ARRAYS, current)
@@ -325,6 +342,7 @@ class FedAvg(GlobalGANServer):
             _, n, m = ex.replies[nid]
             clients[self.nodes.label(nid)] = {"node": nid, "num_examples": n, **{k: m[k] for k in TRAIN_METRICS}}
             clients[self.nodes.label(nid)]["steps_total"] = int(m["steps_total"])
+            clients[self.nodes.label(nid)].update(dp_columns(m))
         mean = lambda k: sum(c[k] for c in clients.values()) / len(clients)  # noqa: E731
         return {"round": rnd, "g_loss": mean("g_loss"), "d_loss": mean("d_loss"), "d_real_acc": mean("d_real_acc"),
                 "d_fake_acc": mean("d_fake_acc"), "replies": len(ex.replies), "dropped": len(ex.dropped),

@@ -24,12 +24,13 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
+from models.dp import DPConfig
 from models.steps import sample_latent
 from strategies import wire
 from strategies import client_eval
-from strategies.base import (FederatedSettings, NodeBook, Recorder, check_stop, exchange, gan_config, gan_optimizers,
-                             local_gan_steps,
-                             log, param_dtype, require_replies, sample_nodes, seeded_models, should, wait_for_nodes)
+from strategies.base import (ClientDP, check_dp_reply, dp_columns, FederatedSettings, NodeBook, Recorder,
+                             check_stop, exchange, gan_config, gan_optimizers, local_gan_steps, log,
+                             param_dtype, require_replies, sample_nodes, seeded_models, should, wait_for_nodes)
 from strategies.wire import make_message, require_metrics
 
 ALONE = "train.alone"
@@ -69,17 +70,29 @@ def save_alone(state: RecordDict, G, D, opt_g, opt_d, steps: int) -> None:
 def client_alone(content: RecordDict, state: RecordDict, *,
                  sample_real: Callable[[int, torch.Generator], torch.Tensor],
                  build_generator: Callable[[], nn.Module], build_discriminator: Callable[[], nn.Module],
-                 device: str, seed: int, partition_id: int | None = None) -> RecordDict:
-    """``train.alone``: ``steps`` GAN steps of this client's own (G_i, D_i); metrics only go back."""
+                 device: str, seed: int, partition_id: int | None = None,
+                 dp: DPConfig | None = None, real_data: torch.Tensor | None = None) -> RecordDict:
+    """``train.alone``: ``steps`` GAN steps of this client's own (G_i, D_i); metrics only go back.
+
+    With ``dp`` every D step is a DP-SGD step (models/dp.py) counted in the client's accountant
+    (reply metric ``dp_epsilon``); a client whose steps this round would exceed
+    ``dp-target-epsilon`` trains nothing and says so (``dp_exhausted`` = 1)."""
     cfg = content.config_records[wire.CONFIG]
     G, D, opt_g, opt_d, done = load_alone(state, cfg, build_generator, build_discriminator, device)
+    private, stop = ClientDP.begin(dp, state, real_data, D, str(cfg["loss"]), batch_size=int(cfg["batch-size"]),
+                                   steps_more=int(cfg["steps"]) * int(cfg["client-disc-steps"]), seed=seed,
+                                   partition_id=partition_id, device=device)
+    if stop is not None:
+        return stop
     stats = local_gan_steps(G, D, opt_g, opt_d, sample_real=sample_real, cfg=cfg, seed=seed,
-                            partition_id=partition_id, steps_done=done, device=device)
+                            partition_id=partition_id, steps_done=done, device=device, dp=private)
     done += int(cfg["steps"])
     save_alone(state, G, D, opt_g, opt_d, done)
+    if private is not None:
+        private.save()
     metrics = {"g_loss": stats.get("g_loss", math.nan), "d_loss": stats.get("d_loss", math.nan),
                "d_real_acc": stats.get("d_real_acc", math.nan), "d_fake_acc": stats.get("d_fake_acc", math.nan),
-               "steps_total": done}
+               "steps_total": done, **(private.metrics() if private is not None else {})}
     if partition_id is not None:
         metrics["partition_id"] = int(partition_id)
     return RecordDict({wire.METRICS: MetricRecord(metrics)})
@@ -152,6 +165,7 @@ class Local:
         if extra:
             raise wire.BadReply(f"unexpected record(s) {extra} in a local-training reply (only metrics may travel)")
         metrics = wire.metrics_of(content)
+        check_dp_reply(metrics)   # a client at its dp-target-epsilon did not train
         require_metrics(metrics, TRAIN_METRICS)
         return metrics
 
@@ -178,7 +192,8 @@ class Local:
             self.comm.add(rnd, nid, ALONE, ex.bytes_down.get(nid, 0), ex.bytes_up.get(nid, 0),
                           partition=self.nodes.partition_of.get(nid), dropped=nid in ex.dropped)
         require_replies(rnd, ex, self.s.min_replies)
-        clients = {self.nodes.label(nid): {"node": nid, **{k: ex.replies[nid][k] for k in TRAIN_METRICS}}
+        clients = {self.nodes.label(nid): {"node": nid, **{k: ex.replies[nid][k] for k in TRAIN_METRICS},
+                                           **dp_columns(ex.replies[nid])}
                    for nid in self.nodes.order(ex.replies)}
         for row in clients.values():
             row["steps_total"] = int(row["steps_total"])

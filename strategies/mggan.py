@@ -44,8 +44,10 @@ from torch import nn
 
 from models.losses import make_optimizer
 from models.steps import sample_latent, train_gan_step
+from models.dp import DPConfig
 from strategies import wire
-from strategies.base import Recorder, RunFailed, check_identities, check_stop, exchange, log, wait_for_nodes
+from strategies.base import (ClientDP, Recorder, RunFailed, check_dp_reply, check_identities, check_stop, dp_columns,
+                             exchange, log, wait_for_nodes)
 from strategies.mggan_rules import (LearningRateController, RegroupSchedule, group_lr_max, period_a_end,
                                     random_derangement, regroup_anchor)
 
@@ -130,7 +132,8 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def client_local(content: RecordDict, state: RecordDict, *, sample_real, build_generator, build_discriminator,
-                 device: str, seed: int, partition_id: int | None = None) -> RecordDict:
+                 device: str, seed: int, partition_id: int | None = None, dp: DPConfig | None = None,
+                 real_data: torch.Tensor | None = None) -> RecordDict:
     """``train.local``: ``steps`` iterations ``i = start-iter, …`` of the group's base GAN on
     this client's data.
 
@@ -151,13 +154,25 @@ def client_local(content: RecordDict, state: RecordDict, *, sample_real, build_g
     3. the G loss L_i is recorded for Algorithm 1 and appended to the trace that goes
        back to the server with scalar metrics (``lr``: the rate G used at the message's
        last iteration).
+
+    With ``dp`` every D update is a DP-SGD step (models/dp.py) on a Poisson batch of this
+    client's data, counted in its accountant (reply metric ``dp_epsilon``); a D that arrives
+    from another group at a regrouping is post-processing of that group's DP steps. A client
+    whose steps this round would exceed ``dp-target-epsilon`` trains nothing and replies with
+    metrics only (``dp_exhausted`` = 1).
     """
     cfg = content.config_records[wire.CONFIG]
+    start, steps = int(cfg["start-iter"]), int(cfg["steps"])
+    lr_rule, disc_steps = bool(cfg["lr-rule"]), int(cfg["client-disc-steps"])
     g = load_group(state, cfg, build_generator, build_discriminator, device)
     moments_loaded = receive_discriminator(g, content) if D_WEIGHTS in content.array_records else -1
-    start, steps = int(cfg["start-iter"]), int(cfg["steps"])
+    # (an exhausted client returns before saving: the loaded group and any D received stay unsaved)
+    private, stop = ClientDP.begin(dp, state, real_data, g.D, g.loss, batch_size=int(cfg["batch-size"]),
+                                   steps_more=steps * disc_steps, seed=seed, partition_id=partition_id,
+                                   device=device)
+    if stop is not None:
+        return stop
     next_at, last_at = _iteration_or_none(cfg["next-regroup"]), _iteration_or_none(cfg["last-regroup"])
-    lr_rule, disc_steps = bool(cfg["lr-rule"]), int(cfg["client-disc-steps"])
     disc_lr0 = float(cfg["disc-lr"])
     gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + start)
     latent = torch.Generator(device=device).manual_seed(seed * 31 + (partition_id or 0) * 131 + start)
@@ -169,18 +184,25 @@ def client_local(content: RecordDict, state: RecordDict, *, sample_real, build_g
             lr = g.lr.rate(i, regroup_anchor(i, next_at, last_at, g.lr.a))
             _set_lr(g.opt_g, lr)
             _set_lr(g.opt_d, disc_lr0 * (lr / g.lr.lr0))
-        real = sample_real(batch, gen).to(device)
-        out = train_gan_step(g.G, g.D, g.opt_g, g.opt_d, real, kind=g.loss, d_steps=disc_steps, generator=latent)
+        if private is not None:
+            out = private.train_gan_step(g.G, g.D, g.opt_g, g.opt_d, kind=g.loss, d_steps=disc_steps,
+                                         generator=latent)
+        else:
+            real = sample_real(batch, gen).to(device)
+            out = train_gan_step(g.G, g.D, g.opt_g, g.opt_d, real, kind=g.loss, d_steps=disc_steps, generator=latent)
         g.d_steps_total += disc_steps
         g.lr.observe(out["g_loss"])
         trace.append(out["g_loss"])
         stats.append(out)
     g.iteration = start + steps
     state.config_records[CLIENT_STATE] = _save_group(g)
+    if private is not None:
+        private.save()
     mean = lambda k: sum(s[k] for s in stats) / max(1, len(stats))  # noqa: E731
     metrics = {TRACE: [float(x) for x in trace], "d_loss": mean("d_loss"), "d_real_acc": mean("d_real_acc"),
                "d_fake_acc": mean("d_fake_acc"), "lr": float(g.opt_g.param_groups[0]["lr"]),
-               "d_steps_total": g.d_steps_total, "moments_loaded": moments_loaded}
+               "d_steps_total": g.d_steps_total, "moments_loaded": moments_loaded,
+               **(private.metrics() if private is not None else {})}
     if partition_id is not None:
         metrics["partition_id"] = int(partition_id)
     reply = RecordDict({wire.METRICS: MetricRecord(metrics)})
@@ -410,6 +432,8 @@ class MGGAN:
     def _parse_local(self, steps: int, wants_d: bool):
         def parse(nid: int, reply: Message) -> dict:
             metrics = reply.content.metric_records.get(wire.METRICS)
+            if metrics is not None:   # a client at its dp-target-epsilon did not train
+                check_dp_reply({k: v for k, v in metrics.items() if k != TRACE})
             if metrics is None or TRACE not in metrics:
                 raise wire.BadReply(f"missing metric '{TRACE}'")
             trace = [float(v) for v in metrics[TRACE]]
@@ -469,7 +493,7 @@ class MGGAN:
         self.trace.extend(mean_trace([r["trace"] for r in ex.replies.values()]))
         groups = {self.label(nid): {"g_loss": sum(r["trace"]) / max(1, steps), "d_loss": r["d_loss"],
                                     "d_real_acc": r["d_real_acc"], "d_fake_acc": r["d_fake_acc"], "lr": r["lr"],
-                                    "d_steps_total": int(r["d_steps_total"])}
+                                    "d_steps_total": int(r["d_steps_total"]), **dp_columns(r)}
                   for nid, r in ex.replies.items()}
         mean = lambda key: sum(g[key] for g in groups.values()) / len(groups)  # noqa: E731
         record = {"round": rnd, "iteration": self.iteration, "steps": steps, "g_loss": mean("g_loss"),

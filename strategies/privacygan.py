@@ -44,8 +44,10 @@ from models.losses import generator_loss, make_optimizer
 from models.steps import (discriminator_step, forward_keeping_buffers, generator_feedback, jrlf_feedback,
                           sample_latent, train_gan_step)
 from strategies import client_eval, wire
-from strategies.base import (NodeBook, Recorder, check_identities, check_stop, exchange, guarded_update, log,
-                             require_replies, sample_nodes, should, wait_for_nodes)
+from models.dp import DPConfig
+from strategies.base import (ClientDP, check_dp_reply, dp_columns, NodeBook, Recorder, check_identities,
+                             check_stop, exchange, guarded_update, log, require_replies, sample_nodes, should,
+                             wait_for_nodes)
 
 
 # =====================================================================================
@@ -176,7 +178,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
                         sample_real: Callable[[int, torch.Generator], torch.Tensor],
                         build_discriminator: Callable[[], nn.Module], disc_lr: float,
                         betas: tuple[float, float], device: str, seed: int,
-                        partition_id: int | None = None) -> RecordDict:
+                        partition_id: int | None = None, dp: DPConfig | None = None,
+                        real_data: torch.Tensor | None = None) -> RecordDict:
     """Handle one ``train.discriminate`` message on client i (SPEC 4.2 step 3).
 
     Loads D_i from ``state`` (or creates it: random, or from the ``d_init`` weights the
@@ -184,6 +187,11 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     runs ``client-disc-steps`` updates of D_i on (a fresh real batch, the fakes), then
     computes labels and feedback on those fakes with the updated D_i. Saves D_i back
     into ``state`` and returns the reply content: labels, feedback and scalar metrics.
+
+    With ``dp`` (and the client's records ``real_data``) every D_i update is a DP-SGD step
+    (models/dp.py) on its own Poisson batch, counted in the client's accountant; the reply
+    adds ``dp_epsilon``. When the message's steps would take it past ``dp-target-epsilon``
+    it changes nothing and replies with metrics only (``dp_exhausted`` = 1).
     """
     cfg = content.config_records[wire.CONFIG]
     loss = str(cfg["loss"])
@@ -206,12 +214,19 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     # Real batches are drawn from this client's data only; the draw depends on the
     # client's own step count so reruns are reproducible.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + steps_total)
+    private, stop = ClientDP.begin(dp, state, real_data, D, loss, batch_size=B, steps_more=K * disc_steps,
+                                   seed=seed, partition_id=partition_id, device=device)
+    if stop is not None:
+        return stop
     labels, feedback, acc = [], [], []
     for k in range(K):
         fake_k = fakes[k].to(device)
         for _ in range(disc_steps):
-            real = sample_real(B, gen).to(device)
-            stats = discriminator_step(D, opt, real, fake_k, loss)
+            if private is not None:
+                stats = private.discriminator_step(D, opt, fake_k, loss)
+            else:
+                real = sample_real(B, gen).to(device)
+                stats = discriminator_step(D, opt, real, fake_k, loss)
             steps_total += 1
             acc.append(stats)
         # --- feedback on the fakes the server sent: labels D_i(x̃), f_i = ∂L_G/∂x̃ ---
@@ -220,6 +235,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
         feedback.append(wire.encode_feedback(fb, feedback_dtype, B))
 
     state.config_records[CLIENT_STATE] = _save_state(D, opt, steps_total)
+    if private is not None:
+        private.save()
     n = len(acc)
     metrics = {
         "d_loss": sum(s["d_loss"] for s in acc) / n,
@@ -227,6 +244,7 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
         "d_fake_acc": sum(s["d_fake_acc"] for s in acc) / n,
         "d_steps_total": steps_total,
         "d_fresh": int(fresh),
+        **(private.metrics() if private is not None else {}),
     }
     if partition_id is not None:
         metrics["partition_id"] = int(partition_id)
@@ -369,6 +387,7 @@ class PrivacyGAN:
     def parse_content(self, content: RecordDict) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Labels (K, B), decoded feedback (K, B, *sample) and metrics of a reply; BadReply if unusable."""
         K, B = self.s.steps_per_round, self.s.batch_size
+        check_dp_reply(wire.metrics_of(content))   # a client at its dp-target-epsilon sends no update
         wire.require_only(content, {wire.REPLY: {wire.LABELS, wire.FEEDBACK}, wire.METRICS: None})
         labels = wire.require_labels(wire.require_array(content, wire.REPLY, wire.LABELS, (K, B), "float32"))
         fb = wire.require_array(content, wire.REPLY, wire.FEEDBACK, (K, B, *self.sample_shape),
@@ -422,6 +441,7 @@ class PrivacyGAN:
                 "node": nid, "g_loss": g_loss, "g_loss_local": local, "g_loss_teacher": teacher,
                 "d_loss": metrics["d_loss"], "d_real_acc": metrics["d_real_acc"],
                 "d_fake_acc": metrics["d_fake_acc"], "d_steps_total": int(metrics["d_steps_total"]),
+                **dp_columns(metrics),
             }
         self.dropped_total += len(ex.dropped)
         for nid in selected:
