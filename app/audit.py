@@ -12,7 +12,13 @@ Convention: a higher score means "more likely a member" (a record the client tra
   L2 distance to a set of generated samples (a generator that memorised a training image puts a
   sample close to it);
 * :func:`probe_batches` -- candidates packed into the (K, B, ...) "fakes" layout of a PrivacyGAN
-  ``train.discriminate`` message, with the padding it needed.
+  ``train.discriminate`` message, with the padding it needed;
+* :func:`discriminator_scores` -- a discriminator's raw output on each candidate (the server of
+  BPGAN, data-parallel and FedAvg holds the global D: members tend to score as "real");
+* :func:`learned_attack_scores` -- a black-box learned attack on samples in the spirit of LOGAN
+  (Hayes et al., 2019): a classifier trained to tell a generator's samples from reference images
+  of the same kind scores each candidate; images the generator memorised look like its samples;
+* :func:`own_class_share` -- the share of generated samples labelled as one of a client's classes.
 """
 
 from __future__ import annotations
@@ -102,4 +108,58 @@ def probe_batches(candidates: torch.Tensor, batch_size: int) -> tuple[torch.Tens
     return x.reshape(k, batch_size, *candidates.shape[1:]), n
 
 
-__all__ = ["tpr_at_fpr", "bootstrap_auc", "attack_report", "roc_points", "dcr_scores", "probe_batches"]
+def discriminator_scores(D: torch.nn.Module, candidates: torch.Tensor, batch_size: int) -> np.ndarray:
+    """D's raw output (logit / critic value) on each candidate, higher = judged real.
+
+    Candidates go through a copy of D in training mode, in batches of ``batch_size`` (as D saw
+    batches in training: a server-side D with BatchNorm has never seen real data, so only batch
+    statistics are meaningful); ``D`` itself is not changed."""
+    import copy
+
+    net = copy.deepcopy(D).train()
+    batches, n = probe_batches(candidates, batch_size)
+    with torch.no_grad():
+        out = torch.cat([net(b.to(next(net.parameters()).device)).reshape(-1).cpu() for b in batches])
+    return out[:n].double().numpy()
+
+
+def learned_attack_scores(generated: torch.Tensor, reference: torch.Tensor, candidates: torch.Tensor, *,
+                          steps: int = 400, hidden: int = 256, lr: float = 1e-3, seed: int = 0) -> np.ndarray:
+    """Black-box learned membership attack on a generator's samples (LOGAN-style).
+
+    An MLP on the flattened images learns to output 1 on ``generated`` samples and 0 on
+    ``reference`` images (the attacker's own images of the same classes, which must be disjoint
+    from the non-member candidates), the two classes weighted equally; each candidate's score is
+    the MLP's logit. Full-batch Adam, ``steps`` steps, seeded; returns numpy scores."""
+    if len(generated) == 0 or len(reference) == 0:
+        raise ValueError(f"the learned attack needs samples and reference images, got {len(generated)} and "
+                         f"{len(reference)}")
+    torch.manual_seed(seed)
+    dim = generated[0].numel()
+    x = torch.cat([generated.reshape(len(generated), -1), reference.reshape(len(reference), -1)]).float()
+    y = torch.cat([torch.ones(len(generated)), torch.zeros(len(reference))])
+    w = torch.cat([torch.full((len(generated),), 0.5 / len(generated)),
+                   torch.full((len(reference),), 0.5 / len(reference))])
+    net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
+                              torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (w * torch.nn.functional.binary_cross_entropy_with_logits(net(x).squeeze(1), y,
+                                                                        reduction="none")).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return net(candidates.reshape(len(candidates), -1).float()).squeeze(1).double().numpy()
+
+
+def own_class_share(histogram, classes) -> float:
+    """Share of samples whose label (``histogram``: counts per class) is one of ``classes``."""
+    total = float(sum(histogram))
+    if total <= 0:
+        raise ValueError("an empty label histogram has no own-class share")
+    return float(sum(histogram[c] for c in classes)) / total
+
+
+__all__ = ["tpr_at_fpr", "bootstrap_auc", "attack_report", "roc_points", "dcr_scores", "probe_batches",
+           "discriminator_scores", "learned_attack_scores", "own_class_share"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Play the curious server: how well can it tell a client's training images from unseen ones?
 
-For each strategy, one Flower simulation trains on digits split by class (the embedded demo's
-setup; each client holds about 144 images of two digits), then the server attacks using only
-what that strategy's server receives or may send:
+For each strategy (and each DP budget and client size asked for), one Flower simulation trains
+on digits split by class (the embedded demo's setup), then the server attacks using only what
+that strategy's server receives or may send (docs/PRIVACY.md):
 
 * **probe** (PrivacyGAN): after the last round the server sends each client one more
   ``train.discriminate`` message -- through the real ClientApp handler -- whose "fakes" are
@@ -12,22 +12,40 @@ what that strategy's server receives or may send:
   split). Scores: the labels D_i returns (higher = judged real) and, separately, minus the L2
   norm of the feedback on each candidate. The client handles it as any round: one D_i step per
   batch with the candidates as fakes (members and non-members shuffled together), then labels.
-* **samples** (every strategy): distance to the closest record. The generator the server (or
-  the public) gets samples of -- PrivacyGAN's student of client i, ``local``'s client generator,
-  FedAvg's global generator, read from the run folder's ``generators/`` -- draws ``--samples``
-  images; a candidate's score is minus its distance to the closest sample.
+* **D weights** (FedAvg, BPGAN, data-parallel): their server holds the global discriminator
+  (FedAvg receives it, BPGAN and data-parallel build it from the clients' gradients); a
+  candidate's score is that D's output on it.
+* **samples** (every strategy whose generator the server holds or gets samples of: PrivacyGAN's
+  student of client i, ``local``'s client generator, the global generator of FedAvg and
+  data-parallel, read from the run folder's ``generators/``): ``--samples`` images, then
+  (a) distance to the closest record (minus the distance to the nearest sample) and (b) a learned,
+  LOGAN-style black-box attack: an MLP trained to tell the samples from reference images of the
+  client's classes (half of the non-member pool, never used as a non-member candidate) scores the
+  members against the other half.
 
-Per strategy and client: ROC AUC with a bootstrap 95 % interval, TPR at 1 % and 0.1 % FPR.
-Writes ``audit.json`` and ``roc.png`` into ``--out`` and prints a table. No differential privacy
-is applied (issue #11: not implemented yet), so these are the leaks as they are.
+Per cell (strategy, client size, epsilon) and client: ROC AUC with a bootstrap 95 % interval, TPR
+at 1 % and 0.1 % FPR, the epsilon each client spent (its own RDP ledger, probe included), and the
+utility that privacy costs: each generator's own-class share and FID against the client's own
+images (the dataset classifier's features). ``--epsilons inf 10 3 1`` trains with DP-SGD
+(``dp=true``) at a noise multiplier derived so that the client with the fewest images spends
+exactly that epsilon (delta = ``dp-delta``) over its training steps plus the probe's.
+``--client-images 100 250`` sets the server share of the data so that each client holds about
+that many images (digits by class offers at most ~288 per two-digit client). Writes
+``audit.json``, ``grid.md`` and ``roc.png`` into ``--out`` and prints the tables.
 
     python simulations/privacy_audit.py --strategies privacygan local fedavg
+    python simulations/privacy_audit.py --strategies privacygan local fedavg bpgan dataparallel \\
+        --epsilons inf 10 3 1 --dp-strategies privacygan local fedavg --client-images 100 250 \\
+        --rounds 100 --set local-steps=4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -37,25 +55,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from app.audit import attack_report, dcr_scores, probe_batches, roc_points  # noqa: E402
-from app.config import Config  # noqa: E402
-from app.data import client_dataset, server_dataset, test_dataset  # noqa: E402
+from app.audit import (attack_report, dcr_scores, discriminator_scores, learned_attack_scores,  # noqa: E402
+                       own_class_share, probe_batches, roc_points)
+from app.config import Config, ConfigError  # noqa: E402
+from app.data import client_dataset, partition_summary, server_dataset, test_dataset  # noqa: E402
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import add_common_flags, build_config, simulate  # noqa: E402
 
-STRATEGIES = ("privacygan", "local", "fedavg")
-GENERATOR_OF = {"privacygan": "student{pid}", "local": "client{pid}", "fedavg": "global"}
+STRATEGIES = ("privacygan", "local", "fedavg", "bpgan", "dataparallel")
+GENERATOR_OF = {"privacygan": "student{pid}", "local": "client{pid}", "fedavg": "global", "dataparallel": "global"}
+HOLDS_D = ("fedavg", "bpgan", "dataparallel")   # their server holds the global discriminator
 
 
 def say(text: str) -> None:
     print(f"[privacy_audit] {text}", flush=True)
 
 
+def nodes_for(cfg: Config, clients: int) -> int:
+    """Simulated nodes for ``clients`` data holders: BPGAN's data sits on its discriminator nodes
+    only, so it gets a generator node per client too (the clients then hold the same partitions)."""
+    return 2 * clients if cfg.strategy == "bpgan" else clients
+
+
 def candidates(cfg: Config, pid: int, num_clients: int, limit: int, seed: int):
-    """(members, non-members, classes): client ``pid``'s training images and as many images of
-    its classes that no client holds (the server's share and the test split), each at most
-    ``limit``, drawn with a seeded generator."""
+    """(members, non-members, classes, pool): client ``pid``'s training images and as many
+    images of its classes that no client holds (the server's share and the test split), each
+    at most ``limit``, drawn with a seeded generator; ``pool`` is every such non-member image."""
     spec = cfg.data_spec()
     own = client_dataset(spec, pid, num_clients)
     classes = sorted({int(c) for c in own.y.tolist()})
@@ -67,7 +93,7 @@ def candidates(cfg: Config, pid: int, num_clients: int, limit: int, seed: int):
     gen = torch.Generator().manual_seed(seed * 1009 + pid)
     members = own.x[torch.randperm(len(own), generator=gen)[:n]]
     nonmembers = others[torch.randperm(len(others), generator=gen)[:n]]
-    return members, nonmembers, classes
+    return members, nonmembers, classes, others
 
 
 def probe(grid, cfg: Config, num_clients: int, limit: int, seed: int) -> dict:
@@ -85,7 +111,7 @@ def probe(grid, cfg: Config, num_clients: int, limit: int, seed: int) -> dict:
             pid_of[reply.metadata.src_node_id] = int(wire.metrics_of(reply.content)["partition_id"])
     out, msgs, layout = {}, [], {}
     for nid, pid in sorted(pid_of.items(), key=lambda kv: kv[1]):
-        mem, non, classes = candidates(cfg, pid, num_clients, limit, seed)
+        mem, non, classes, _ = candidates(cfg, pid, num_clients, limit, seed)
         both = torch.cat([mem, non])
         order = torch.randperm(len(both), generator=torch.Generator().manual_seed(seed + pid))
         fakes, n = probe_batches(both[order], cfg.batch_size)
@@ -99,6 +125,11 @@ def probe(grid, cfg: Config, num_clients: int, limit: int, seed: int) -> dict:
     for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
         nid = reply.metadata.src_node_id
         if reply.has_error() or nid not in layout:
+            say(f"node {nid}: no probe reply ({reply.error.reason if reply.has_error() else 'unknown node'})")
+            continue
+        metrics = wire.metrics_of(reply.content)
+        if metrics.get("dp_exhausted"):
+            say(f"node {nid}: refused the probe, its dp-target-epsilon is spent")
             continue
         pid, order, m, n, classes, k = layout[nid]
         labels = wire.get_tensor(reply.content.array_records[wire.REPLY], wire.LABELS).reshape(-1)[:n]
@@ -109,10 +140,22 @@ def probe(grid, cfg: Config, num_clients: int, limit: int, seed: int) -> dict:
         label_scores, fb_scores = labels[back].double(), -fb_norm[back].double()
         out[pid] = {"classes": classes, "members": m, "batches": k,
                     # D_i's step count as the client reports it: its training steps + one per probe batch
-                    "d_steps_total": int(wire.metrics_of(reply.content)["d_steps_total"]),
+                    "d_steps_total": int(metrics["d_steps_total"]),
+                    **({"dp_epsilon": float(metrics["dp_epsilon"])} if "dp_epsilon" in metrics else {}),
                     "label": (label_scores[:m].numpy(), label_scores[m:].numpy()),
                     "feedback": (fb_scores[:m].numpy(), fb_scores[m:].numpy())}
     return out
+
+
+def probe_steps(cfg: Config, clients: int, limit: int) -> int:
+    """D steps the probe adds to the client with the most candidates (0 for other strategies)."""
+    if cfg.strategy != "privacygan":
+        return 0
+    most = 0
+    for pid in range(clients):
+        mem, non, _, _ = candidates(cfg, pid, clients, limit, 0)
+        most = max(most, math.ceil((len(mem) + len(non)) / cfg.batch_size))
+    return most * cfg.client_disc_steps
 
 
 def audit_server_app(cfg: Config, num_clients: int, limit: int, seed: int, holder: dict):
@@ -132,81 +175,265 @@ def audit_server_app(cfg: Config, num_clients: int, limit: int, seed: int, holde
     return app
 
 
-def sample_attack(run: Path, cfg: Config, num_clients: int, limit: int, seed: int, num_samples: int) -> dict:
+def generator_samples(run: Path, name: str, num_samples: int, seed: int) -> tuple[torch.Tensor, dict]:
+    G, meta = load_generator(run, name)
+    G.train()   # batch statistics, as the run's own samples
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = torch.cat([G(torch.randn(min(500, num_samples - s), G.latent_dim, generator=gen))
+                       for s in range(0, num_samples, 500)])
+    return x, meta
+
+
+def sample_attacks(run: Path, cfg: Config, clients: int, limit: int, seed: int, num_samples: int,
+                   evaluator) -> tuple[dict, dict]:
+    """({(attack, pid): (member scores, non-member scores)}, {pid: utility}) on the generator of
+    each client that the server holds or gets samples of."""
+    attacks, utility = {}, {}
+    for pid in range(clients):
+        x, meta = generator_samples(run, GENERATOR_OF[cfg.strategy].format(pid=pid), num_samples, seed)
+        mem, non, classes, pool = candidates(cfg, pid, clients, limit, seed)
+        attacks[(f"samples (DCR, {meta['name']})", pid)] = (dcr_scores(mem, x), dcr_scores(non, x))
+        # learned attack: half of the non-member pool is the attacker's reference set, the other
+        # half the non-member candidates, members subsampled to as many
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7 + pid))
+        ref, held = pool[perm[: len(pool) // 2]], pool[perm[len(pool) // 2:]]
+        k = min(len(held), len(mem))
+        scores = learned_attack_scores(x, ref, torch.cat([mem[:k], held[:k]]), seed=seed)
+        attacks[(f"samples (learned, {meta['name']})", pid)] = (scores[:k], scores[k:])
+        if evaluator is not None:
+            own = client_dataset(cfg.data_spec(), pid, clients)
+            evaluator.set_real(own.x, own.y, evaluator.labeller.num_classes if evaluator.labeller else 0)
+            sc = evaluator.score(x)
+            utility[pid] = {"generator": meta["name"], "fid_own": sc["fid"], "extractor": sc["extractor"],
+                            "num_samples": sc["num_samples"], "num_real": sc["num_real"],
+                            **({"own_share": own_class_share(sc["label_histogram"], classes),
+                                "tv_own": sc.get("tv_own")} if "label_histogram" in sc else {})}
+    return attacks, utility
+
+
+def d_weights_attack(run: Path, cfg: Config, clients: int, limit: int, seed: int) -> dict:
+    """The server's global D (its last checkpoint) scores each client's candidates."""
+    from app.builders import make_discriminator
+    from app.runs import RunFolder
+    from strategies import bpgan
+
+    d_cfg = cfg.replace(loss=bpgan.resolve_model(cfg.bpgan_model)[1]) if cfg.strategy == "bpgan" else cfg
+    D = make_discriminator(d_cfg)
+    D.load_state_dict(RunFolder.open(run).load_checkpoint("server.pt")["d"])
     out = {}
-    for pid in range(num_clients):
-        G, meta = load_generator(run, GENERATOR_OF[cfg.strategy].format(pid=pid))
-        G.train()   # batch statistics, as the run's own samples
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            x = torch.cat([G(torch.randn(min(500, num_samples - s), G.latent_dim, generator=gen))
-                           for s in range(0, num_samples, 500)])
-        mem, non, classes = candidates(cfg, pid, num_clients, limit, seed)
-        out[pid] = {"classes": classes, "generator": meta["name"], "round": meta["round"],
-                    "dcr": (dcr_scores(mem, x), dcr_scores(non, x))}
+    for pid in range(clients):
+        mem, non, _, _ = candidates(cfg, pid, clients, limit, seed)
+        out[("D weights", pid)] = (discriminator_scores(D, mem, cfg.batch_size),
+                                   discriminator_scores(D, non, cfg.batch_size))
     return out
+
+
+def epsilons_spent(run: Path) -> dict[int, float]:
+    """Each client's last reported dp_epsilon in metrics.jsonl (its own ledger)."""
+    out: dict[int, float] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        for name, c in (row.get("clients") or {}).items():
+            m = re.match(r"client (\d+)", str(name))
+            if m and isinstance(c, dict) and "dp_epsilon" in c:
+                out[int(m.group(1))] = float(c["dp_epsilon"])
+    return out
+
+
+def share_for(cfg: Config, clients: int, images: int) -> float:
+    """The server share that leaves each of ``clients`` clients about ``images`` images."""
+    everything = dataclasses.replace(cfg.data_spec(), server_data="none")
+    biggest = sum(p["size"] for p in partition_summary(everything, clients)) / clients
+    share = 1.0 - images / biggest
+    if not 0.02 <= share < 1.0:
+        raise ConfigError(f"--client-images {images}: {cfg.dataset} split this way gives each of {clients} clients "
+                          f"at most about {biggest:.0f} images, and the server needs a share for its teacher and "
+                          f"the non-member candidates; ask for at most {int(0.98 * biggest)}")
+    return round(share, 4)
+
+
+def dp_sets(cfg: Config, clients: int, limit: int, eps: float) -> tuple[list[str], float]:
+    """The run-config overrides for a DP budget ``eps`` (inf: none) and the noise multiplier:
+    derived for the client with the fewest images (the largest spend) over its training steps
+    plus the probe's, so that no client spends more than ``eps``."""
+    from models.dp import DPAccount, sample_rate
+
+    if math.isinf(eps):
+        return ["dp=false"], 0.0
+    n_min = min(p["size"] for p in partition_summary(cfg.data_spec(), clients))
+    steps = cfg.dp_planned_steps() + probe_steps(cfg, clients, limit)
+    sigma = DPAccount.noise_for_target(eps, cfg.dp_delta, sample_rate(cfg.batch_size, n_min), steps)
+    return ["dp=true", f"dp-noise-multiplier={sigma!r}", "dp-target-epsilon=0"], sigma
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_common_flags(p, config_default="none, the embedded defaults (digits by class)", clients_default="5")
-    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES),
-                   help="strategies to train and attack, one simulation each")
+    p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["privacygan", "local", "fedavg"],
+                   help="strategies to train and attack, one simulation each (BPGAN runs 2 nodes per client: "
+                        "a discriminator node holding the client's data and a generator node)")
+    p.add_argument("--epsilons", nargs="+", type=float, default=[math.inf],
+                   help="DP budgets at dp-delta, one run each: inf = no DP; finite = dp=true with the noise "
+                        "multiplier that spends exactly this much over the run (and the probe)")
+    p.add_argument("--dp-strategies", nargs="+", choices=STRATEGIES,
+                   help="the strategies the finite --epsilons apply to (default: all of --strategies; the others "
+                        "run without DP only)")
+    p.add_argument("--client-images", nargs="+", type=int, default=[],
+                   help="client sizes to audit, one run each, by the server share of the data (default: the "
+                        "experiment's split)")
     p.add_argument("--candidates", type=int, default=1000,
                    help="at most this many members (and as many non-members) per client")
-    p.add_argument("--samples", type=int, default=2000, help="generated samples per generator for the DCR attack")
+    p.add_argument("--samples", type=int, default=2000, help="generated samples per generator for the sample attacks")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUC interval")
     p.add_argument("--seed-attack", type=int, default=0, help="seed of the candidate draw, probes and bootstrap")
-    p.add_argument("--out", help="folder for audit.json and roc.png (default: <output-dir>/audit/<UTC time>)")
+    p.add_argument("--out", help="folder for audit.json, grid.md and roc.png (default: <output-dir>/audit/<UTC time>)")
     args = p.parse_args(argv)
     clients = args.clients or 5
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    results, curves = [], {}
+    results, utility_rows, cells, curves = [], [], [], {}
     started = time.monotonic()
-    out_dir = None
-    for strategy in args.strategies:
-        args_set = [*args.set, f"strategy={strategy}", f"min-nodes={clients}", "client-eval=false"]
-        cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": args_set}), {})
-        out_dir = Path(args.out) if args.out else Path(cfg.output_dir).expanduser() / "audit" / stamp
-        say(f"{strategy}: training {cfg.num_rounds} rounds with {clients} clients")
-        holder: dict = {}
-        t0 = time.monotonic()
-        run = simulate(cfg, clients, client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-                       server_app=audit_server_app(cfg, clients, args.candidates, args.seed_attack, holder))
-        attacks, probe_steps = {}, {}
-        if "probe" in holder:
-            if len(holder["probe"]) < clients:
-                say(f"{strategy}: only {len(holder['probe'])} of {clients} clients answered the probe")
-            for pid, r in holder["probe"].items():
-                attacks[("probe (labels)", pid)] = r["label"]
-                attacks[("probe (feedback norm)", pid)] = r["feedback"]
-                probe_steps[pid] = {"probe_batches": r["batches"], "client_d_steps_after_probe": r["d_steps_total"]}
-        elif strategy == "privacygan":
-            say("privacygan: the probe got no replies")
-        for pid, r in sample_attack(run, cfg, clients, args.candidates, args.seed_attack, args.samples).items():
-            attacks[(f"samples (DCR, {r['generator']})", pid)] = r["dcr"]
-        for (attack, pid), (mem, non) in attacks.items():
-            rep = attack_report(mem, non, resamples=args.bootstrap, seed=args.seed_attack)
-            results.append({"strategy": strategy, "attack": attack, "client": pid,
-                            "client_images": len(client_dataset(cfg.data_spec(), pid, clients)),
-                            "probed_after_round": cfg.num_rounds, "run": str(run),
-                            **(probe_steps.get(pid, {}) if attack.startswith("probe") else {}), **rep})
-            curves[(strategy, attack, pid)] = roc_points(mem, non)
-        say(f"{strategy}: {time.monotonic() - t0:.0f} s")
+    base = build_config({}, argparse.Namespace(**{**vars(args), "set": [*args.set, f"min-nodes={clients}"]}), {})
+    out_dir = Path(args.out) if args.out else Path(base.output_dir).expanduser() / "audit" / stamp
+    shares = [(n, share_for(base, clients, n)) for n in args.client_images] or [(None, None)]
+    evaluator = None
+    for images, share in shares:
+        for strategy in args.strategies:
+            for eps in args.epsilons:
+                if not math.isinf(eps) and args.dp_strategies is not None and strategy not in args.dp_strategies:
+                    continue
+                sets = [*args.set, f"strategy={strategy}", "client-eval=false",
+                        *([f"server-share={share}"] if share is not None else [])]
+                cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets + [
+                    f"min-nodes={nodes_for(base.replace(strategy=strategy), clients)}"]}), {})
+                dp, sigma = dp_sets(cfg, clients, args.candidates, eps)
+                cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets + dp + [
+                    f"min-nodes={nodes_for(cfg, clients)}"]}), {})
+                if evaluator is None and strategy in GENERATOR_OF:
+                    evaluator = utility_evaluator(cfg)
+                sizes = [p["size"] for p in partition_summary(cfg.data_spec(), clients)]
+                cell = {"cell": len(cells), "strategy": strategy, "epsilon_target": eps, "client_images": sizes,
+                        "server_share": cfg.server_share, "noise_multiplier": sigma, "rounds": cfg.num_rounds}
+                say(f"{strategy}, clients of {min(sizes)}-{max(sizes)} images, epsilon {eps:g}"
+                    + (f" (noise multiplier {sigma:.3f})" if sigma else "") + f": training {cfg.num_rounds} rounds")
+                holder: dict = {}
+                t0 = time.monotonic()
+                run = simulate(cfg, nodes_for(cfg, clients), client_cpus=args.client_cpus,
+                               client_gpus=args.client_gpus,
+                               server_app=audit_server_app(cfg, clients, args.candidates, args.seed_attack, holder))
+                attacks, extra = {}, {}
+                spent = epsilons_spent(run) if cfg.dp else {}
+                if strategy == "privacygan":
+                    if len(holder.get("probe", {})) < clients:
+                        say(f"{strategy}: only {len(holder.get('probe', {}))} of {clients} clients answered the probe")
+                    for pid, r in holder.get("probe", {}).items():
+                        attacks[("probe (labels)", pid)] = r["label"]
+                        attacks[("probe (feedback norm)", pid)] = r["feedback"]
+                        extra[pid] = {"probe_batches": r["batches"], "client_d_steps_after_probe": r["d_steps_total"]}
+                        if "dp_epsilon" in r:
+                            spent[pid] = r["dp_epsilon"]
+                if strategy in HOLDS_D:
+                    attacks.update(d_weights_attack(run, cfg, clients, args.candidates, args.seed_attack))
+                if strategy in GENERATOR_OF:
+                    found, utility = sample_attacks(run, cfg, clients, args.candidates, args.seed_attack,
+                                                    args.samples, evaluator)
+                    attacks.update(found)
+                    for pid, u in utility.items():
+                        utility_rows.append({"cell": len(cells), "strategy": strategy, "epsilon_target": eps,
+                                             "client": pid, "client_images": sizes[pid], "epsilon": spent.get(pid),
+                                             **u})
+                for (attack, pid), (mem, non) in attacks.items():
+                    rep = attack_report(mem, non, resamples=args.bootstrap, seed=args.seed_attack)
+                    results.append({"cell": len(cells), "strategy": strategy, "attack": attack, "client": pid, "epsilon_target": eps,
+                                    "epsilon": spent.get(pid), "client_images": sizes[pid],
+                                    "probed_after_round": cfg.num_rounds, "run": str(run),
+                                    **(extra.get(pid, {}) if attack.startswith("probe") else {}), **rep})
+                    curves[(strategy, eps, images, attack, pid)] = roc_points(mem, non)
+                cell.update(seconds=round(time.monotonic() - t0, 1), run=str(run),
+                            epsilon_spent_max=max(spent.values()) if spent else None)
+                cells.append(cell)
+                say(f"{strategy}: {cell['seconds']:.0f} s")
     out_dir.mkdir(parents=True, exist_ok=True)
-    setup = {"dataset": "digits", "partition": "classes", "clients": clients, "dp": False,
+    setup = {"dataset": base.dataset, "partition": base.partition, "clients": clients, "dp_delta": base.dp_delta,
              "candidates_per_client": args.candidates, "samples": args.samples, "bootstrap": args.bootstrap,
              "seconds": round(time.monotonic() - started, 1)}
-    (out_dir / "audit.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
+    grid_md = grid_table(cells, results, utility_rows)
+    report = {"setup": setup, "cells": cells, "results": results, "utility": utility_rows}
+    (out_dir / "audit.json").write_text(json.dumps(_plain(report), indent=2) + "\n")
+    (out_dir / "grid.md").write_text(grid_md + "\n")
     plot(curves, out_dir / "roc.png")
-    print("\n| strategy | attack | client (images) | AUC [95 % CI] | TPR@1%FPR | TPR@0.1%FPR |\n|---|---|---|---|---|---|")
+    print("\n| strategy | epsilon | attack | client (images) | AUC [95 % CI] | TPR@1%FPR | TPR@0.1%FPR |\n"
+          "|---|---|---|---|---|---|---|")
     for r in results:
         lo, hi = r["auc_ci95"]
-        print(f"| {r['strategy']} | {r['attack']} | {r['client']} ({r['client_images']}) | {r['auc']:.3f} "
-              f"[{lo:.3f}, {hi:.3f}] | {r['tpr_at_1pct_fpr']:.3f} | {r['tpr_at_0.1pct_fpr']:.3f} |")
-    say(f"{len(results)} attack results in {out_dir / 'audit.json'}; ROC curves in {out_dir / 'roc.png'} "
-        f"({setup['seconds']:.0f} s)")
+        print(f"| {r['strategy']} | {_eps(r['epsilon_target'], r['epsilon'])} | {r['attack']} | {r['client']} "
+              f"({r['client_images']}) | {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {r['tpr_at_1pct_fpr']:.3f} | "
+              f"{r['tpr_at_0.1pct_fpr']:.3f} |")
+    print("\n" + grid_md)
+    say(f"{len(results)} attack results in {out_dir / 'audit.json'}; the grid in {out_dir / 'grid.md'}; ROC curves "
+        f"in {out_dir / 'roc.png'} ({setup['seconds']:.0f} s)")
     return 0
+
+
+def utility_evaluator(cfg: Config):
+    """The dataset classifier's features and labels (trained first when missing, digits only);
+    None (utility columns left out) for a dataset without one."""
+    from app.builders import geometry, image_evaluator
+    from app.metrics import ensure_classifier
+
+    g = geometry(cfg)
+    if ensure_classifier(cfg.dataset, g.image_size, g.channels, cfg.evaluator_dir, say=say) is None:
+        say(f"no '{cfg.dataset}' classifier: own-class share and FID on own data are left out")
+        return None
+    return image_evaluator(cfg.replace(eval_extractor="classifier"), tv_name="tv_own")
+
+
+def _plain(value):
+    """JSON-safe: an infinite epsilon (no DP) is written as the string "inf"."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return value
+
+
+def _eps(target: float, spent: float | None) -> str:
+    if math.isinf(target):
+        return "∞"
+    return f"{target:g} (spent {spent:.2f})" if spent is not None else f"{target:g}"
+
+
+def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> str:
+    """One row per (client size, strategy, epsilon): means over clients (the worst client's TPR and
+    own-class share in brackets). "D attack": PrivacyGAN's probe (D_i's labels) or, for the
+    servers that hold the global D, that D's scores; DCR and learned: the sample attacks."""
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    def fmt(x, spec=".3f"):
+        return "–" if x is None else format(x, spec)
+
+    lines = ["| client images | strategy | ε target (max spent) | D attack AUC | D attack TPR@1%FPR (max) | "
+             "DCR AUC | learned AUC | own-class share (min) | FID own |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        rows = [r for r in results if r["cell"] == c["cell"]]
+        probe = [r for r in rows if r["attack"] in ("probe (labels)", "D weights")]
+        dcr = [r for r in rows if r["attack"].startswith("samples (DCR")]
+        learned = [r for r in rows if r["attack"].startswith("samples (learned")]
+        util = [u for u in utility if u["cell"] == c["cell"]]
+        shares = [u.get("own_share") for u in util if u.get("own_share") is not None]
+        eps = ("∞" if math.isinf(c["epsilon_target"]) else
+               f"{c['epsilon_target']:g} ({fmt(c['epsilon_spent_max'], '.2f')})")
+        lines.append(f"| {min(c['client_images'])}–{max(c['client_images'])} | {c['strategy']} | {eps} | "
+                     f"{fmt(mean([r['auc'] for r in probe]))} | "
+                     f"{fmt(max([r['tpr_at_1pct_fpr'] for r in probe], default=None))} | "
+                     f"{fmt(mean([r['auc'] for r in dcr]))} | {fmt(mean([r['auc'] for r in learned]))} | "
+                     f"{fmt(mean(shares), '.2f')} ({fmt(min(shares, default=None), '.2f')}) | "
+                     f"{fmt(mean([u.get('fid_own') for u in util]), '.1f')} |")
+    return "\n".join(lines)
 
 
 def plot(curves: dict, path: Path) -> None:
@@ -215,19 +442,24 @@ def plot(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attacks = sorted({(s, a) for s, a, _ in curves})
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4 * len(attacks), 4), squeeze=False)
-    for ax, (strategy, attack) in zip(axes[0], attacks):
-        for (s, a, pid), (f, t) in sorted(curves.items()):
-            if (s, a) == (strategy, attack):
-                ax.plot(f, t, linewidth=1, label=f"client {pid}")
+    panels = sorted({k[:4] for k in curves}, key=str)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (strategy, eps, images, attack) in zip(axes.flat, panels):
+        for key, (f, t) in sorted(curves.items(), key=str):
+            if key[:4] == (strategy, eps, images, attack):
+                ax.plot(f, t, linewidth=1, label=f"client {key[4]}")
         ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-        ax.set_title(f"{strategy}\n{attack}", fontsize=9)
+        size = f", ~{images} images" if images else ""
+        ax.set_title(f"{strategy}, ε {'∞' if math.isinf(eps) else f'{eps:g}'}{size}\n{attack}", fontsize=8)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

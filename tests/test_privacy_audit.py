@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.audit import attack_report, bootstrap_auc, dcr_scores, probe_batches, tpr_at_fpr
+from app.audit import (attack_report, bootstrap_auc, dcr_scores, discriminator_scores, learned_attack_scores,
+                       own_class_share, probe_batches, tpr_at_fpr)
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +72,69 @@ def test_probe_batches_pack_and_pad_in_order():
         probe_batches(x[:0], 4)
 
 
+def test_discriminator_scores_are_the_raw_outputs_in_order_and_leave_d_unchanged():
+    D = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 1))
+    with torch.no_grad():
+        D[1].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+        D[1].bias.fill_(0.5)
+    before = {k: v.clone() for k, v in D.state_dict().items()}
+    x = torch.arange(20.0).reshape(5, 1, 2, 2)
+    scores = discriminator_scores(D, x, batch_size=2)      # 3 batches, the last one padded
+    expected = (x.reshape(5, 4) @ torch.tensor([1.0, 2.0, 3.0, 4.0]) + 0.5).double().numpy()
+    assert np.allclose(scores, expected)
+    assert all(torch.equal(before[k], v) for k, v in D.state_dict().items())
+
+
+def test_learned_attack_flags_what_the_generator_memorised():
+    """Samples that are the members plus noise around them: the classifier trained on samples vs
+    reference images (drawn like the non-members) ranks every member above every non-member."""
+    gen = torch.Generator().manual_seed(0)
+    members = torch.rand(30, 1, 4, 4, generator=gen) + 0.5
+    samples = members.repeat(10, 1, 1, 1) + 0.05 * torch.randn(300, 1, 4, 4, generator=gen)
+    reference, nonmembers = torch.rand(60, 1, 4, 4, generator=gen), torch.rand(30, 1, 4, 4, generator=gen)
+    scores = learned_attack_scores(samples, reference, torch.cat([members, nonmembers]), steps=200, seed=1)
+    assert attack_report(scores[:30], scores[30:], resamples=10)["auc"] == 1.0
+    again = learned_attack_scores(samples, reference, torch.cat([members, nonmembers]), steps=200, seed=1)
+    assert np.array_equal(scores, again)                  # seeded
+    with pytest.raises(ValueError):
+        learned_attack_scores(samples[:0], reference, members)
+
+
+def test_own_class_share_by_hand():
+    assert own_class_share([10, 30, 0, 60], [1, 3]) == pytest.approx(0.9)
+    assert own_class_share([5, 0, 5], [2]) == 0.5
+    with pytest.raises(ValueError):
+        own_class_share([0, 0], [0])
+
+
+def test_grid_sizes_and_dp_budgets_are_derived_from_the_data():
+    import math
+
+    from app.config import ConfigError, parse_config
+    from app.data import partition_summary
+    from models.dp import DPAccount, sample_rate
+    from simulations.privacy_audit import dp_sets, probe_steps, share_for
+
+    cfg = parse_config({"min-nodes": 5})
+    share = share_for(cfg, 5, 100)
+    sizes = [p["size"] for p in partition_summary(cfg.replace(server_share=share).data_spec(), 5)]
+    assert all(abs(n - 100) <= 3 for n in sizes), sizes
+    with pytest.raises(ConfigError, match="--client-images 500"):
+        share_for(cfg, 5, 500)                           # digits has ~288 images of two digits
+    assert dp_sets(cfg, 5, 1000, math.inf) == (["dp=false"], 0.0)
+    sets, sigma = dp_sets(cfg, 5, 1000, 3.0)
+    assert sets == ["dp=true", f"dp-noise-multiplier={sigma!r}", "dp-target-epsilon=0"]
+    n_min = min(p["size"] for p in partition_summary(cfg.data_spec(), 5))
+    steps = cfg.dp_planned_steps() + probe_steps(cfg, 5, 1000)
+    from simulations.privacy_audit import candidates
+
+    per_client = [math.ceil(2 * len(candidates(cfg, pid, 5, 1000, 0)[0]) / cfg.batch_size) for pid in range(5)]
+    assert probe_steps(cfg, 5, 1000) == max(per_client) * cfg.client_disc_steps > 0
+    assert probe_steps(cfg.replace(strategy="fedavg"), 5, 1000) == 0
+    spent = DPAccount([(sigma, sample_rate(cfg.batch_size, n_min), steps)]).epsilon(cfg.dp_delta)
+    assert spent == pytest.approx(3.0, abs=0.05) and spent <= 3.0 + 1e-3
+
+
 @pytest.mark.e2e
 def test_the_audit_script_probes_through_the_clientapp_and_writes_its_report(tmp_path):
     from simulations.privacy_audit import main
@@ -87,10 +151,22 @@ def test_the_audit_script_probes_through_the_clientapp_and_writes_its_report(tmp
     assert attacks == {("privacygan", "probe (labels)", 0), ("privacygan", "probe (labels)", 1),
                        ("privacygan", "probe (feedback norm)", 0), ("privacygan", "probe (feedback norm)", 1),
                        ("privacygan", "samples (DCR, student0)", 0), ("privacygan", "samples (DCR, student1)", 1),
-                       ("local", "samples (DCR, client0)", 0), ("local", "samples (DCR, client1)", 1)}
+                       ("privacygan", "samples (learned, student0)", 0),
+                       ("privacygan", "samples (learned, student1)", 1),
+                       ("local", "samples (DCR, client0)", 0), ("local", "samples (DCR, client1)", 1),
+                       ("local", "samples (learned, client0)", 0), ("local", "samples (learned, client1)", 1)}
     for r in rows:
         assert 0.0 <= r["auc"] <= 1.0 and r["auc_ci95"][0] <= r["auc"] <= r["auc_ci95"][1]
-        assert (r["members"], r["nonmembers"]) == (24, 24) and r["probed_after_round"] == 2
+        assert r["probed_after_round"] == 2 and r["epsilon_target"] == "inf" and r["epsilon"] is None
+        if "learned" in r["attack"]:   # half the non-member pool trains the attack: fewer candidates
+            assert 0 < r["members"] == r["nonmembers"] <= 24
+        else:
+            assert (r["members"], r["nonmembers"]) == (24, 24)
+    # the utility of every generator the audit attacked, scored against the client's own images
+    assert {(u["strategy"], u["client"]) for u in report["utility"]} == {(s, c) for s in ("privacygan", "local")
+                                                                         for c in (0, 1)}
+    assert all(0.0 <= u["own_share"] <= 1.0 and u["fid_own"] > 0 for u in report["utility"])
+    assert (out / "grid.md").read_text().count("| privacygan |") == 1
     assert (out / "roc.png").stat().st_size > 0
     # the probe went through the ClientApp handler, on the D_i the client trained: it reports
     # its 2 training steps (1 per round) plus one step per probe batch (48 candidates / 16 = 3)
@@ -99,3 +175,32 @@ def test_the_audit_script_probes_through_the_clientapp_and_writes_its_report(tmp
     run = Path(probes[0]["run"])
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["round"] == 2 and all(c["d_steps_total"] == 2 for c in last["clients"].values())
+
+
+@pytest.mark.e2e
+def test_the_audit_trains_with_dp_at_the_asked_budget_and_attacks_the_global_d(tmp_path):
+    """--epsilons 3: every client's own ledger ends at (just under) 3, the PrivacyGAN probe included;
+    FedAvg's server-side D is attacked from its checkpoint."""
+    from simulations.privacy_audit import main
+
+    out = tmp_path / "audit"
+    rc = main(["--clients", "2", "--rounds", "2", "--output-dir", str(tmp_path), "--strategies", "privacygan",
+               "fedavg", "--epsilons", "3", "--client-images", "60", "--candidates", "24", "--samples", "64",
+               "--bootstrap", "20", "--out", str(out), "--set", "teacher-steps=10", "--set", "gen-features=8",
+               "--set", "disc-features=8", "--set", "batch-size=16", "--set", "steps-per-round=1",
+               "--set", "local-steps=2", "--set", "dp-delta=1e-3"])
+    assert rc == 0
+    report = json.loads((out / "audit.json").read_text())
+    assert [(c["strategy"], c["epsilon_target"]) for c in report["cells"]] == [("privacygan", 3.0), ("fedavg", 3.0)]
+    for c in report["cells"]:
+        assert all(abs(n - 60) <= 2 for n in c["client_images"]) and c["noise_multiplier"] > 0
+        assert 2.9 < c["epsilon_spent_max"] <= 3.0 + 1e-6
+    rows = report["results"]
+    assert {r["attack"] for r in rows if r["strategy"] == "fedavg"} == {"D weights", "samples (DCR, global)",
+                                                                        "samples (learned, global)"}
+    probes = [r for r in rows if r["attack"] == "probe (labels)"]
+    assert len(probes) == 2 and all(2.9 < r["epsilon"] <= 3.0 + 1e-6 for r in probes)
+    last = json.loads(Path(probes[0]["run"], "metrics.jsonl").read_text().splitlines()[-1])["clients"]
+    for r in probes:   # the probe's D steps are counted: the ledger moved on after the last round
+        trained = [c["dp_epsilon"] for name, c in last.items() if name.split(" (")[0] == f"client {r['client']}"]
+        assert len(trained) == 1 and trained[0] < r["epsilon"]
