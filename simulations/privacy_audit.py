@@ -62,6 +62,7 @@ from app.data import client_dataset, partition_summary, server_dataset, test_dat
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from simulations.common import add_common_flags, build_config, simulate  # noqa: E402
+from strategies.base import RunFailed  # noqa: E402
 
 STRATEGIES = ("privacygan", "local", "fedavg", "bpgan", "dataparallel")
 GENERATOR_OF = {"privacygan": "student{pid}", "local": "client{pid}", "fedavg": "global", "dataparallel": "global"}
@@ -72,10 +73,10 @@ def say(text: str) -> None:
     print(f"[privacy_audit] {text}", flush=True)
 
 
-def nodes_for(cfg: Config, clients: int) -> int:
+def nodes_for(strategy: str, clients: int) -> int:
     """Simulated nodes for ``clients`` data holders: BPGAN's data sits on its discriminator nodes
     only, so it gets a generator node per client too (the clients then hold the same partitions)."""
-    return 2 * clients if cfg.strategy == "bpgan" else clients
+    return 2 * clients if strategy == "bpgan" else clients
 
 
 def candidates(cfg: Config, pid: int, num_clients: int, limit: int, seed: int):
@@ -291,88 +292,101 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     clients = args.clients or 5
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    results, utility_rows, cells, curves = [], [], [], {}
+    report: dict = {"setup": {}, "cells": [], "results": [], "utility": []}
+    curves: dict = {}
     started = time.monotonic()
     base = build_config({}, argparse.Namespace(**{**vars(args), "set": [*args.set, f"min-nodes={clients}"]}), {})
     out_dir = Path(args.out) if args.out else Path(base.output_dir).expanduser() / "audit" / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["setup"] = {"dataset": base.dataset, "partition": base.partition, "clients": clients,
+                       "dp_delta": base.dp_delta, "candidates_per_client": args.candidates, "samples": args.samples,
+                       "bootstrap": args.bootstrap}
     shares = [(n, share_for(base, clients, n)) for n in args.client_images] or [(None, None)]
-    evaluator = None
+    evaluator: list = []   # built once, at the first strategy with a generator
     for images, share in shares:
         for strategy in args.strategies:
             for eps in args.epsilons:
                 if not math.isinf(eps) and args.dp_strategies is not None and strategy not in args.dp_strategies:
                     continue
-                sets = [*args.set, f"strategy={strategy}", "client-eval=false",
-                        *([f"server-share={share}"] if share is not None else [])]
-                cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets + [
-                    f"min-nodes={nodes_for(base.replace(strategy=strategy), clients)}"]}), {})
-                dp, sigma = dp_sets(cfg, clients, args.candidates, eps)
-                cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets + dp + [
-                    f"min-nodes={nodes_for(cfg, clients)}"]}), {})
-                if evaluator is None and strategy in GENERATOR_OF:
-                    evaluator = utility_evaluator(cfg)
-                sizes = [p["size"] for p in partition_summary(cfg.data_spec(), clients)]
-                cell = {"cell": len(cells), "strategy": strategy, "epsilon_target": eps, "client_images": sizes,
-                        "server_share": cfg.server_share, "noise_multiplier": sigma, "rounds": cfg.num_rounds}
-                say(f"{strategy}, clients of {min(sizes)}-{max(sizes)} images, epsilon {eps:g}"
-                    + (f" (noise multiplier {sigma:.3f})" if sigma else "") + f": training {cfg.num_rounds} rounds")
-                holder: dict = {}
                 t0 = time.monotonic()
-                run = simulate(cfg, nodes_for(cfg, clients), client_cpus=args.client_cpus,
-                               client_gpus=args.client_gpus,
-                               server_app=audit_server_app(cfg, clients, args.candidates, args.seed_attack, holder))
-                attacks, extra = {}, {}
-                spent = epsilons_spent(run) if cfg.dp else {}
-                if strategy == "privacygan":
-                    if len(holder.get("probe", {})) < clients:
-                        say(f"{strategy}: only {len(holder.get('probe', {}))} of {clients} clients answered the probe")
-                    for pid, r in holder.get("probe", {}).items():
-                        attacks[("probe (labels)", pid)] = r["label"]
-                        attacks[("probe (feedback norm)", pid)] = r["feedback"]
-                        extra[pid] = {"probe_batches": r["batches"], "client_d_steps_after_probe": r["d_steps_total"]}
-                        if "dp_epsilon" in r:
-                            spent[pid] = r["dp_epsilon"]
-                if strategy in HOLDS_D:
-                    attacks.update(d_weights_attack(run, cfg, clients, args.candidates, args.seed_attack))
-                if strategy in GENERATOR_OF:
-                    found, utility = sample_attacks(run, cfg, clients, args.candidates, args.seed_attack,
-                                                    args.samples, evaluator)
-                    attacks.update(found)
-                    for pid, u in utility.items():
-                        utility_rows.append({"cell": len(cells), "strategy": strategy, "epsilon_target": eps,
-                                             "client": pid, "client_images": sizes[pid], "epsilon": spent.get(pid),
-                                             **u})
-                for (attack, pid), (mem, non) in attacks.items():
-                    rep = attack_report(mem, non, resamples=args.bootstrap, seed=args.seed_attack)
-                    results.append({"cell": len(cells), "strategy": strategy, "attack": attack, "client": pid, "epsilon_target": eps,
-                                    "epsilon": spent.get(pid), "client_images": sizes[pid],
-                                    "probed_after_round": cfg.num_rounds, "run": str(run),
-                                    **(extra.get(pid, {}) if attack.startswith("probe") else {}), **rep})
-                    curves[(strategy, eps, images, attack, pid)] = roc_points(mem, non)
-                cell.update(seconds=round(time.monotonic() - t0, 1), run=str(run),
-                            epsilon_spent_max=max(spent.values()) if spent else None)
-                cells.append(cell)
+                cell = {"cell": len(report["cells"]), "strategy": strategy, "epsilon_target": eps}
+                try:
+                    run_cell(args, clients, cell, share, images, evaluator, report, curves)
+                except (ConfigError, RunFailed, RuntimeError, ValueError, OSError) as exc:
+                    cell["error"] = f"{type(exc).__name__}: {exc}"
+                    say(f"{strategy}, epsilon {eps:g}: FAILED ({cell['error']}); the grid goes on")
+                cell["seconds"] = round(time.monotonic() - t0, 1)
+                report["cells"].append(cell)
+                report["setup"]["seconds"] = round(time.monotonic() - started, 1)
+                write_report(out_dir, report)   # after every cell: a crash later loses nothing
                 say(f"{strategy}: {cell['seconds']:.0f} s")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    setup = {"dataset": base.dataset, "partition": base.partition, "clients": clients, "dp_delta": base.dp_delta,
-             "candidates_per_client": args.candidates, "samples": args.samples, "bootstrap": args.bootstrap,
-             "seconds": round(time.monotonic() - started, 1)}
-    grid_md = grid_table(cells, results, utility_rows)
-    report = {"setup": setup, "cells": cells, "results": results, "utility": utility_rows}
-    (out_dir / "audit.json").write_text(json.dumps(_plain(report), indent=2) + "\n")
-    (out_dir / "grid.md").write_text(grid_md + "\n")
     plot(curves, out_dir / "roc.png")
     print("\n| strategy | epsilon | attack | client (images) | AUC [95 % CI] | TPR@1%FPR | TPR@0.1%FPR |\n"
           "|---|---|---|---|---|---|---|")
-    for r in results:
+    for r in report["results"]:
         lo, hi = r["auc_ci95"]
         print(f"| {r['strategy']} | {_eps(r['epsilon_target'], r['epsilon'])} | {r['attack']} | {r['client']} "
               f"({r['client_images']}) | {r['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {r['tpr_at_1pct_fpr']:.3f} | "
               f"{r['tpr_at_0.1pct_fpr']:.3f} |")
-    print("\n" + grid_md)
-    say(f"{len(results)} attack results in {out_dir / 'audit.json'}; the grid in {out_dir / 'grid.md'}; ROC curves "
-        f"in {out_dir / 'roc.png'} ({setup['seconds']:.0f} s)")
-    return 0
+    print("\n" + grid_table(report["cells"], report["results"], report["utility"]))
+    failed = [c for c in report["cells"] if "error" in c]
+    say(f"{len(report['results'])} attack results in {out_dir / 'audit.json'}; the grid in {out_dir / 'grid.md'}; "
+        f"ROC curves in {out_dir / 'roc.png'} ({report['setup']['seconds']:.0f} s)"
+        + (f"; {len(failed)} cell(s) FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    (out_dir / "audit.json").write_text(json.dumps(_plain(report), indent=2) + "\n")
+    (out_dir / "grid.md").write_text(grid_table(report["cells"], report["results"], report["utility"]) + "\n")
+
+
+def run_cell(args, clients: int, cell: dict, share, images, evaluator: list, report: dict, curves: dict) -> None:
+    """Train one (client size, strategy, epsilon) cell, attack it, and add its rows to ``report``."""
+    strategy, eps, index = cell["strategy"], cell["epsilon_target"], cell["cell"]
+    sets = [*args.set, f"strategy={strategy}", "client-eval=false", f"min-nodes={nodes_for(strategy, clients)}",
+            *([f"server-share={share}"] if share is not None else [])]
+    cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets}), {})
+    dp, sigma = dp_sets(cfg, clients, args.candidates, eps)
+    cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets + dp}), {})
+    if not evaluator and strategy in GENERATOR_OF:
+        evaluator.append(utility_evaluator(cfg))
+    sizes = [p["size"] for p in partition_summary(cfg.data_spec(), clients)]
+    cell.update(client_images=sizes, server_share=cfg.server_share, noise_multiplier=sigma, rounds=cfg.num_rounds)
+    say(f"{strategy}, clients of {min(sizes)}-{max(sizes)} images, epsilon {eps:g}"
+        + (f" (noise multiplier {sigma:.3f})" if sigma else "") + f": training {cfg.num_rounds} rounds")
+    holder: dict = {}
+    run = simulate(cfg, nodes_for(strategy, clients), client_cpus=args.client_cpus, client_gpus=args.client_gpus,
+                   server_app=audit_server_app(cfg, clients, args.candidates, args.seed_attack, holder))
+    cell["run"] = str(run)
+    attacks, extra = {}, {}
+    spent = epsilons_spent(run) if cfg.dp else {}
+    if strategy == "privacygan":
+        if len(holder.get("probe", {})) < clients:
+            say(f"{strategy}: only {len(holder.get('probe', {}))} of {clients} clients answered the probe")
+        for pid, r in holder.get("probe", {}).items():
+            attacks[("probe (labels)", pid)] = r["label"]
+            attacks[("probe (feedback norm)", pid)] = r["feedback"]
+            extra[pid] = {"probe_batches": r["batches"], "client_d_steps_after_probe": r["d_steps_total"]}
+            if "dp_epsilon" in r:
+                spent[pid] = r["dp_epsilon"]
+    if strategy in HOLDS_D:
+        attacks.update(d_weights_attack(run, cfg, clients, args.candidates, args.seed_attack))
+    if strategy in GENERATOR_OF:
+        found, utility = sample_attacks(run, cfg, clients, args.candidates, args.seed_attack, args.samples,
+                                        evaluator[0] if evaluator else None)
+        attacks.update(found)
+        for pid, u in utility.items():
+            report["utility"].append({"cell": index, "strategy": strategy, "epsilon_target": eps, "client": pid,
+                                      "client_images": sizes[pid], "epsilon": spent.get(pid), **u})
+    for (attack, pid), (mem, non) in attacks.items():
+        rep = attack_report(mem, non, resamples=args.bootstrap, seed=args.seed_attack)
+        report["results"].append({"cell": index, "strategy": strategy, "attack": attack, "client": pid,
+                                  "epsilon_target": eps, "epsilon": spent.get(pid), "client_images": sizes[pid],
+                                  "probed_after_round": cfg.num_rounds, "run": str(run),
+                                  **(extra.get(pid, {}) if attack.startswith("probe") else {}), **rep})
+        curves[(strategy, eps, images, attack, pid)] = roc_points(mem, non)
+    cell["epsilon_spent_max"] = max(spent.values()) if spent else None
 
 
 def utility_evaluator(cfg: Config):
@@ -419,6 +433,10 @@ def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> s
     lines = ["| client images | strategy | ε target (max spent) | D attack AUC | D attack TPR@1%FPR (max) | "
              "DCR AUC | learned AUC | own-class share (min) | FID own |", "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
+        if "error" in c:
+            lines.append(f"| – | {c['strategy']} | {_eps(c['epsilon_target'], None)} | FAILED: {c['error'][:80]} "
+                         "| | | | | |")
+            continue
         rows = [r for r in results if r["cell"] == c["cell"]]
         probe = [r for r in rows if r["attack"] in ("probe (labels)", "D weights")]
         dcr = [r for r in rows if r["attack"].startswith("samples (DCR")]
