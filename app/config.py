@@ -403,10 +403,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
            cfg.server_data, "'heldout' or 'full' when the server trains a teacher")
 
 
-DP_LOSSES = ("bce", "wgan")   # models.dp.DP_LOSSES (losses with a per-example real-data term)
 
 
 def validate_dp(cfg: Config) -> None:
+    from models.dp import DP_LOSSES   # the losses with a per-example real-data term
+
     """The DP keys (checked whatever ``dp`` is, so a bad value never waits for dp=true) and,
     with ``dp`` on, what DP-SGD cannot cover: a gradient-penalty loss, the centralized reference."""
     k = key_of
