@@ -11,8 +11,13 @@ deployed -- see app/generators.py.
 
 from __future__ import annotations
 
+import time
+
+_IMPORT_START = time.time()   # the timing trace (FEDGAN_TRACE) splits a message's seconds at these marks
+
 import dataclasses
 import inspect
+import os
 from functools import lru_cache
 
 import torch
@@ -21,10 +26,11 @@ from flwr.clientapp import ClientApp
 
 from app.builders import dp_settings, geometry, image_evaluator, make_discriminator, make_generator
 from app.config import Config, check_dp_data, config_from_context, resolve_device
-from app.data import ArrayDataset, client_dataset
-from app.generators import client_generator_mod
+from app.data import ArrayDataset, client_dataset, set_image_cache_dir
+from app.generators import client_generator_mod, node_root
 from app.metrics import ImageEvaluator, ensure_classifier
 from strategies import bpgan, client_eval, dataparallel, fedavg, local, mggan, wire
+from strategies.base import TRACE_ENV, trace
 from strategies.privacygan import client_discriminate
 
 # --- per-client evaluation (SPEC 6): scores of fakes against this client's own data -------------
@@ -108,12 +114,25 @@ def check_dp_partitions(cfg: Config, num_partitions: int) -> None:
         client_dp(cfg, int(part["size"]))
 
 
+_DATA_SECONDS: list[float] = []   # data loading time of the message being handled (trace only)
+
+
 def local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]:
     """This node's private training data and its partition id (None in a deployment without one)."""
+    start = time.perf_counter()
+    try:
+        return _local_data(cfg, context)
+    finally:
+        _DATA_SECONDS.append(time.perf_counter() - start)
+
+
+def _local_data(cfg: Config, context: Context) -> tuple[ArrayDataset, int | None]:
     node = context.node_config
     data_path = str(node.get("data-path", "") or "")
     if data_path:
-        # A deployment node's own folder-per-class tree (or zip): all of it is this client's.
+        # A deployment node's own folder-per-class tree (or zip): all of it is this client's,
+        # decoded once into the node's own folder (app/data.py: set_image_cache_dir), never sent.
+        set_image_cache_dir(node_root(cfg, node) / "data-cache")
         geo = geometry(cfg)  # the run's image geometry, so the node's images fit the run's networks
         spec = dataclasses.replace(cfg.data_spec(), dataset=f"imagefolder:{data_path}", partition="full",
                                    server_data="none", image_size=geo.image_size, channels=geo.channels)
@@ -146,6 +165,52 @@ def node_info(node_config) -> dict[str, int]:
     return out
 
 
+def process_start_time() -> float | None:
+    """When this process started (epoch seconds): the fork time a warm launcher recorded
+    (app/supernode.py), else from /proc (clock ticks since boot, ~10 ms), else psutil's."""
+    if forked := os.environ.get("FEDGAN_FORKED_AT"):
+        return float(forked)
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil
+            return psutil.Process().create_time()
+        except Exception:   # noqa: BLE001 -- the trace is best effort
+            return None
+
+
+def trace_mod(msg: Message, context: Context, call_next) -> Message:
+    """With ``FEDGAN_TRACE`` set on the node: one JSON line per message with the marks that split
+    its time (process start, app import, handler, data loading); docs/DEPLOYMENT.md."""
+    if not os.environ.get(TRACE_ENV):
+        return call_next(msg, context)
+    _DATA_SECONDS.clear()
+    start = time.time()
+    reply = None
+    try:
+        reply = call_next(msg, context)
+        return reply
+    finally:
+        end = time.time()
+        out = {} if reply is None or reply.has_error() else {"bytes_out": wire.message_bytes(reply),
+                                                              "records_out": record_names(reply.content)}
+        trace(side="client", msg=msg.metadata.message_id, type=msg.metadata.message_type,
+              round=msg.metadata.group_id, partition=context.node_config.get("partition-id"),
+              node=context.node_id, proc_start=process_start_time(), import_start=_IMPORT_START,
+              import_end=_IMPORT_END, handler_start=start, data_s=sum(_DATA_SECONDS), handler_end=end,
+              bytes_in=wire.message_bytes(msg), records_in=record_names(msg.content), **out)
+
+
+def record_names(content: RecordDict) -> dict[str, list[str]]:
+    """The names in a message's content, by record (what crossed the wire, without the values)."""
+    return {name: sorted(rec.keys()) for name, rec in content.items()}
+
+
 def make_client_app(config: Config | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp; ``config`` fixes the settings (else they come from the run config).
 
@@ -155,7 +220,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     # innermost mod: after a message that trained this client's own generator (local, MGGAN,
     # BPGAN's generator blocks) in a checkpoint round or the last one, the client writes it
     # (app/generators.py) -- into the run folder in a simulation, its node folder when deployed
-    app = ClientApp(mods=[*(mods or []), client_generator_mod(lambda context: _config(config, context))])
+    app = ClientApp(mods=[trace_mod, *(mods or []), client_generator_mod(lambda context: _config(config, context))])
 
     @app.train("discriminate")
     def discriminate(msg: Message, context: Context) -> Message:
@@ -260,3 +325,4 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
 
 
 app = make_client_app()
+_IMPORT_END = time.time()

@@ -248,10 +248,10 @@ def _prepare_array_images(
 
 def _uint8_nhwc_to_unit(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` to float ``(N, C, H, W)`` in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(images))
+    t = torch.from_numpy(np.asarray(images, dtype=np.float32))   # a copy: images may be a read-only memmap
     if t.dim() == 3:
         t = t.unsqueeze(-1)
-    return t.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return t.permute(0, 3, 1, 2).contiguous() / 255.0
 
 
 def _limit_rows(labels: np.ndarray, limit_per_class: int) -> np.ndarray:
@@ -472,7 +472,98 @@ def _check_and_decode(
             f"{path!r} holds class folders {list(layout.classes)}, expected the "
             f"CIFAR-10 classes {list(expect_classes)}"
         )
-    return _decode_files(layout, read_bytes, image_size, channels, limit_per_class)
+    key = _decoded_key(path, layout, image_size, channels, limit_per_class)
+    cached = _read_decoded(key)
+    if cached is not None:
+        return cached
+    decoded = _decode_files(layout, read_bytes, image_size, channels, limit_per_class)
+    _write_decoded(key, decoded)
+    return decoded
+
+
+# ---------------------------------------------------------------------------
+# On-disk cache of decoded images (a deployed node's own folder)
+# ---------------------------------------------------------------------------
+# A deployed SuperNode runs every message in a fresh ClientApp process; without this cache each
+# one would decode the node's whole image folder again. Opt-in: a folder is set for deployed nodes
+# (``<node-dir>/data-cache``, app/client_app.py) or by FEDGAN_IMAGE_CACHE. The cache holds the
+# decoded uint8 images of this node's own files, stays in that folder and is never sent; an entry
+# is keyed by the path, the geometry and every file's name, size and modification time, so
+# changed data is decoded again.
+IMAGE_CACHE_ENV = "FEDGAN_IMAGE_CACHE"
+_IMAGE_CACHE_VERSION = 1
+_image_cache_dir: str | None = None
+
+
+def set_image_cache_dir(path: str | os.PathLike | None) -> None:
+    """Where decoded image folders are cached in this process (None: FEDGAN_IMAGE_CACHE, else off)."""
+    global _image_cache_dir
+    _image_cache_dir = None if path is None else os.fspath(path)
+
+
+def image_cache_dir() -> str | None:
+    return _image_cache_dir or os.environ.get(IMAGE_CACHE_ENV) or None
+
+
+def _decoded_key(path: str, layout: _Layout, image_size: int, channels: int, limit: int) -> str | None:
+    if image_cache_dir() is None:
+        return None
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    h.update(json.dumps([_IMAGE_CACHE_VERSION, os.path.abspath(path), image_size, channels, limit,
+                         list(layout.classes)]).encode())
+    if os.path.isdir(path):
+        for label, parts in layout.files:
+            st = os.stat(os.path.join(path, *parts))
+            h.update(f"{label}/{'/'.join(parts)}/{st.st_size}/{st.st_mtime_ns}\n".encode())
+    else:
+        st = os.stat(path)
+        h.update(f"{st.st_size}/{st.st_mtime_ns}".encode())
+        for label, parts in layout.files:
+            h.update(f"{label}/{'/'.join(parts)}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _read_decoded(key: str | None) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    if key is None:
+        return None
+    import json
+
+    base = os.path.join(image_cache_dir(), key)
+    try:
+        images = np.load(base + ".images.npy", mmap_mode="r")
+        labels = np.load(base + ".labels.npy")
+        with open(base + ".json") as fh:
+            unreadable = list(json.load(fh)["unreadable"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return images, labels, unreadable
+
+
+def _write_decoded(key: str | None, decoded: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+    if key is None:
+        return
+    import json
+
+    folder = image_cache_dir()
+    base = os.path.join(folder, key)
+    images, labels, unreadable = decoded
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for suffix, arr in ((".images.npy", images), (".labels.npy", labels)):
+            tmp = f"{base}{suffix}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr))
+            os.replace(tmp, base + suffix)
+        tmp = f"{base}.json.{os.getpid()}.tmp"   # written last: its presence marks a complete entry
+        with open(tmp, "w") as fh:
+            json.dump({"unreadable": unreadable, "shape": list(images.shape)}, fh)
+        os.replace(tmp, base + ".json")
+    except OSError as exc:
+        print(f"[fedgan] WARNING cannot cache decoded images in {folder}: {exc}; decoding every time",
+              flush=True)
 
 
 # ---------------------------------------------------------------------------

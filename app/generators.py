@@ -244,11 +244,15 @@ def deployed(node_config) -> bool:
     return any(k in node_config for k in ("data-path", "role", NODE_DIR))
 
 
+def node_root(cfg, node_config) -> Path:
+    """A deployed node's own folder: ``node-dir``, else the run's ``output-dir`` resolved on the node."""
+    base = str(node_config.get(NODE_DIR, "") or "")
+    return Path(base).expanduser().absolute() if base else resolve_output_dir(cfg.output_dir)
+
+
 def node_run_folder(cfg, node_config, flower_run_id: int) -> Path:
     """A deployed node's folder for this run: ``<node-dir>/node-runs/flower-run-<id>``."""
-    base = str(node_config.get(NODE_DIR, "") or "")
-    root = Path(base).expanduser().absolute() if base else resolve_output_dir(cfg.output_dir)
-    return root / NODE_RUNS / f"flower-run-{flower_run_id}"
+    return node_root(cfg, node_config) / NODE_RUNS / f"flower-run-{flower_run_id}"
 
 
 def client_target(cfg, node_config, flower_run_id: int) -> tuple[Path, str]:

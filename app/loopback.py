@@ -281,6 +281,26 @@ def make_tls(directory: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localh
     return paths
 
 
+def make_node_key(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's authentication key pair, as ``ssh-keygen -t ecdsa -b 384 -N "" -f <name>``
+    makes it (OpenSSH format): returns ``(private key, public key)``; register the public one with
+    ``flwr supernode register <public> <connection>`` and start the node with
+    ``--auth-supernode-private-key <private>``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(directory).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = out / name, out / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
 # ---------------------------------------------------------------------------
 # the deployment
 # ---------------------------------------------------------------------------
@@ -294,7 +314,8 @@ class Loopback:
 
     def __init__(self, directory: str | Path, data_paths: Sequence[str | Path], *, tls: bool = False,
                  name: str = "loopback", port: int | None = None, project: str | Path = PROJECT,
-                 ready_timeout: float = 90.0, certs: dict[str, str | Path] | None = None):
+                 ready_timeout: float = 90.0, certs: dict[str, str | Path] | None = None,
+                 warm: bool = True, auth: bool = False):
         self.dir = Path(directory).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data_paths = [str(Path(p).resolve()) for p in data_paths]
@@ -303,6 +324,13 @@ class Loopback:
         self.port = int(port or free_port())
         self.project = Path(project).resolve()
         self.ready_timeout = ready_timeout
+        # warm: SuperNodes started by `fedgan-supernode` (app/supernode.py: ClientApps forked from a
+        # warm parent, SuperExec polling every 0.05 s); False: plain `flower-supernode` (cold starts)
+        self.warm = warm
+        # auth: the SuperLink admits only SuperNodes whose public key was registered (needs TLS)
+        if auth and not tls:
+            raise LoopbackError("SuperNode authentication needs TLS: Loopback(..., tls=True, auth=True)")
+        self.auth = auth
         self.flwr_home = self.dir / "flwr_home"
         # TLS material: {"ca", "cert", "key"} paths; made by make_tls() at start unless given
         self.certs: dict[str, Path] = {k: Path(v).resolve() for k, v in (certs or {}).items()}
@@ -319,6 +347,7 @@ class Loopback:
         env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")   # loopback is offline: no usage reports to send
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -365,6 +394,8 @@ class Loopback:
                     "--ssl-keyfile", str(self.certs["key"])]
         else:
             cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
         self.superlink = self._spawn(cmd, self.dir / "superlink.log")
         self.wait_ready()
 
@@ -397,10 +428,12 @@ class Loopback:
 
     def add_supernode(self, data_path: str | Path | None, *, trust_ca: bool = True,
                       partition_id: int | None = None, num_partitions: int | None = None,
-                      extra_args: Sequence[str] = ()) -> int:
+                      extra_args: Sequence[str] = (), extra_config: str = "",
+                      auth_key: str | Path | None = None) -> int:
         """Start one more SuperNode; returns its index. ``trust_ca=False`` (TLS only) starts it
         without ``--root-certificates`` and without ``--insecure``, i.e. it cannot verify the
-        SuperLink's certificate."""
+        SuperLink's certificate. ``extra_config``: more ``--node-config`` entries, e.g.
+        ``"role='generator'"`` (BPGAN). ``auth_key``: the node's private key (:func:`make_node_key`)."""
         i = len(self.supernodes)
         node_dir = self.dir / f"supernode{i}"
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -412,14 +445,19 @@ class Loopback:
         # what the node trains itself (local's, MGGAN's, BPGAN's client generators) stays in
         # the device's own folder, as on a real device (app/generators.py)
         node_config += f" node-dir={json.dumps(str(node_dir / 'fedgan'))}"
+        if extra_config:
+            node_config += f" {extra_config}"
         port = free_port()
         self.node_ports.append(port)
-        cmd = [str(bin_dir() / "flower-supernode"), "--superlink", self.address, "--port", str(port),
+        launcher = "fedgan-supernode" if self.warm else "flower-supernode"
+        cmd = [str(bin_dir() / launcher), "--superlink", self.address, "--port", str(port),
                "--node-config", node_config]
         if not self.tls:
             cmd += ["--insecure"]
         elif trust_ca:
             cmd += ["--root-certificates", str(self.certs["ca"])]
+        if auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
         cmd += list(extra_args)
         env = self.env()
         env["FLWR_HOME"] = str(node_dir / "flwr_home")   # each device has its own Flower home
@@ -492,6 +530,10 @@ class Loopback:
             if status.startswith("finished") or time.monotonic() > deadline:
                 return status
             time.sleep(1.0)
+
+    def register_node_key(self, public_key: str | Path) -> subprocess.CompletedProcess:
+        """``flwr supernode register <public key> <name>``: admit the SuperNode holding its private key."""
+        return self.flwr(["supernode", "register", str(Path(public_key).resolve()), self.name], timeout=60)
 
     def supernode_list(self) -> list[dict]:
         """What ``flwr supernode list <name> --format json`` reports (empty when it fails)."""
@@ -621,7 +663,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     folders = [data / f"node{i}" for i in range(args.nodes)]
     if not all(f.is_dir() for f in folders):
         folders = export_digits_folders(data, args.nodes)
-    lb = Loopback(directory, folders, tls=args.tls, name=args.name, port=args.port)
+    lb = Loopback(directory, folders, tls=args.tls, name=args.name, port=args.port, warm=not args.plain)
     lb.start()
     rec = lb.record()
     (directory / "pids.json").write_text(json.dumps(rec, indent=2) + "\n")
@@ -629,7 +671,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
     run_config = (f"num-rounds=3 teacher-steps=200 steps-per-round=8 min-nodes={args.nodes} "
                   f"output-dir={json.dumps(str(out))}")
     cmd = " ".join(shlex.quote(c) for c in lb.run_command(run_config)).replace(str(bin_dir()) + "/", "")
-    print(f"SuperLink on {lb.address} ({'TLS' if args.tls else 'insecure'}), {args.nodes} SuperNodes, "
+    print(f"SuperLink on {lb.address} ({'TLS' if args.tls else 'insecure'}), {args.nodes} SuperNodes "
+          f"({'flower-supernode' if args.plain else 'fedgan-supernode: warm ClientApps'}), "
           f"each with its own data folder under {data}")
     print(f"connection: {lb.name} (in {lb.flwr_home / 'config.toml'})")
     print(f"logs and pids: {directory}/pids.json, superlink.log, supernode<i>/supernode.log\n")
@@ -685,6 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data", default="", help="folder with node<i>/ data trees (default DIR/data, made from digits)")
     s.add_argument("--name", default="loopback", help="connection name in FLWR_HOME/config.toml")
     s.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
+    s.add_argument("--plain", action="store_true",
+                   help="start plain flower-supernode processes (a cold ClientApp process per message) "
+                        "instead of fedgan-supernode")
     for name, helptext in (("status", "show whether the recorded processes run"),
                            ("stop", "stop the recorded process groups")):
         q = sub.add_parser(name, help=helptext, formatter_class=HelpFormatter)

@@ -6,7 +6,9 @@ and the recorder interface through which a strategy reports (the app implements 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import random
 import secrets
 import threading
@@ -277,6 +279,25 @@ def _unwrap(line: str) -> str:
     return line
 
 
+# --- timing trace (docs/DEPLOYMENT.md, "Where the seconds go") ---------------------------------
+TRACE_ENV = "FEDGAN_TRACE"   # a file path: when set, both sides append one JSON line per event
+
+
+def trace(**fields) -> None:
+    """Append ``fields`` (plus wall-clock ``t`` and ``pid``) as one JSON line to ``$FEDGAN_TRACE``.
+    Off (no cost beyond an environment lookup) unless that variable is set; never raises."""
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    fields.setdefault("t", time.time())
+    fields.setdefault("pid", os.getpid())
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(fields) + "\n")
+    except OSError as exc:
+        log.warning("cannot write the timing trace %s: %s", path, exc)
+
+
 # Messages sent and not yet answered, per grid: node -> (message id, time sent). A node with
 # an unanswered message gets no new one (its queue would fill with stale work); its late
 # reply is discarded when it comes.
@@ -336,15 +357,19 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
             continue
         to_send[nid] = msg
         out.bytes_down[nid] = message_bytes(msg)
-    sent_at = time.monotonic()
+    sent_at, sent_at_wall = time.monotonic(), time.time()
     ids = list(grid.push_messages(list(to_send.values()))) if to_send else []
     waiting = {mid: nid for mid, nid in zip(ids, to_send)}
+    for mid, nid in waiting.items():
+        trace(side="server", event="push", msg=mid, node=nid, type=to_send[nid].metadata.message_type,
+              round=to_send[nid].metadata.group_id, t=sent_at_wall)
     limit = int(max_reply_mb * 1e6)
     deadline = sent_at + timeout
     while waiting:
         for reply in grid.pull_messages(list(waiting)):
             nid = waiting.pop(reply.metadata.reply_to_message_id, None)
             if nid is not None:
+                trace(side="server", event="reply", msg=reply.metadata.reply_to_message_id, node=nid)
                 _take(out, nid, reply, parse, limit, max_reply_mb)
         if not waiting or time.monotonic() >= deadline or STOP.is_set():
             break

@@ -518,3 +518,78 @@ def test_mnist_failure_is_a_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "MNIST", refuse)
     with pytest.raises(DataError, match="MNIST/raw|MNIST"):
         load_dataset("mnist", data_dir=str(tmp_path / "m"))
+
+
+# --- the on-disk cache of decoded images (a deployed node's own folder) -----------------------
+def _image_tree(root: Path) -> Path:
+    for label in ("3", "7"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 30 * i + int(label), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_decoded_images_are_cached_once_and_decoded_again_when_a_file_changes(tmp_path, monkeypatch):
+    import app.data as data
+
+    tree = _image_tree(tmp_path / "tree")
+    calls = []
+    real = data._decode_files
+    monkeypatch.setattr(data, "_decode_files", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(data.IMAGE_CACHE_ENV, raising=False)
+    data.set_image_cache_dir(None)
+    plain = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")   # off by default
+    assert len(calls) == 1 and not (tmp_path / "cache").exists()
+
+    data.set_image_cache_dir(tmp_path / "cache")
+    try:
+        first = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+        again = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+        assert len(calls) == 2                                   # the second load decoded nothing
+        for ds in (first, again):
+            assert torch.equal(ds.x, plain.x) and torch.equal(ds.y, plain.y)
+        files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+        assert len(files) == 3 and files[0].endswith(".images.npy") and files[1].endswith(".json")
+        assert np.load(tmp_path / "cache" / files[0]).dtype == np.uint8   # compact: uint8, never float32
+        # another geometry is another entry; a changed file makes the old entry unused
+        data._load_image_source(str(tree), "train", 4, 1, 0, "imagefolder")
+        assert len(calls) == 3
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tree / "7" / "0.png")
+        changed = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+        assert len(calls) == 4 and not torch.equal(changed.x, plain.x)
+    finally:
+        data.set_image_cache_dir(None)
+
+
+def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path, capsys):
+    import app.data as data
+
+    tree = _image_tree(tmp_path / "tree")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    data.set_image_cache_dir(blocker / "cache")
+    try:
+        ds = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+    finally:
+        data.set_image_cache_dir(None)
+    assert len(ds) == 8
+    assert f"cannot cache decoded images in {blocker / 'cache'}" in capsys.readouterr().out
+
+
+def test_a_deployed_node_caches_its_images_in_its_own_node_dir(tmp_path):
+    import app.data as data
+    from flwr.app import Context, RecordDict
+
+    from app.client_app import local_data
+    from app.config import parse_config
+
+    tree = _image_tree(tmp_path / "tree")
+    cfg = parse_config({"output-dir": str(tmp_path / "out")})
+    node = {"data-path": str(tree), "partition-id": 0, "node-dir": str(tmp_path / "node")}
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    try:
+        ds, pid = local_data(cfg, ctx)
+    finally:
+        data.set_image_cache_dir(None)
+    assert pid == 0 and len(ds) == 8
+    assert len(list((tmp_path / "node" / "data-cache").glob("*.images.npy"))) == 1

@@ -1,0 +1,94 @@
+"""fedgan-supernode's warm ClientApp launcher (app/supernode.py), without Flower: the shim asks
+the warm parent for a forked child that runs the entry point with the shim's arguments and
+exits with its code; the child sees the heavy modules loaded and the project's own modules not
+(so a run's FAB is imported afresh); with no parent the shim runs the real program instead."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app import supernode
+
+PROBE = '''
+import json, os, sys
+import numpy as np
+
+def main():
+    out = os.environ["PROBE_OUT"]
+    with open(out, "a") as fh:
+        fh.write(json.dumps({
+            "argv": sys.argv[1:], "pid": os.getpid(), "ppid": os.getppid(),
+            "torch_loaded": "torch" in sys.modules,
+            "project_loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("app", "models", "strategies")),
+            "random": float(np.random.rand()),
+            "forked_at": os.environ.get("FEDGAN_FORKED_AT"),
+        }) + "\\n")
+    sys.exit(int(sys.argv[-1]))
+'''
+
+
+@pytest.fixture
+def warm(tmp_path):
+    """A warm parent whose entry point is the probe above; yields (shim path, parent, output file)."""
+    (tmp_path / "probe_entry.py").write_text(PROBE)
+    out = tmp_path / "probe.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PROBE_OUT": str(out)}
+    sock = str(tmp_path / "warm.sock")
+    parent = subprocess.Popen([sys.executable, supernode.__file__, "serve", sock, "probe_entry:main"], env=env)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(sock):
+        assert parent.poll() is None, "the warm parent exited"
+        assert time.monotonic() < deadline, "the warm parent was not ready in 120 s"
+        time.sleep(0.05)
+    real = tmp_path / "real-clientapp"
+    real.write_text(f"#!/bin/sh\necho \"real $*\" >> {tmp_path / 'real.txt'}\nexit 7\n")
+    real.chmod(0o755)
+    shim = supernode.write_shim(str(tmp_path), sock, str(real))
+    try:
+        yield shim, parent, out, env
+    finally:
+        parent.terminate()
+        parent.wait(10)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_shim_runs_the_entry_point_in_a_forked_warm_child_and_returns_its_exit_code(warm):
+    shim, parent, out, env = warm
+    first = subprocess.run([shim, "--token", "a b", "3"], env=env, timeout=60)
+    second = subprocess.run([shim, "--runtime-api-address", "127.0.0.1:1", "0"], env=env, timeout=60)
+    assert (first.returncode, second.returncode) == (3, 0)
+    a, b = rows(out)
+    assert a["argv"] == ["--token", "a b", "3"]                # arguments arrive intact, spaces included
+    assert b["argv"] == ["--runtime-api-address", "127.0.0.1:1", "0"]
+    assert a["ppid"] == parent.pid and b["ppid"] == parent.pid and a["pid"] != b["pid"]   # forked children
+    assert a["torch_loaded"] and a["project_loaded"] == []     # warm third-party, no stale project code
+    assert a["random"] != b["random"]                          # numpy's generator reseeded per child
+    assert a["forked_at"] and abs(float(a["forked_at"]) - time.time()) < 120
+
+
+def test_without_the_warm_parent_the_shim_runs_the_real_program(warm, tmp_path):
+    shim, parent, out, env = warm
+    parent.terminate()
+    parent.wait(10)
+    Path(str(tmp_path / "warm.sock")).unlink(missing_ok=True)
+    done = subprocess.run([shim, "--token", "t", "0"], env=env, timeout=60)
+    assert done.returncode == 7                                 # the real program's code
+    assert (tmp_path / "real.txt").read_text().strip() == "real --token t 0"
+    assert not out.exists()
+
+
+def test_preload_drops_the_project_modules_and_keeps_the_rest():
+    code = ("import sys; from app import supernode; d = supernode.preload(('json', 'app.data')); "
+            "print(int('app.data' in d), int('json' in sys.modules), int(any(m.startswith('app') for m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["1", "1", "0"], done.stdout + done.stderr
