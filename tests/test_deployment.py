@@ -2,12 +2,19 @@
 own data folders, and the `flwr run` CLI -- no simulation engine, no mocks.
 
 What is checked: a plain run, `local` clients keeping their generators in their own node
-folders, a SuperNode dying mid-run, a SuperNode pointed at a data folder that does not exist, and
-TLS (including a SuperNode that does not trust the SuperLink's CA).
+folders, a SuperNode dying mid-run, a SuperNode pointed at a data folder that does not exist,
+TLS (including a SuperNode that does not trust the SuperLink's CA), BPGAN with discriminator and
+generator roles from --node-config, MGGAN moving discriminators between SuperNodes, a SuperNode
+stopped and restarted with the same partition-id taking over its student, SuperNode
+authentication (an unregistered node is refused). SuperNodes are started by `fedgan-supernode`
+(warm ClientApps, app/supernode.py) except in one test, which uses plain `flower-supernode`.
+What crossed the wire is read from both ends: the
+server's comm.jsonl and each ClientApp's own record of what it received and sent (FEDGAN_TRACE).
 Every process the tests start is gone afterwards, also when a test fails (fixture teardown).
 
-Cost on 2 CPU cores: each round takes 10-20 s (every message starts a fresh ClientApp
-process) and the round in which a SuperNode is SIGKILLed waits ~60 s for its heartbeat to lapse.
+Cost on 2 CPU cores: a round takes 3-6 s with warm ClientApps (the SuperNode's own 3 s poll
+dominates) and 10-13 s with plain SuperNodes; the round in which a SuperNode is SIGKILLed waits
+~60 s for its heartbeat to lapse unless `round-timeout` ends it sooner.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from app.loopback import Loopback, export_digits_folders, process_alive
+from app.comparison import training_rows
+from app.loopback import Loopback, export_digits_folders, make_node_key, process_alive
+from strategies.base import TRACE_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -165,7 +174,7 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(deploy, fol
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     rc, output, run_id, status = lb.run(
-        config(out, num_rounds=3, min_nodes=3, min_replies=1, round_timeout=120), timeout=420)
+        config(out, num_rounds=3, min_nodes=3, min_replies=1, round_timeout=30), timeout=420)
     thread.join(timeout=5)
     assert killed_after == [1], (killed_after, output)
     assert not process_alive(lb.supernodes[2].pid)
@@ -188,7 +197,7 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(deploy, fol
 
 def test_a_supernode_with_a_missing_data_path_is_reported_and_the_run_completes(deploy, folders, tmp_path):
     missing = tmp_path / "no-such-folder"
-    lb = deploy([folders[0], missing])
+    lb = deploy([folders[0], missing], warm=False)   # plain flower-supernodes: cold ClientApps work as well
     bad = lb.node_id(1)
     out = tmp_path / "out"
     rc, output, run_id, status = lb.run(config(out, num_rounds=1, min_nodes=2, min_replies=1), timeout=300)
@@ -228,3 +237,172 @@ def test_tls_run_succeeds_and_a_supernode_without_the_ca_cannot_join(deploy, fol
     assert "CERTIFICATE_VERIFY_FAILED" in text or "handshake" in text.lower(), text
     assert "SuperNode ID" not in text
     assert len(lb.supernode_list()) == 2
+
+
+# --- what crossed the wire, from both ends ----------------------------------------------------
+def node_traces(path: Path) -> dict[int, list[dict]]:
+    """The ClientApps' own records (FEDGAN_TRACE), by node id, in the order they were handled."""
+    out: dict[int, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("side") == "client":
+            out.setdefault(int(row["node"]), []).append(row)
+    return out
+
+
+def comm_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "comm.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_both_ends_agree(folder: Path, trace: Path) -> dict[int, list[dict]]:
+    """Per node and round, the bytes the server booked in comm.jsonl (MGGAN books a moved
+    discriminator as its own 'regroup' row) equal what that node's ClientApp received and sent;
+    and metrics.jsonl's per-round totals are the sums of comm.jsonl's training rows."""
+    seen = node_traces(trace)
+    server: dict[tuple, list[int]] = {}
+    for row in comm_rows(folder):
+        if row.get("dropped"):
+            continue
+        acc = server.setdefault((int(row["node"]), str(row["round"])), [0, 0])
+        acc[0] += row["down"]
+        acc[1] += row["up"]
+    node_side: dict[tuple, list[int]] = {}
+    for nid, rows in seen.items():
+        for r in rows:
+            if r["type"].startswith("query.info") or r["round"].startswith("eval"):
+                continue   # control and evaluation messages are not training traffic (app/comparison.py)
+            acc = node_side.setdefault((nid, str(r["round"])), [0, 0])
+            acc[0] += r["bytes_in"]
+            acc[1] += r.get("bytes_out", 0)
+    assert server == node_side, (server, node_side)
+    for m in rounds(folder):   # the round's training bytes (sample grids and control messages apart)
+        rows = [r for r in training_rows(comm_rows(folder)) if r["round"] == m["round"]]
+        assert (m["bytes_down"], m["bytes_up"]) == (sum(r["down"] for r in rows), sum(r["up"] for r in rows)), m
+    return seen
+
+
+def test_bpgan_on_supernodes_with_discriminator_and_generator_roles(deploy, folders, tmp_path, monkeypatch):
+    """BPGAN's roles come from --node-config: the discriminator node holds the data and gets D's
+    weights and fakes; the generator node holds none and gets only labels and feedback."""
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    lb = deploy([])
+    lb.add_supernode(folders[0], partition_id=0, num_partitions=2, extra_config="role='discriminator'")
+    lb.add_supernode(None, partition_id=1, num_partitions=2, extra_config="role='generator'")
+    d_node, g_node = int(lb.node_id(0)), int(lb.node_id(1))
+    out = tmp_path / "out"
+    rc, output, run_id, status = lb.run(config(out, strategy='"bpgan"', num_rounds=2, min_nodes=2, sample_every=0), timeout=300)
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    assert [(m["round"], m["dropped"]) for m in rounds(folder)] == [(1, 0), (2, 0)]
+    seen = assert_both_ends_agree(folder, trace)
+    d_types = {r["type"] for r in seen[d_node]}
+    g_types = {r["type"] for r in seen[g_node]}
+    assert "train.discriminator_grad" in d_types and d_types <= {"query.info", "train.discriminator_grad"}
+    assert "train.generator_step" in g_types and g_types <= {"query.info", "train.generator_step",
+                                                             "query.bpgan_sample"}
+    for r in seen[d_node]:
+        if r["type"] == "train.discriminator_grad":
+            assert "d_weights" in r["records_in"] and "d_grads" in r["records_out"], r
+    for r in seen[g_node]:
+        if r["type"] == "train.generator_step":    # labels and feedback in, fakes out; never D or data
+            assert "d_weights" not in r["records_in"] and "d_grads" not in r["records_out"], r
+    roles = {row["node"]: row["role"] for row in comm_rows(folder)}
+    assert roles == {d_node: "discriminator", g_node: "generator"}
+    # the generator node kept its generator in its own folder, never on the server
+    assert (lb.dir / "supernode1" / "fedgan" / "node-runs" / f"flower-run-{run_id}").is_dir()
+
+
+def test_mggan_moves_discriminators_between_supernodes(deploy, folders, tmp_path, monkeypatch):
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    lb = deploy(folders[:2])
+    out = tmp_path / "out"
+    rc, output, run_id, status = lb.run(config(out, strategy='"mggan"', num_rounds=3, min_nodes=2, local_steps=2,
+                                               regroup_interval=2), timeout=300)
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    metrics = rounds(folder)
+    regrouped = [m["round"] for m in metrics if m.get("regrouped")]
+    assert regrouped, metrics
+    seen = assert_both_ends_agree(folder, trace)
+    moved = [r for r in comm_rows(folder) if r["action"] == "regroup"]
+    assert moved and all(r["down"] > 0 or r["up"] > 0 for r in moved), moved
+    first = regrouped[0]
+    for nid, rows in seen.items():   # D_k left each node in the regrouping round's reply ...
+        by_round = {r["round"]: r for r in rows if r["type"] == "train.local"}
+        assert "d" in by_round[str(first)]["records_out"], by_round[str(first)]
+        assert "d" in by_round[str(first + 1)]["records_in"], by_round[str(first + 1)]   # ... and another came in
+    ups = sorted(r["up"] for r in moved if r["round"] == first)
+    downs = sorted(r["down"] for r in moved if r["round"] == first + 1)
+    assert ups == downs and ups, moved   # each discriminator arrives with exactly the bytes it left with
+
+
+def test_a_restarted_supernode_takes_over_its_student(deploy, folders, tmp_path, monkeypatch):
+    """SuperNode 1 is stopped after round 1 of 4 and a new one is started with the same partition-id and
+    data: the new node id takes over partition 1's student generator and the run completes."""
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
+    lb = deploy(folders[:2])
+    old = lb.node_id(1)
+    out = tmp_path / "out"
+    restarted: list[int] = []
+
+    def restart() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not restarted:
+            runs = list((out / "runs").glob("*/metrics.jsonl")) if (out / "runs").exists() else []
+            if runs and rounds(runs[0].parent):
+                lb.kill_supernode(1, signal.SIGTERM)
+                restarted.append(lb.add_supernode(folders[1], partition_id=1, num_partitions=2))
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    rc, output, run_id, status = lb.run(config(out, num_rounds=4, min_nodes=2, min_replies=1, round_timeout=60),
+                                        timeout=420)
+    thread.join(timeout=5)
+    assert restarted == [2], (restarted, output)
+    assert not process_alive(lb.supernodes[1].pid)
+    new = lb.node_id(2)
+    assert new and new != old
+    assert status == "finished:completed", output
+    folder = run_folder(out)
+    metrics = rounds(folder)
+    assert [m["round"] for m in metrics] == [1, 2, 3, 4]
+    label = "client 1 (classes 2,3)"
+    assert metrics[0]["clients"][label]["node"] == int(old)
+    assert metrics[-1]["clients"][label]["node"] == int(new), metrics[-1]   # the same student, a new node
+    assert metrics[-1]["replies"] == 2
+    log = (folder / "log.txt").read_text()
+    assert f"node {new} rejoined as partition 1 (was node {old}): it takes over its student" in log
+    assert "- status: **success**" in (folder / "summary.md").read_text()
+    seen = node_traces(trace)
+    assert {r["partition"] for r in seen[int(new)]} == {1}
+    assert any(r["type"] == "train.discriminate" for r in seen[int(new)])
+
+
+def test_supernode_authentication_refuses_an_unregistered_node(deploy, folders, tmp_path):
+    lb = deploy([], tls=True, auth=True)
+    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(3)]
+    for private, public in keys[:2]:
+        reg = lb.register_node_key(public)
+        assert reg.returncode == 0 and "registered" in (reg.stdout + reg.stderr), reg
+    for i in range(3):
+        lb.add_supernode(folders[i], partition_id=i, num_partitions=3, auth_key=keys[i][0])
+    stranger = lb.supernodes[2]
+    deadline = time.monotonic() + 60
+    while stranger.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    text = lb.node_logs[2].read_text(errors="replace")
+    assert stranger.returncode not in (None, 0), text
+    assert "Failed to activate SuperNode" in text or "305" in text, text
+    assert "SuperNode ID" not in text
+    out = tmp_path / "out"
+    rc, output, run_id, status = lb.run(config(out, num_rounds=2, min_nodes=2), timeout=300)
+    assert status == "finished:completed", output
+    metrics = rounds(run_folder(out))
+    assert all(m["replies"] == 2 and m["dropped"] == 0 for m in metrics), metrics
+    assert len(lb.wait_nodes(2)) == 2 and len(lb.supernode_list()) == 2
+
