@@ -167,7 +167,7 @@ def node_info(node_config) -> dict[str, int]:
 
 def process_start_time() -> float | None:
     """When this process started (epoch seconds): the fork time a warm launcher recorded
-    (app/supernode.py), else from /proc (clock ticks since boot, ~10 ms), else psutil's."""
+    (app/warm.py), else from /proc (clock ticks since boot, ~10 ms), else psutil's."""
     if forked := os.environ.get("FEDGAN_FORKED_AT"):
         return float(forked)
     try:

@@ -324,8 +324,8 @@ class Loopback:
         self.port = int(port or free_port())
         self.project = Path(project).resolve()
         self.ready_timeout = ready_timeout
-        # warm: SuperNodes started by `fedgan-supernode` (app/supernode.py: ClientApps forked from a
-        # warm parent, SuperExec polling every 0.05 s); False: plain `flower-supernode` (cold starts)
+        # warm: `fedgan-superlink` / `fedgan-supernode` (app/warm.py: ServerApps and ClientApps forked
+        # from a warm parent, SuperExec polling every 0.05 s); False: plain Flower programs (cold starts)
         self.warm = warm
         # auth: the SuperLink admits only SuperNodes whose public key was registered (needs TLS)
         if auth and not tls:
@@ -387,7 +387,8 @@ class Loopback:
         return self
 
     def start_superlink(self) -> None:
-        cmd = [str(bin_dir() / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        launcher = "fedgan-superlink" if self.warm else "flower-superlink"   # warm: ServerApps forked too
+        cmd = [str(bin_dir() / launcher), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation", "--database", str(self.dir / "superlink.db")]
         if self.tls:
             cmd += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
@@ -585,6 +586,20 @@ class Loopback:
             self.supernodes[i].wait(timeout=15 if sig == signal.SIGKILL else 60)
         except subprocess.TimeoutExpired:
             pass
+
+    def stop_supernode(self, i: int, timeout: float = 60.0) -> None:
+        """Stop SuperNode ``i`` as its operator would: one SIGTERM to the SuperNode (its wrapper
+        passes it on), so it deregisters from the SuperLink; whatever is left after ``timeout``
+        seconds is killed."""
+        proc = self.supernodes[i]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        left = self.node_processes(i)
+        if left or proc.poll() is None:
+            self.kill_supernode(i, signal.SIGKILL)
 
     def pids(self) -> list[int]:
         """Every process this object started (group leaders)."""

@@ -6,7 +6,8 @@ with its own folder of digit images, and runs PrivacyGAN, BPGAN (one discriminat
 data, one generator node) and MGGAN with tiny networks for a few rounds at K generator steps per
 round (PrivacyGAN ``steps-per-round``, MGGAN ``local-steps``; BPGAN makes one generator step per
 round). Each SuperNode is started either cold (plain ``flower-supernode``: a fresh
-``flwr-clientapp`` process per message) or warm (``fedgan-supernode``, app/supernode.py).
+``flwr-clientapp`` process per message, and plain ``flower-superlink``) or warm
+(``fedgan-supernode`` and ``fedgan-superlink``, app/warm.py).
 
 With ``FEDGAN_TRACE`` set for every process, the server logs when it pushed each message and
 when the reply arrived, and the ClientApp logs when its process started, when the app's import
@@ -120,18 +121,23 @@ def bench_one(lb: Loopback, strategy: str, k: int, rounds: int, out: Path, trace
     walls = [float(m["wall_time"]) for m in metrics if int(m["round"]) >= 2]
     median = statistics.median(walls)
     steps = generator_steps(strategy, k)
+    trace = read_jsonl(trace_path)
+    pushes = [x["t"] for x in trace if x.get("side") == "server" and x.get("event") == "push" and since <= x["t"] <= until]
     return {"strategy": strategy, "k": k, "rounds": rounds, "run_id": run_id, "run_seconds": elapsed,
+            # `flwr run` -> the server's first message: CLI, SuperLink, ServerApp start, teacher, waiting for nodes
+            "start_to_first_message_s": (min(pushes) - since) if pushes else None,
             "round_s": walls, "median_round_s": median, "g_steps_per_round": steps,
             "g_steps_per_min_per_client": 60.0 * steps / median,
-            "breakdown": breakdown(read_jsonl(trace_path), since, until)}
+            "breakdown": breakdown(trace, since, until)}
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| strategy | K | SuperNodes | median s / round (rounds 2..) | G steps / min / client |",
-             "|---|---|---|---|---|"]
+    lines = ["| strategy | K | launchers | median s / round (rounds 2..) | G steps / min / client | "
+             "s from `flwr run` to the first message |", "|---|---|---|---|---|---|"]
     for r in results:
+        first = r.get("start_to_first_message_s")
         lines.append(f"| {r['strategy']} | {r['k']} | {r['launcher']} | {r['median_round_s']:.2f} | "
-                     f"{r['g_steps_per_min_per_client']:.1f} |")
+                     f"{r['g_steps_per_min_per_client']:.1f} | {'-' if first is None else f'{first:.1f}'} |")
     lines += ["", "Median seconds per message, server push to reply (rounds 2..):", "",
               "| strategy | K | SuperNodes | " + " | ".join(SEGMENTS) + " | total |",
               "|---|---|---|" + "---|" * (len(SEGMENTS) + 1)]
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="generator steps per round (PrivacyGAN steps-per-round, MGGAN local-steps; BPGAN runs 1)")
     p.add_argument("--rounds", type=int, default=6, help="rounds per run (round 1 is left out of the medians)")
     p.add_argument("--launchers", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
-                   help="cold: plain flower-supernode; warm: fedgan-supernode (app/supernode.py)")
+                   help="cold: plain flower-superlink/-supernode; warm: fedgan-superlink/-supernode (app/warm.py)")
     p.add_argument("--out", default="fedgan-output/deploy-bench", help="folder for the deployments, runs and results")
     args = p.parse_args(argv)
     if args.rounds < 2:
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             with Loopback(directory, [], warm=launcher == "warm") as lb:   # entering starts the SuperLink
                 add_nodes(lb, strategy, folders)
                 for k in (args.ks if strategy != "bpgan" else [1]):
-                    print(f"[deploy-bench] {launcher} SuperNodes, {strategy}, K={k}, {args.rounds} rounds ...",
+                    print(f"[deploy-bench] {launcher} SuperLink and SuperNodes, {strategy}, K={k}, {args.rounds} rounds ...",
                           flush=True)
                     res = bench_one(lb, strategy, k, args.rounds, directory, trace_path)
                     res["launcher"] = launcher

@@ -1,30 +1,32 @@
-"""``fedgan-supernode``: a Flower SuperNode whose ClientApps start warm.
+"""``fedgan-supernode`` and ``fedgan-superlink``: Flower's SuperNode and SuperLink whose app
+processes start warm.
 
-Flower 1.42 runs every message a SuperNode receives in a fresh ``flwr-clientapp`` process
-(the SuperNode's SuperExec launches it by name from ``PATH``; Flower's own warm executor
-pools exist only for the Kubernetes executor and for AgentApp/model/connector tasks, not
-for ClientApps -- flwr/supercore/superexec/executor/factory.py). That process spends ~3 s
-importing Python, Flower and torch before it touches the message: most of a loopback round.
+Flower 1.42 runs every message a SuperNode receives in a fresh ``flwr-clientapp`` process, and
+every run on a SuperLink in a fresh ``flwr-serverapp`` process (each launched by name from ``PATH``
+by the SuperExec the SuperNode / SuperLink starts; Flower's own warm executor pools exist only for
+the Kubernetes executor and for AgentApp/model/connector tasks -- flwr/supercore/superexec/
+executor/factory.py). Such a process spends ~3-5 s importing Python, Flower and torch (and
+``torch._dynamo`` at the first optimizer) before it does any work: most of a loopback round.
 
-This wrapper keeps that start-up off the critical path without changing what runs:
+These wrappers keep that start-up off the critical path without changing what runs:
 
-* a **warm parent** imports the heavy third-party modules once (torch, numpy, Flower's
-  ClientApp runtime and everything the app's ClientApp module pulls in), then forgets the
+* a **warm parent** imports the heavy third-party modules once (torch, numpy, Flower's app
+  runtime and everything the app's ClientApp / ServerApp module pulls in), then forgets the
   project's own modules so that every run still loads its code from its own FAB;
-* a tiny **``flwr-clientapp`` shim** (stdlib only, ``python -S``) is put first on the
-  SuperNode's ``PATH``; for each message it asks the warm parent to ``fork()`` a child that
-  runs Flower's own ``flwr-clientapp`` entry point with the same arguments (token, Runtime
-  API address, parent pid), and exits with the child's exit code. If the warm parent is not
-  reachable the shim ``exec``s the real ``flwr-clientapp``: a cold start, never a failure;
-* the SuperExec polls the SuperNode for new tasks every 0.05 s instead of its default 1 s
+* a tiny **shim** named like Flower's program (stdlib only, ``python -S``) is put first on the
+  wrapped process's ``PATH``; each time the SuperExec starts it, it asks the warm parent to
+  ``fork()`` a child that runs Flower's own entry point with the same arguments (token, Runtime
+  API address, parent pid) and exits with the child's exit code. If the warm parent is not
+  reachable the shim ``exec``s the real program: a cold start, never a failure;
+* the SuperExec polls for new tasks every 0.05 s instead of its default 1 s
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, read by flwr/supercore/superexec/run_superexec.py).
 
-Usage: exactly ``flower-supernode``'s arguments, e.g.
+Usage: exactly ``flower-supernode``'s / ``flower-superlink``'s arguments, e.g.
 ``fedgan-supernode --insecure --superlink 127.0.0.1:9092 --node-config "partition-id=0"``.
-``FEDGAN_COLD_START=1`` runs the plain ``flower-supernode`` (for comparison).
+``FEDGAN_COLD_START=1`` runs the plain Flower program (for comparison).
 
-This file is also the warm parent's program (``python supernode.py serve ...``): it must not
-import the project's packages at module level (they would shadow the run's FAB).
+This file is also the warm parent's program (``python warm.py serve <role> <socket>``): it must
+not import the project's packages at module level (they would shadow the run's FAB).
 """
 
 from __future__ import annotations
@@ -39,10 +41,17 @@ import tempfile
 import time
 
 PROJECT_PACKAGES = ("app", "models", "strategies", "simulations")   # pyproject [tool.setuptools]
-PRELOAD = ("torch", "torch._dynamo", "numpy", "httpx", "httpcore", "h11", "flwr.supernode.cli.flwr_clientapp",
-           "flwr.supernode.runtime.run_clientapp", "app.client_app")   # the app module pulls in the rest (PIL, sklearn, torchmetrics, opacus...);
-# torch._dynamo: torch.optim imports it lazily at the first optimizer, 5.6 s here (profiled)
-ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"           # what `flwr-clientapp` runs
+# torch._dynamo: torch.optim imports it lazily at the first optimizer (5.6 s here, profiled);
+# the app module pulls in the rest (PIL, sklearn, torchmetrics, opacus, matplotlib...)
+_COMMON = ("torch", "torch._dynamo", "numpy", "httpx", "httpcore", "h11")
+ROLES = {   # role: (the wrapped Flower program, the app program it launches, its entry point, preload)
+    "supernode": ("flower-supernode", "flwr-clientapp", "flwr.supernode.cli.flwr_clientapp:flwr_clientapp",
+                  (*_COMMON, "flwr.supernode.runtime.run_clientapp", "app.client_app")),
+    "superlink": ("flower-superlink", "flwr-serverapp", "flwr.superlink.cli.flwr_serverapp:flwr_serverapp",
+                  (*_COMMON, "flwr.superlink.cli.flwr_serverapp", "app.server_app")),
+}
+PRELOAD = ROLES["supernode"][3]
+ENTRY = ROLES["supernode"][2]
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 POLL_SECONDS = "0.05"
 SOCKET_ENV = "FEDGAN_WARM_SOCKET"
@@ -51,8 +60,8 @@ FORKED_AT_ENV = "FEDGAN_FORKED_AT"
 READY_TIMEOUT = 120.0
 
 SHIM = """#!{python} -S
-# fedgan-supernode: runs Flower's flwr-clientapp in a child forked from a warm parent
-# (app/supernode.py); falls back to the real flwr-clientapp when the parent is gone.
+# fedgan-supernode / fedgan-superlink: runs Flower's {command} in a child forked from a warm
+# parent (app/warm.py); falls back to the real {command} when the parent is gone.
 import os, socket, sys
 REAL = {real!r}
 try:
@@ -85,7 +94,7 @@ def preload(modules=PRELOAD, purge=PROJECT_PACKAGES) -> list[str]:
         try:
             importlib.import_module(name)
         except Exception as exc:   # a missing optional module only costs warmth
-            print(f"[fedgan-supernode] could not preload {name}: {exc}", file=sys.stderr, flush=True)
+            print(f"[fedgan warm launcher] could not preload {name}: {exc}", file=sys.stderr, flush=True)
     dropped = [m for m in list(sys.modules) if m.split(".")[0] in purge]
     for m in dropped:
         del sys.modules[m]
@@ -116,7 +125,7 @@ def _run_child(conn: socket.socket, entry: str) -> None:
         module, _, func = entry.partition(":")
         import importlib
         fn = getattr(importlib.import_module(module), func)
-        sys.argv = ["flwr-clientapp", *args]
+        sys.argv = [module.rsplit(".", 1)[-1].replace("_", "-"), *args]
         try:
             fn()
             code = 0
@@ -137,8 +146,9 @@ def _run_child(conn: socket.socket, entry: str) -> None:
 
 
 def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD) -> None:
-    """The warm parent: preload, then fork one child per shim connection, forever."""
-    preload(modules)
+    """The warm parent: preload (the entry point's module too), then fork one child per shim
+    connection, forever."""
+    preload((*modules, entry.partition(":")[0]))
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(sock_path):
         os.unlink(sock_path)
@@ -153,7 +163,7 @@ def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD) -> None:
         srv.close()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    print(f"[fedgan-supernode] warm ClientApp parent ready on {sock_path} (pid {os.getpid()})",
+    print(f"[fedgan warm launcher] {entry.rpartition(':')[2]} parent ready on {sock_path} (pid {os.getpid()})",
           file=sys.stderr, flush=True)
     while not stop["now"]:
         try:
@@ -168,10 +178,11 @@ def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD) -> None:
 
 
 # --- the wrapper -----------------------------------------------------------------------------
-def write_shim(directory: str, sock_path: str, real: str, python: str = sys.executable) -> str:
-    path = os.path.join(directory, "flwr-clientapp")
+def write_shim(directory: str, sock_path: str, real: str, python: str = sys.executable,
+               command: str = "flwr-clientapp") -> str:
+    path = os.path.join(directory, command)
     with open(path, "w") as fh:
-        fh.write(SHIM.format(python=python, real=real, sock=sock_path))
+        fh.write(SHIM.format(python=python, real=real, sock=sock_path, command=command))
     os.chmod(path, 0o755)
     return path
 
@@ -182,11 +193,12 @@ def _real(command: str) -> str:
     return path if os.path.exists(path) else (shutil.which(command) or command)
 
 
-def start_warm(directory: str, env: dict | None = None,
+def start_warm(directory: str, env: dict | None = None, role: str = "supernode",
                timeout: float = READY_TIMEOUT) -> tuple[subprocess.Popen, str]:
     """Start the warm parent and write the shim into ``directory``; returns (process, socket)."""
-    sock = os.path.join(directory, "clientapp.sock")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", sock],
+    command = ROLES[role][1]
+    sock = os.path.join(directory, f"{command}.sock")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", role, sock],
                             stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     while not os.path.exists(sock):
@@ -196,26 +208,31 @@ def start_warm(directory: str, env: dict | None = None,
             proc.kill()
             raise RuntimeError(f"the warm ClientApp parent was not ready within {timeout:.0f} s")
         time.sleep(0.05)
-    write_shim(directory, sock, _real("flwr-clientapp"))
+    write_shim(directory, sock, _real(command), command=command)
     return proc, sock
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, role: str = "supernode") -> int:
+    """Run Flower's SuperNode (``role="supernode"``) or SuperLink with warm app processes."""
     args = list(sys.argv[1:] if argv is None else argv)
-    supernode = _real("flower-supernode")
+    wrapped, command = ROLES[role][0], ROLES[role][1]
+    program = _real(wrapped)
+    if not os.path.exists(program):
+        print(f"fedgan-{role}: {wrapped} not found next to {sys.executable} or on PATH", file=sys.stderr)
+        return 1
     if os.environ.get(COLD_ENV, "") not in ("", "0"):
-        os.execv(supernode, [supernode, *args])
+        os.execv(program, [program, *args])
     if any(a in ("-h", "--help", "-V", "--version") for a in args):
-        os.execv(supernode, [supernode, *args])
-    directory = tempfile.mkdtemp(prefix="fedgan-supernode-")
+        os.execv(program, [program, *args])
+    directory = tempfile.mkdtemp(prefix=f"fedgan-{role}-")
     warm = node = None
     try:
         env = dict(os.environ)
         env["PATH"] = directory + os.pathsep + env.get("PATH", "")
         env.setdefault(POLL_ENV, POLL_SECONDS)
-        env[SOCKET_ENV] = os.path.join(directory, "clientapp.sock")
-        warm, _ = start_warm(directory, env)   # ClientApps see the environment the SuperNode sees
-        node = subprocess.Popen([supernode, *args], env=env)
+        env[SOCKET_ENV] = os.path.join(directory, f"{command}.sock")
+        warm, _ = start_warm(directory, env, role)   # app processes see the environment Flower's program sees
+        node = subprocess.Popen([program, *args], env=env)
 
         def forward(sig, _frame):
             if node.poll() is None:
@@ -239,11 +256,22 @@ def _stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
         proc.kill()
 
 
+def supernode_main() -> int:
+    """``fedgan-supernode``: ``flower-supernode`` with warm ClientApp processes."""
+    return main(role="supernode")
+
+
+def superlink_main() -> int:
+    """``fedgan-superlink``: ``flower-superlink`` with warm ServerApp processes."""
+    return main(role="superlink")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "serve":
+    if len(sys.argv) >= 4 and sys.argv[1] == "serve":
         # run as a script: never import this folder's modules as top-level names
         here = os.path.dirname(os.path.abspath(__file__))
         sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-        serve(sys.argv[2], *(sys.argv[3:4]))
+        _, _, role_, sock_, *entry_ = sys.argv
+        serve(sock_, entry_[0] if entry_ else ROLES[role_][2], ROLES[role_][3])
     else:
         sys.exit(main())

@@ -1,4 +1,4 @@
-"""fedgan-supernode's warm ClientApp launcher (app/supernode.py), without Flower: the shim asks
+"""The warm app launcher of fedgan-supernode / fedgan-superlink (app/warm.py), without Flower: the shim asks
 the warm parent for a forked child that runs the entry point with the shim's arguments and
 exits with its code; the child sees the heavy modules loaded and the project's own modules not
 (so a run's FAB is imported afresh); with no parent the shim runs the real program instead."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app import supernode
+from app import warm
 
 PROBE = '''
 import json, os, sys
@@ -35,13 +35,13 @@ def main():
 
 
 @pytest.fixture
-def warm(tmp_path):
+def warm_parent(tmp_path):
     """A warm parent whose entry point is the probe above; yields (shim path, parent, output file)."""
     (tmp_path / "probe_entry.py").write_text(PROBE)
     out = tmp_path / "probe.jsonl"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PROBE_OUT": str(out)}
     sock = str(tmp_path / "warm.sock")
-    parent = subprocess.Popen([sys.executable, supernode.__file__, "serve", sock, "probe_entry:main"], env=env)
+    parent = subprocess.Popen([sys.executable, warm.__file__, "serve", "supernode", sock, "probe_entry:main"], env=env)
     deadline = time.monotonic() + 120
     while not os.path.exists(sock):
         assert parent.poll() is None, "the warm parent exited"
@@ -50,7 +50,7 @@ def warm(tmp_path):
     real = tmp_path / "real-clientapp"
     real.write_text(f"#!/bin/sh\necho \"real $*\" >> {tmp_path / 'real.txt'}\nexit 7\n")
     real.chmod(0o755)
-    shim = supernode.write_shim(str(tmp_path), sock, str(real))
+    shim = warm.write_shim(str(tmp_path), sock, str(real))
     try:
         yield shim, parent, out, env
     finally:
@@ -62,8 +62,8 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_the_shim_runs_the_entry_point_in_a_forked_warm_child_and_returns_its_exit_code(warm):
-    shim, parent, out, env = warm
+def test_the_shim_runs_the_entry_point_in_a_forked_warm_child_and_returns_its_exit_code(warm_parent):
+    shim, parent, out, env = warm_parent
     first = subprocess.run([shim, "--token", "a b", "3"], env=env, timeout=60)
     second = subprocess.run([shim, "--runtime-api-address", "127.0.0.1:1", "0"], env=env, timeout=60)
     assert (first.returncode, second.returncode) == (3, 0)
@@ -76,8 +76,8 @@ def test_the_shim_runs_the_entry_point_in_a_forked_warm_child_and_returns_its_ex
     assert a["forked_at"] and abs(float(a["forked_at"]) - time.time()) < 120
 
 
-def test_without_the_warm_parent_the_shim_runs_the_real_program(warm, tmp_path):
-    shim, parent, out, env = warm
+def test_without_the_warm_parent_the_shim_runs_the_real_program(warm_parent, tmp_path):
+    shim, parent, out, env = warm_parent
     parent.terminate()
     parent.wait(10)
     Path(str(tmp_path / "warm.sock")).unlink(missing_ok=True)
@@ -88,7 +88,17 @@ def test_without_the_warm_parent_the_shim_runs_the_real_program(warm, tmp_path):
 
 
 def test_preload_drops_the_project_modules_and_keeps_the_rest():
-    code = ("import sys; from app import supernode; d = supernode.preload(('json', 'app.data')); "
+    code = ("import sys; from app import warm; d = warm.preload(('json', 'app.data')); "
             "print(int('app.data' in d), int('json' in sys.modules), int(any(m.startswith('app') for m in sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["1", "1", "0"], done.stdout + done.stderr
+
+
+def test_both_roles_name_flowers_programs_and_entry_points():
+    import importlib
+
+    for role, (wrapped, command, entry, modules) in warm.ROLES.items():
+        module, _, func = entry.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), entry   # Flower's own entry point
+        assert os.path.exists(warm._real(wrapped)) and os.path.exists(warm._real(command)), role
+        assert "torch._dynamo" in modules and any(m.startswith("app.") for m in modules)
