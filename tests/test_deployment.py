@@ -319,7 +319,7 @@ def test_mggan_moves_discriminators_between_supernodes(deploy, folders, tmp_path
 
 
 def test_a_restarted_supernode_takes_over_its_student(deploy, folders, tmp_path, monkeypatch):
-    """SuperNode 1 is stopped after round 1 of 5 and a new one is started with the same partition-id and
+    """SuperNode 1 is stopped after round 1 of 10 and a new one is started with the same partition-id and
     data: the new node id takes over partition 1's student generator and the run completes."""
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv(TRACE_ENV, str(trace))
@@ -340,7 +340,7 @@ def test_a_restarted_supernode_takes_over_its_student(deploy, folders, tmp_path,
 
     thread = threading.Thread(target=restart, daemon=True)
     thread.start()
-    rc, output, run_id, status = lb.run(config(out, num_rounds=5, min_nodes=2, min_replies=1, round_timeout=60),
+    rc, output, run_id, status = lb.run(config(out, num_rounds=10, min_nodes=2, min_replies=1, round_timeout=60),
                                         timeout=420)
     thread.join(timeout=5)
     assert restarted == [2], (restarted, output)
@@ -350,7 +350,7 @@ def test_a_restarted_supernode_takes_over_its_student(deploy, folders, tmp_path,
     assert status == "finished:completed", output
     folder = run_folder(out)
     metrics = rounds(folder)
-    assert [m["round"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["round"] for m in metrics] == list(range(1, 11))   # rounds to spare: a new node takes seconds to join
     label = "client 1 (classes 2,3)"
     assert metrics[0]["clients"][label]["node"] == int(old)
     assert metrics[-1]["clients"][label]["node"] == int(new), metrics[-1]   # the same student, a new node
