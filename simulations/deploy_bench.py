@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.comparison import read_run  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.loopback import Loopback, export_digits_folders  # noqa: E402
 from strategies.base import TRACE_ENV  # noqa: E402
@@ -77,6 +78,7 @@ def add_nodes(lb: Loopback, strategy: str, folders: list[Path]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The timing trace's lines (run folders are read with app.comparison.read_run)."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -116,8 +118,7 @@ def bench_one(lb: Loopback, strategy: str, k: int, rounds: int, out: Path, trace
     if status != "finished:completed":
         tail = output[-3000:]
         raise SystemExit(f"[deploy-bench] {strategy} K={k}: run {run_id} ended {status}:\n{tail}")
-    folder = sorted((run_out / "runs").iterdir())[-1]
-    metrics = read_jsonl(folder / "metrics.jsonl")
+    metrics = read_run(sorted((run_out / "runs").iterdir())[-1]).metrics
     walls = [float(m["wall_time"]) for m in metrics if int(m["round"]) >= 2]
     median = statistics.median(walls)
     steps = generator_steps(strategy, k)
