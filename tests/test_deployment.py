@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from app.comparison import training_rows
+from app.comparison import read_run, training_rows
 from app.loopback import Loopback, export_digits_folders, make_node_key, process_alive
 from strategies.base import TRACE_ENV
 
@@ -228,7 +228,7 @@ def node_traces(path: Path) -> dict[int, list[dict]]:
 
 
 def comm_rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "comm.jsonl").read_text().splitlines() if line.strip()]
+    return read_run(folder).comm
 
 
 def assert_both_ends_agree(folder: Path, trace: Path, lost: set[int] = frozenset()) -> dict[int, list[dict]]:
@@ -237,8 +237,9 @@ def assert_both_ends_agree(folder: Path, trace: Path, lost: set[int] = frozenset
     and metrics.jsonl's per-round totals are the sums of comm.jsonl's training rows. Only nodes in
     ``lost`` (stopped mid-run) may have handled a message whose reply the server never booked."""
     seen = node_traces(trace)
+    run = read_run(folder)
     server: dict[tuple, list[int]] = {}
-    for row in comm_rows(folder):
+    for row in run.comm:
         if row.get("dropped"):
             continue
         acc = server.setdefault((int(row["node"]), str(row["round"])), [0, 0])
@@ -255,8 +256,9 @@ def assert_both_ends_agree(folder: Path, trace: Path, lost: set[int] = frozenset
     assert {key: node_side.get(key) for key in server} == server, (server, node_side)
     unbooked = {key for key in node_side if key not in server}
     assert {nid for nid, _ in unbooked} <= set(lost), (unbooked, server)
-    for m in rounds(folder):   # the round's training bytes (sample grids and control messages apart)
-        rows = [r for r in training_rows(comm_rows(folder)) if r["round"] == m["round"]]
+    training = training_rows(run.comm)
+    for m in run.metrics:   # the round's training bytes (sample grids and control messages apart)
+        rows = [r for r in training if r["round"] == m["round"]]
         assert (m["bytes_down"], m["bytes_up"]) == (sum(r["down"] for r in rows), sum(r["up"] for r in rows)), m
     return seen
 
