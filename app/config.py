@@ -30,6 +30,7 @@ BPGAN_MODELS = ("dcgan", "wgan", "dcwgan", "wdcgan")
 MODELS = ("auto", "dcgan", "mlp")
 IMAGE_SIZES = (0, 16, 32, 64)
 INITS = ("teacher", "random")
+SERVER_BATCHING = ("auto", "on", "off")   # PrivacyGAN students: measured once / always vmapped / one by one
 DEVICES = ("auto", "cpu", "cuda")
 DATAPARALLEL_MODES = ("simultaneous", "alternating")
 RESUMABLE = ("privacygan", "fedavg")
@@ -81,6 +82,7 @@ class Config:
     client_disc_lr: float = 0.0002
     client_disc_steps: int = 1
     steps_per_round: int = 4
+    server_batching: str = "auto"
     # --- the clipped WGAN's own schedule (Arjovsky et al. 2017), for every network trained with
     #     loss "wgan": RMSProp at wgan-lr, wgan-critic-steps critic updates per generator update
     wgan_critic_steps: int = 5
@@ -331,6 +333,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _one_of(k("loss"), cfg.loss, LOSS_KINDS)
     _one_of(k("student-init"), cfg.student_init, INITS)
     _one_of(k("client-d-init"), cfg.client_d_init, INITS)
+    _one_of(k("server-batching"), cfg.server_batching, SERVER_BATCHING)
     _one_of(k("eval-extractor"), cfg.eval_extractor, EXTRACTORS)
     _one_of(k("tracking"), cfg.tracking, TRACKERS)
     _one_of(k("fakes-dtype"), cfg.fakes_dtype, FAKE_DTYPES)

@@ -222,6 +222,36 @@ def jrlf_feedback(
 
 
 # ---------------------------------------------------------------------------
+# PrivacyGAN student update (server side, thesis Eq. 5.9)
+#   objective: alpha * L_G(D_i(G_i(z))) + (1 - alpha) * L_G(D_T(G_i(z)))
+#   with the client's feedback f_i standing in for dL_G(D_i(x))/dx.
+# ---------------------------------------------------------------------------
+def student_update(G: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, local_feedback: torch.Tensor,
+                   teacher_d: nn.Module | None, alpha: float, loss: str) -> dict[str, float]:
+    """One JRLF step of a student generator (thesis Eq. 5.9) from a client's feedback.
+
+    ``local_feedback`` is ∂L_G(D_i(x̃))/∂x̃ as the client computed it; the teacher's
+    part ∂L_G(D_T(x̃))/∂x̃ is computed here on the frozen D_T (its buffers untouched).
+    The combined gradient α·f_i + (1−α)·f_T goes through G_i in one backward pass.
+    Returns the teacher's generator loss on x̃ (NaN when α = 1, where it is unused).
+    """
+    x = G(z)
+    teacher_loss = float("nan")
+    teacher_feedback = None
+    if alpha < 1.0:
+        if teacher_d is None:
+            raise ValueError("alpha < 1 needs a teacher discriminator")
+        labels_t, teacher_feedback = generator_feedback(teacher_d, x.detach(), loss, keep_buffers=True)
+        teacher_loss = float(generator_loss(loss, labels_t))
+    grad = jrlf_feedback(local_feedback.to(x.device), teacher_feedback, alpha)
+    opt.zero_grad(set_to_none=True)
+    x.backward(grad)
+    opt.step()
+    return {"g_loss_teacher": teacher_loss}
+
+
+
+# ---------------------------------------------------------------------------
 # Centralised generator update
 #   objective: min_G  L_G(D(G(z)))    (gradients taken w.r.t. G's parameters
 #   only, so D's .grad fields are left as they were)
@@ -293,5 +323,6 @@ __all__ = [
     "generator_step",
     "jrlf_feedback",
     "sample_latent",
+    "student_update",
     "train_gan_step",
 ]

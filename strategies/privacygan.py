@@ -42,41 +42,18 @@ from torch import nn
 
 from models.losses import generator_loss, make_optimizer
 from models.steps import (discriminator_step, forward_keeping_buffers, generator_feedback, jrlf_feedback,
-                          sample_latent, train_gan_step)
+                          sample_latent, student_update, train_gan_step)
 from strategies import client_eval, wire
 from models.dp import DPConfig
-from strategies.base import (ClientDP, check_dp_reply, dp_columns, NodeBook, Recorder, check_identities,
-                             check_stop, exchange, guarded_update, log, require_replies, sample_nodes, should,
-                             wait_for_nodes)
+from models.batched import Stack, can_batch, students_update
+from strategies.base import (ClientDP, Snapshot, all_finite, check_dp_reply, dp_columns, NodeBook, Recorder,
+                             check_identities, check_stop, exchange, guarded_update, log, require_replies,
+                             sample_nodes, should, wait_for_nodes)
 
 
 # =====================================================================================
 # Pure math
 # =====================================================================================
-def student_update(G: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, local_feedback: torch.Tensor,
-                   teacher_d: nn.Module | None, alpha: float, loss: str) -> dict[str, float]:
-    """One JRLF step of a student generator (thesis Eq. 5.9) from a client's feedback.
-
-    ``local_feedback`` is ∂L_G(D_i(x̃))/∂x̃ as the client computed it; the teacher's
-    part ∂L_G(D_T(x̃))/∂x̃ is computed here on the frozen D_T (its buffers untouched).
-    The combined gradient α·f_i + (1−α)·f_T goes through G_i in one backward pass.
-    Returns the teacher's generator loss on x̃ (NaN when α = 1, where it is unused).
-    """
-    x = G(z)
-    teacher_loss = float("nan")
-    teacher_feedback = None
-    if alpha < 1.0:
-        if teacher_d is None:
-            raise ValueError("alpha < 1 needs a teacher discriminator")
-        labels_t, teacher_feedback = generator_feedback(teacher_d, x.detach(), loss, keep_buffers=True)
-        teacher_loss = float(generator_loss(loss, labels_t))
-    grad = jrlf_feedback(local_feedback.to(x.device), teacher_feedback, alpha)
-    opt.zero_grad(set_to_none=True)
-    x.backward(grad)
-    opt.step()
-    return {"g_loss_teacher": teacher_loss}
-
-
 def generate_batches(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Fakes for latents ``z`` of shape (K, B, latent): G is called once per batch of B, as
     :func:`student_update` will recompute it, so the fakes a client judges are exactly the
@@ -268,6 +245,7 @@ class PrivacyGANSettings:
     batch_size: int = 64
     latent_dim: int = 100
     steps_per_round: int = 1
+    server_batching: str = "auto"       # auto | on | off (see PrivacyGAN.update_students)
     client_disc_steps: int = 1
     fraction_train: float = 1.0
     min_nodes: int = 2
@@ -338,6 +316,9 @@ class PrivacyGAN:
         self.start_round = 1
         self.restored: dict[tuple[str, int], dict] = {}
         self.control_bytes = 0   # resume handshake, kept out of the training totals
+        self.batching_choice: tuple[int, bool] | None = None   # (students timed, batched faster?)
+        self.batching_timing: dict | None = None   # the auto choice's measurement, logged once
+        self.last_batching = "sequential"
         with torch.no_grad():
             probe = forward_keeping_buffers(self.teacher_g, self.fixed_z[:2])
         self.sample_shape = tuple(sample_shape or probe.shape[1:])
@@ -412,30 +393,21 @@ class PrivacyGAN:
         clients: dict[str, dict] = {}
         rolled_back: list[int] = []
         rejoined = self.adopt_rejoined(ex.replies, nodes)
-        for nid, (labels, feedback, metrics) in list(ex.replies.items()):
-            if nid in rejoined:  # its feedback was for the fresh student's fakes: skip this one update
-                continue
-            if self.s.client_d_init == "teacher":
-                self.d_init_sent.add(nid)
-            G, opt = self.student(nid)
-            z = latents[nid]
-            teacher_losses: list[float] = []
-
-            def update() -> None:
-                for k in range(self.s.steps_per_round):
-                    out = student_update(G, opt, z[k], feedback[k].to(self.device), self.teacher_d,
-                                         self.s.alpha, self.s.loss)
-                    teacher_losses.append(out["g_loss_teacher"])
-
-            # a bounded reply can still push G_i or its Adam moments past float range: undo it, blame this node
-            if not guarded_update(update, [G], [opt]):
+        todo = [nid for nid in ex.replies if nid not in rejoined]   # a rejoined node's feedback was for
+        if self.s.client_d_init == "teacher":                        # the fresh student's fakes: skip once
+            self.d_init_sent.update(todo)
+        teacher_losses = self.update_students({nid: (latents[nid], ex.replies[nid][1]) for nid in todo})
+        for nid in todo:
+            labels, feedback, metrics = ex.replies[nid]
+            # a bounded reply can still push G_i or its Adam moments past float range: undone, node blamed
+            if teacher_losses[nid] is None:
                 del ex.replies[nid]
                 ex.dropped[nid] = "its feedback made the student generator or its optimizer non-finite; update rolled back"
                 log.warning("dropping node %s this round: %s", nid, ex.dropped[nid])
                 rolled_back.append(nid)
                 continue
             local = float(generator_loss(self.s.loss, labels))
-            teacher = sum(teacher_losses) / len(teacher_losses)
+            teacher = sum(teacher_losses[nid]) / len(teacher_losses[nid])
             g_loss = local if self.s.alpha == 1.0 else self.s.alpha * local + (1 - self.s.alpha) * teacher
             clients[self.label(nid)] = {
                 "node": nid, "g_loss": g_loss, "g_loss_local": local, "g_loss_teacher": teacher,
@@ -449,6 +421,7 @@ class PrivacyGAN:
                           partition=self.partition_of.get(nid), dropped=nid in ex.dropped)
         require_replies(rnd, ex, self.s.min_replies)
         mean = lambda key: sum(c[key] for c in clients.values()) / max(1, len(clients))  # noqa: E731
+        timing, self.batching_timing = self.batching_timing, None
         return {
             "round": rnd, "round_time": time.monotonic() - t0, "rolled_back": rolled_back,
             "late_replies": {str(n): round(age, 1) for n, age in ex.late.items()},
@@ -457,8 +430,108 @@ class PrivacyGAN:
             "replies": len(ex.replies), "dropped": len(ex.dropped),
             "dropped_reasons": {str(n): why for n, why in ex.dropped.items()},
             "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
-            "clients": clients,
+            "clients": clients, "server_batching": self.last_batching,
+            **({"server_batching_timing": timing} if timing else {}),   # the round "auto" measured in
         }
+
+    # --- the students' JRLF steps ---------------------------------------------------------
+    def update_students(self, work: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict[int, list[float] | None]:
+        """The K JRLF steps (thesis Eq. 5.9) of every student in ``work`` (node -> (latents (K, B,
+        latent), feedback (K, B, *sample))). Returns node -> its K teacher losses, or None for a
+        student whose update left it (or its optimizer) non-finite: that one is rolled back.
+
+        ``server-batching``: "off" updates the students one after another; "on" as one vmapped
+        computation (models/batched.py; the same numbers to 1e-5); "auto" times both once, on
+        copies of this round's students, and keeps the faster (logged, and in metrics.jsonl).
+        """
+        if not work:
+            return {}
+        batched = self._use_batching(work)
+        self.last_batching = "batched" if batched else "sequential"
+        if not batched:
+            out: dict[int, list[float] | None] = {}
+            for nid, (z, feedback) in work.items():
+                G, opt = self.student(nid)
+                losses: list[float] = []
+
+                def update() -> None:
+                    for k in range(self.s.steps_per_round):
+                        losses.append(student_update(G, opt, z[k], feedback[k].to(self.device), self.teacher_d,
+                                                     self.s.alpha, self.s.loss)["g_loss_teacher"])
+
+                out[nid] = losses if guarded_update(update, [G], [opt]) else None
+            return out
+        nids = list(work)
+        students = [self.student(nid) for nid in nids]
+        snaps = [Snapshot([G], [opt]) for G, opt in students]
+        z = torch.stack([work[nid][0] for nid in nids], dim=1)                       # (K, N, B, latent)
+        fb = torch.stack([work[nid][1] for nid in nids], dim=1).to(self.device)      # (K, N, B, *sample)
+        losses = {nid: [] for nid in nids}
+        stack = Stack([G for G, _ in students])
+        for k in range(self.s.steps_per_round):
+            if k:
+                stack.restack_params()
+            for nid, loss in zip(nids, students_update(students, z[k], fb[k], self.teacher_d, self.s.alpha,
+                                                       self.s.loss, stack=stack)):
+                losses[nid].append(loss)
+        out = {}
+        for nid, (G, opt), snap in zip(nids, students, snaps):
+            if all_finite([G], [opt]):
+                out[nid] = losses[nid]
+            else:   # steps are independent per student: roll back this one only
+                snap.restore()
+                out[nid] = None
+        return out
+
+    def _use_batching(self, work: dict) -> bool:
+        mode = self.s.server_batching
+        if mode == "off" or len(work) < 2:
+            return False
+        gens = [self.student(nid)[0] for nid in work]
+        if not can_batch(gens):
+            if mode == "on":
+                log.warning("server-batching=on: these students cannot be stacked (different architectures, "
+                            "devices or modes); updating them one by one")
+            return False
+        if mode == "on":
+            return True
+        if self.batching_choice is None or self.batching_choice[0] < len(work):
+            self.batching_choice = (len(work), self._time_batching(work))
+        return self.batching_choice[1]
+
+    def _time_batching(self, work: dict) -> bool:
+        """One round's student steps both ways on copies of the students; True when batched wins."""
+        def copies():   # each student's generator and an optimizer over the copy, with the same state
+            out = []
+            for nid in work:
+                G, opt = self.student(nid)
+                G = copy.deepcopy(G)
+                new = self.make_gen_optimizer(G)
+                new.load_state_dict(opt.state_dict())
+                out.append((G, new))
+            return out
+
+        z = torch.stack([w[0][0] for w in work.values()])
+        fb = torch.stack([w[1][0] for w in work.values()]).to(self.device)
+        sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
+        students_update(copies(), z, fb, self.teacher_d, self.s.alpha, self.s.loss)   # warm-up
+        pairs = copies()
+        sync()
+        t0 = time.perf_counter()
+        for n, (G, opt) in enumerate(pairs):
+            student_update(G, opt, z[n], fb[n], self.teacher_d, self.s.alpha, self.s.loss)
+        sync()
+        t_seq = time.perf_counter() - t0
+        pairs = copies()
+        sync()
+        t0 = time.perf_counter()
+        students_update(pairs, z, fb, self.teacher_d, self.s.alpha, self.s.loss)
+        sync()
+        t_bat = time.perf_counter() - t0
+        self.batching_timing = {"students": len(work), "sequential_s": round(t_seq, 4), "batched_s": round(t_bat, 4)}
+        log.info("server-batching=auto: %d students' JRLF step takes %.1f ms one by one, %.1f ms batched: %s",
+                 len(work), 1e3 * t_seq, 1e3 * t_bat, "batched" if t_bat < t_seq else "one by one")
+        return t_bat < t_seq
 
     def adopt_rejoined(self, replies: dict, nodes: list[int]) -> set[int]:
         """A node that reports the partition of a node that has left (a restarted SuperNode

@@ -208,10 +208,12 @@ def test_privacygan_drops_feedback_above_max_feedback_norm_and_the_students_stay
     assert all(torch.isfinite(p).all() for p in G1.parameters())
 
 
-def test_an_update_that_would_break_a_student_is_rolled_back_and_blamed_on_its_sender():
+@pytest.mark.parametrize("batching", ["off", "on"])
+def test_an_update_that_would_break_a_student_is_rolled_back_and_blamed_on_its_sender(batching):
     """With the norm bound opened up, 1e30 feedback passes the checks but would turn the student's
-    Adam moments to inf: the update is undone and the reply counted as bad, others go through."""
-    strat = privacygan(max_feedback_norm=1e38)
+    Adam moments to inf: the update is undone and the reply counted as bad, others go through --
+    also when all students step as one vmapped computation (server-batching=on)."""
+    strat = privacygan(max_feedback_norm=1e38, server_batching=batching)
     handle = honest_client({})
     grid = LoopGrid([0, 1, 2], lambda nid, c: scaled_feedback(handle(nid, c), 1e30) if nid == 2 else handle(nid, c))
     before = {n: state_of(strat, n) for n in (0, 1, 2)}
@@ -224,6 +226,34 @@ def test_an_update_that_would_break_a_student_is_rolled_back_and_blamed_on_its_s
     grid.handler = handle
     record2 = strat.run_round(grid, 2, [0, 1, 2])
     assert record2["replies"] == 3 and not record2["dropped_reasons"]
+
+
+def test_privacygan_rounds_with_batched_students_equal_rounds_one_by_one():
+    """server-batching=on and =off: three K=2 rounds with the same clients give the same students
+    (weights, BatchNorm statistics, Adam state) to 1e-5 and the same per-client losses; "auto"
+    records its measurement once and which way it went."""
+    runs = {}
+    for mode in ("off", "on", "auto"):
+        torch.manual_seed(0)
+        strat = privacygan(server_batching=mode)
+        grid = LoopGrid([0, 1, 2], honest_client({}))
+        records = [strat.run_round(grid, rnd, [0, 1, 2]) for rnd in (1, 2, 3)]
+        runs[mode] = (strat, records)
+    (off, rec_off), (on, rec_on), (auto, rec_auto) = runs["off"], runs["on"], runs["auto"]
+    assert [r["server_batching"] for r in rec_off] == ["sequential"] * 3
+    assert [r["server_batching"] for r in rec_on] == ["batched"] * 3
+    assert "server_batching_timing" in rec_auto[0] and all("server_batching_timing" not in r for r in rec_auto[1:])
+    assert rec_auto[0]["server_batching_timing"]["students"] == 3
+    for nid in (0, 1, 2):
+        for (G1, o1), (G2, o2) in ((off.student(nid), on.student(nid)), (off.student(nid), auto.student(nid))):
+            for (k, a), b in zip(G1.state_dict().items(), G2.state_dict().values()):
+                assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5), k
+            for sa, sb in zip(o1.state_dict()["state"].values(), o2.state_dict()["state"].values()):
+                assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5, rtol=1e-5) for k in sa)
+    for r1, r2 in zip(rec_off, rec_on):
+        for label, c in r1["clients"].items():
+            assert abs(c["g_loss"] - r2["clients"][label]["g_loss"]) < 1e-5
+            assert abs(c["d_loss"] - r2["clients"][label]["d_loss"]) < 1e-5
 
 
 def test_apply_with_blame_finds_the_reply_that_overflows_and_applies_the_rest_exactly():

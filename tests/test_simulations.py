@@ -41,3 +41,21 @@ def test_privacy_cifar_runs_on_the_shared_zip_with_4_clients(tmp_path):
     assert f"run folder: {run}" in out
     assert "status: **success**" in (run / "summary.md").read_text()
     assert (run / "samples" / "round00002.png").exists()
+
+
+def test_scale_in_process_modes_run_and_the_batched_round_matches_the_sequential_one(tmp_path):
+    """simulations/scale.py, the in-process modes with 3 clients: one JSON row per mode, the
+    check's float32 errors against the float64 reference about the same both ways (CPU: ~1e-5)."""
+    import json
+
+    from simulations import scale
+
+    assert scale.main(["--clients", "3", "--modes", "sequential,batched-server,batched", "--rounds", "1",
+                       "--check", "--output-dir", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["mode"] for r in out["results"]] == ["sequential", "batched-server", "batched"]
+    assert all(r["clients"] == 3 and r["round_s"] > 0 and r["peak_rss_gb"] > 0 for r in out["results"])
+    (check,) = out["checks"]
+    for key in ("fakes", "d_grads", "feedback", "g_grads"):
+        assert check["batched"][key] < 1e-4 and check["sequential"][key] < 1e-4, key
+    assert (tmp_path / "scale.png").stat().st_size > 0 and "| 3 | batched |" in (tmp_path / "scale.md").read_text()
