@@ -87,6 +87,13 @@ def _config(fixed: Config | None, context: Context) -> Config:
     return fixed if fixed is not None else _parsed(tuple(sorted(context.run_config.items())))
 
 
+@lru_cache(maxsize=8)
+def reusable_modules(cfg: Config) -> dict:
+    """Per process and run config: networks a handler may load a returning client's state into
+    instead of building new ones (a simulation actor serves many clients, one message at a time)."""
+    return {}
+
+
 @lru_cache(maxsize=64)
 def client_dp(cfg: Config, n: int):
     """This client's DP settings (models.dp.DPConfig; None with dp off), checked against its
@@ -236,7 +243,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             msg.content, context.state, sample_real=sample_real,
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid,
-            dp=client_dp(cfg, len(x)), real_data=x)
+            dp=client_dp(cfg, len(x)), real_data=x, reuse=reusable_modules(cfg))
         return Message(content=reply, reply_to=msg)
 
     def builders(cfg: Config) -> dict:

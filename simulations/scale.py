@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import threading
@@ -53,6 +54,7 @@ from models.losses import make_optimizer  # noqa: E402
 from models.steps import discriminator_step, generator_feedback, sample_latent, student_update  # noqa: E402
 
 MODES = ("sequential", "batched-server", "batched", "simulation")
+TRACE_ENV = "FEDGAN_TRACE"   # strategies/base.py reads it; named here so the in-process modes need no Flower
 IN_PROCESS = MODES[:3]
 
 
@@ -237,16 +239,56 @@ def run_simulation(n: int, args: argparse.Namespace) -> dict:
         "node-wait-timeout": max(120.0, 1.0 * n), "round-timeout": max(300.0, 2.0 * n),
         "output-dir": str(Path(args.output_dir) / "runs-scale"),
     })
-    with TreeRSS() as rss:
-        t0 = time.monotonic()
-        folder = simulate(cfg, n, client_cpus=1, client_gpus=args.client_gpus)
-        wall = time.monotonic() - t0
+    trace_file = Path(args.output_dir).resolve() / f"trace-{n}.jsonl"
+    trace_file.unlink(missing_ok=True)
+    previous = os.environ.get(TRACE_ENV)
+    os.environ[TRACE_ENV] = str(trace_file)   # Ray's actors inherit it: one line per message from each side
+    try:
+        with TreeRSS() as rss:
+            t0 = time.monotonic()
+            folder = simulate(cfg, n, client_cpus=1, client_gpus=args.client_gpus)
+            wall = time.monotonic() - t0
+    finally:
+        if previous is None:
+            os.environ.pop(TRACE_ENV, None)
+        else:
+            os.environ[TRACE_ENV] = previous
     rounds = [r for r in read_run(folder).metrics if int(r.get("round", 0)) >= 2 and "round_time" in r]
     if not rounds:
         raise RuntimeError(f"{folder}: no timed rounds in metrics.jsonl")
     return {"round_s": statistics.median(float(r["round_time"]) for r in rounds), "rounds_timed": len(rounds),
             "peak_rss_gb": rss.peak / 1e9, "wall_s": wall, "run_folder": str(folder),
-            "server_batching": rounds[-1].get("server_batching")}
+            "server_batching": rounds[-1].get("server_batching"),
+            "breakdown": round_breakdown(trace_file, rounds)}
+
+
+def round_breakdown(trace_file: Path, rounds: list[dict]) -> dict:
+    """Where a simulated round's seconds go (medians over rounds 2..), from the FEDGAN_TRACE lines:
+    ``server`` = the round's time outside its exchange (fakes made, students updated, records
+    written); ``clients`` = the ClientApp handlers' time (summed, and divided by the number of
+    actor processes that ran them, as they run in parallel); ``engine`` = the exchange's time not
+    spent in a handler (the Simulation Engine moving messages and contexts to and from its actors);
+    and the median handler time per message."""
+    rows = [json.loads(line) for line in trace_file.read_text().splitlines() if line.strip()]
+    push = {r["msg"]: r for r in rows if r.get("side") == "server" and r.get("event") == "push"}
+    reply = {r["msg"]: r for r in rows if r.get("side") == "server" and r.get("event") == "reply"}
+    client = {r["msg"]: r for r in rows if r.get("side") == "client"}
+    parts: dict[str, list[float]] = {"server": [], "clients_sum": [], "clients_wall": [], "engine": [],
+                                     "handler_ms": [], "actors": []}
+    for rec in rounds:
+        ids = [m for m, r in push.items() if str(r.get("round")) == str(rec["round"]) and m in client and m in reply]
+        if not ids:
+            continue
+        exchange_s = max(reply[m]["t"] for m in ids) - min(push[m]["t"] for m in ids)
+        handlers = [client[m]["handler_end"] - client[m]["handler_start"] for m in ids]
+        actors = len({client[m]["pid"] for m in ids})
+        parts["server"].append(float(rec["round_time"]) - exchange_s)
+        parts["clients_sum"].append(sum(handlers))
+        parts["clients_wall"].append(sum(handlers) / actors)
+        parts["engine"].append(exchange_s - sum(handlers) / actors)
+        parts["handler_ms"].append(1e3 * statistics.median(handlers))
+        parts["actors"].append(actors)
+    return {k: statistics.median(v) for k, v in parts.items() if v}
 
 
 # -------------------------------------------------------------------------------------------
@@ -364,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r.update(clients=n, mode=mode, device=str(device), elapsed_s=time.monotonic() - t0)
             results.append(r)
+            if "breakdown" in r:
+                b = r["breakdown"]
+                print(f"[scale]        a simulated round: server {b['server']:.2f} s, clients' handlers {b['clients_sum']:.2f} s "
+                      f"({b['clients_wall']:.2f} s on {b['actors']:.0f} actors; {b['handler_ms']:.1f} ms per message), "
+                      f"the engine moving messages {b['engine']:.2f} s", flush=True)
             print(f"[scale] {n:>5} clients  {mode:<15} {r['round_s']:.3f} s/round  "
                   f"{1e3 * r['round_s'] / n:.2f} ms/client  peak RSS {r['peak_rss_gb']:.2f} GB"
                   + (f"  peak GPU {r['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in r else "")

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import random
 import secrets
 import threading
@@ -17,6 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -424,6 +426,41 @@ def all_finite(modules: Iterable[torch.nn.Module] = (), optimizers: Iterable[tor
             if t.is_floating_point() and not torch.isfinite(t).all():
                 return False
     return True
+
+
+def pack_state(obj: object) -> bytes:
+    """A client's state (nested dicts / lists of tensors and Python scalars, e.g. a module's and an
+    optimizer's ``state_dict()``) as bytes for ``context.state``: tensors become numpy arrays and
+    the whole is pickled (protocol 5). About 4x cheaper to write and 2.5x to read than
+    ``torch.save`` of the same dict for a small DCGAN D with Adam (0.22 / 0.46 ms against 0.87 /
+    1.19 ms, measured in README "Many virtual clients"); the bytes never leave the client."""
+    return pickle.dumps(_to_numpy(obj), protocol=5)
+
+
+def unpack_state(blob: bytes) -> object:
+    """:func:`pack_state` undone: numpy arrays come back as CPU tensors (``load_state_dict`` moves
+    them to the module's device)."""
+    return _to_torch(pickle.loads(blob))
+
+
+def _to_numpy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(v) for v in obj)
+    return obj
+
+
+def _to_torch(obj):
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_torch(v) for v in obj)
+    return obj
 
 
 class Snapshot:

@@ -29,7 +29,6 @@ Everything that is math lives in pure functions below (and in ``models/steps.py`
 from __future__ import annotations
 
 import copy
-import io
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -47,8 +46,8 @@ from strategies import client_eval, wire
 from models.dp import DPConfig
 from models.batched import Stack, can_batch, students_update
 from strategies.base import (ClientDP, Snapshot, all_finite, check_dp_reply, dp_columns, NodeBook, Recorder,
-                             check_identities, check_stop, exchange, guarded_update, log, require_replies,
-                             sample_nodes, should, wait_for_nodes)
+                             check_identities, check_stop, exchange, guarded_update, log, pack_state,
+                             require_replies, sample_nodes, should, unpack_state, wait_for_nodes)
 
 
 # =====================================================================================
@@ -139,13 +138,17 @@ CLIENT_STATE = "privacygan.client"   # context.state ConfigRecord holding D_i, i
 
 
 def _save_state(D: nn.Module, opt: torch.optim.Optimizer, steps: int) -> ConfigRecord:
-    buf = io.BytesIO()
-    torch.save({"d": D.state_dict(), "opt": opt.state_dict(), "steps": steps}, buf)
-    return ConfigRecord({"blob": buf.getvalue(), "d-steps-total": steps})
+    return ConfigRecord({"blob": pack_state({"d": D.state_dict(), "opt": opt.state_dict(), "steps": steps}),
+                         "d-steps-total": steps})
+
+
+def load_client_state(rec: ConfigRecord) -> dict:
+    """What a client keeps of D_i between messages: {"d": state_dict, "opt": optimizer state, "steps"}."""
+    return unpack_state(rec["blob"])
 
 
 def _load_state(rec: ConfigRecord, D: nn.Module, opt: torch.optim.Optimizer) -> int:
-    blob = torch.load(io.BytesIO(rec["blob"]), map_location=next(D.parameters()).device, weights_only=False)
+    blob = load_client_state(rec)
     D.load_state_dict(blob["d"])
     opt.load_state_dict(blob["opt"])
     return int(blob["steps"])
@@ -156,7 +159,7 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
                         build_discriminator: Callable[[], nn.Module], disc_lr: float,
                         betas: tuple[float, float], device: str, seed: int,
                         partition_id: int | None = None, dp: DPConfig | None = None,
-                        real_data: torch.Tensor | None = None) -> RecordDict:
+                        real_data: torch.Tensor | None = None, reuse: dict | None = None) -> RecordDict:
     """Handle one ``train.discriminate`` message on client i (SPEC 4.2 step 3).
 
     Loads D_i from ``state`` (or creates it: random, or from the ``d_init`` weights the
@@ -169,6 +172,11 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     (models/dp.py) on its own Poisson batch, counted in the client's accountant; the reply
     adds ``dp_epsilon``. When the message's steps would take it past ``dp-target-epsilon``
     it changes nothing and replies with metrics only (``dp_exhausted`` = 1).
+
+    ``reuse``, a dict the caller keeps for this process (the ClientApp: one per run config), lets a
+    returning client's D_i be loaded into the module the previous message used instead of a newly
+    built one (every parameter and buffer is overwritten from ``state``; a new client still gets
+    a freshly initialised D_i). Not with ``dp`` (the DP engine wraps the module).
     """
     cfg = content.config_records[wire.CONFIG]
     loss = str(cfg["loss"])
@@ -177,10 +185,15 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), fakes_dtype)
     K, B = fakes.shape[0], fakes.shape[1]
 
-    D = build_discriminator().to(device)
+    fresh = CLIENT_STATE not in state.config_records
+    reusable = reuse is not None and dp is None
+    D = reuse.get("d") if reusable and not fresh else None
+    if D is None:
+        D = build_discriminator().to(device)
+        if reusable:
+            reuse["d"] = D
     D.train()
     opt = make_optimizer(loss, D.parameters(), disc_lr, betas)
-    fresh = CLIENT_STATE not in state.config_records
     if not fresh:
         steps_total = _load_state(state.config_records[CLIENT_STATE], D, opt)
     else:

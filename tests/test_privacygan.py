@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, RecordDict
 from models import DCGANDiscriminator, DCGANGenerator, generator_loss
 from strategies import wire
 from strategies.base import NullRecorder
-from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, _load_state,
+from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, _load_state, load_client_state,
                                    client_discriminate, stale_feedback_errors, student_update)
 
 SIDE, C, NZ, F = 16, 1, 8, 8
@@ -182,8 +182,7 @@ def test_discriminator_state_persists_on_the_client_and_never_travels():
 
 
 def _opt_state(state):
-    blob = torch.load(__import__("io").BytesIO(state.config_records[CLIENT_STATE]["blob"]), weights_only=False)
-    return blob["opt"]["state"]
+    return load_client_state(state.config_records[CLIENT_STATE])["opt"]["state"]
 
 
 def test_client_d_init_teacher_loads_the_teachers_weights_once():
@@ -193,7 +192,7 @@ def test_client_d_init_teacher_loads_the_teachers_weights_once():
     assert wire.D_INIT in content.array_records
     state = RecordDict()
     client(content, state)
-    blob = torch.load(__import__("io").BytesIO(state.config_records[CLIENT_STATE]["blob"]), weights_only=False)
+    blob = load_client_state(state.config_records[CLIENT_STATE])
     # one D step moved it, but it started from D_T, not from the client's random init:
     diff_teacher = sum((blob["d"][k].float() - v.float()).abs().sum() for k, v in D_T.state_dict().items()
                        if v.is_floating_point())
@@ -273,3 +272,47 @@ def test_a_rejoining_node_takes_over_the_student_of_its_partition():
     strat.student(33)
     strat.partition_of[33] = 0
     assert strat.adopt_rejoined({33: (None, None, {})}, nodes=[22, 33]) == set()
+
+
+def test_a_returning_client_reuses_the_processes_d_and_replies_exactly_as_with_a_new_one():
+    """One process serving two clients alternately (a simulation actor): with ``reuse`` D_i is built
+    once per new client and otherwise loaded into the module the last message used; replies and
+    saved states are bit-identical to building D_i anew for every message."""
+    G_T, D_T, _ = nets()
+    built = []
+
+    def run(reuse):
+        strat = make_strategy(G_T, D_T, steps_per_round=2)   # the same fakes in both runs
+        states = {1: RecordDict(), 2: RecordDict()}
+        replies = []
+
+        def build(pid):
+            def make():
+                built.append(pid)
+                torch.manual_seed(100 + pid)
+                return DCGANDiscriminator(C, SIDE, F)
+            return make
+
+        for rnd in (1, 2, 3):
+            for nid in (1, 2):
+                content, _ = strat.build_content(nid, rnd)
+                replies.append(client_discriminate(content, states[nid], sample_real=real_sampler(nid),
+                                                   build_discriminator=build(nid), disc_lr=1e-3, betas=(0.5, 0.999),
+                                                   device="cpu", seed=0, partition_id=nid, reuse=reuse))
+        return replies, states
+
+    torch.manual_seed(0)
+    fresh_replies, fresh_states = run(None)
+    assert built == [1, 2] * 3
+    built.clear()
+    torch.manual_seed(0)
+    reuse: dict = {}
+    reused_replies, reused_states = run(reuse)
+    assert built == [1, 2] and isinstance(reuse["d"], DCGANDiscriminator)   # no rebuild after first contact
+    for a, b in zip(fresh_replies, reused_replies):
+        for key in (wire.LABELS, wire.FEEDBACK):
+            assert torch.equal(wire.get_tensor(a.array_records[wire.REPLY], key),
+                               wire.get_tensor(b.array_records[wire.REPLY], key))
+    for nid in (1, 2):
+        sa, sb = (load_client_state(s[nid].config_records[CLIENT_STATE]) for s in (fresh_states, reused_states))
+        assert all(torch.equal(sa["d"][k], sb["d"][k]) for k in sa["d"]) and sa["steps"] == sb["steps"] == 6
