@@ -129,6 +129,7 @@ class Config:
     round_timeout: float = 300.0
     node_wait_timeout: float = 120.0
     max_reply_mb: float = 256.0        # a larger client reply is dropped unread
+    max_in_flight: int = 0             # unanswered messages at a time per exchange (0 = all at once)
     max_feedback_norm: float = 1000.0  # per-sample L2 bound on feedback as sent (PrivacyGAN, BPGAN)
     max_update_norm: float = 100000.0  # L2 bound on a client's gradient or weight update
     fakes_dtype: str = "float32"
@@ -362,7 +363,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
                   "wgan_critic_steps",
                   "steps_per_round", "min_nodes", "min_replies", "samples_per_client", "classes_per_client"):
         _check(getattr(cfg, name_) >= 1, k(name_), getattr(cfg, name_), "an integer >= 1")
-    for name_ in ("teacher_steps", "sample_every", "checkpoint_every"):
+    for name_ in ("teacher_steps", "sample_every", "checkpoint_every", "max_in_flight"):
         _check(getattr(cfg, name_) >= 0, k(name_), getattr(cfg, name_), "an integer >= 0 (0 = never)")
     for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "server_disc_lr", "client_disc_lr", "wgan_lr",
                   "round_timeout", "node_wait_timeout", "max_reply_mb", "max_feedback_norm", "max_update_norm"):

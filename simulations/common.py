@@ -156,6 +156,8 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
         client_gpus = (1.0 / num_clients) if torch.cuda.is_available() and cfg.device != "cpu" else 0.0
     if client_gpus > 0 and not torch.cuda.is_available():
         raise ConfigError("--client-gpus > 0 but no CUDA device is visible")
+    if cfg.max_in_flight == 0:   # keep every actor busy without queueing every message in the engine at once
+        cfg = cfg.replace(max_in_flight=in_flight_for(num_clients, client_cpus, client_gpus))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Ray's C++ crash handler would take SIGTERM from us (and abort); stop_on_signals handles it
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
@@ -191,6 +193,19 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
         print("[fedgan] interrupted; see summary.md in the run folder for how to resume", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT)
     return folder
+
+
+def in_flight_for(num_clients: int, client_cpus: int, client_gpus: float) -> int:
+    """Messages a simulated exchange keeps unanswered at once: 16 per actor that can run at the same
+    time (CPUs / client-cpus, and GPUs / client-gpus when those are asked for), at most all of them.
+    Flower 1.42's simulation engine scans every stored message for each node on every sweep, so
+    queueing 1,000 messages at once costs it O(nodes x messages) per sweep (README "Many virtual clients")."""
+    import torch
+
+    actors = max(1, (os.cpu_count() or 1) // max(1, client_cpus))
+    if client_gpus > 0:
+        actors = min(actors, max(1, int(torch.cuda.device_count() / client_gpus)))
+    return max(1, min(num_clients, 16 * actors))
 
 
 def _join_other_threads(timeout: float) -> None:

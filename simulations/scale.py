@@ -235,7 +235,7 @@ def run_simulation(n: int, args: argparse.Namespace) -> dict:
         "batch-size": args.batch_size, "alpha": args.alpha, "steps-per-round": 1, "teacher-steps": 1,
         "num-rounds": args.rounds + 1, "min-nodes": n, "min-replies": n, "sample-every": 0, "eval-every": 0,
         "client-eval": False, "checkpoint-every": 0, "samples-per-client": 1, "seed": args.seed,
-        "server-batching": args.server_batching, "device": args.device,
+        "server-batching": args.server_batching, "device": args.device, "max-in-flight": args.max_in_flight,
         "node-wait-timeout": max(120.0, 1.0 * n), "round-timeout": max(300.0, 2.0 * n),
         "output-dir": str(Path(args.output_dir) / "runs-scale"),
     })
@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                    "as one virtual client gets)")
     p.add_argument("--server-batching", choices=("auto", "on", "off"), default="auto",
                    help="the ServerApp's server-batching in the simulation mode")
+    p.add_argument("--max-in-flight", type=int, default=0, help="the simulation's run config max-in-flight "
+                   "(0: what simulations/common.py picks, 16 x the actors that run at once)")
     p.add_argument("--client-gpus", type=float, default=None, help="GPUs per virtual client in the simulation mode "
                    "(default 0 on CPU machines, 1/clients with CUDA)")
     p.add_argument("--output-dir", default="fedgan-output/scale", help="where scale.json, scale.png and the "

@@ -304,6 +304,15 @@ def trace(**fields) -> None:
 # an unanswered message gets no new one (its queue would fill with stale work); its late
 # reply is discarded when it comes.
 POLL_INTERVAL = 0.1   # seconds between pulls while waiting for replies
+# Unanswered messages at a time in one exchange (0: all at once). A simulation sets it (run config
+# 'max-in-flight'): Flower 1.42's simulation engine scans every stored message for every node on
+# each of its sweeps, so 1,000 messages queued at once cost it O(nodes x messages) per sweep.
+MAX_IN_FLIGHT = 0
+
+
+def set_max_in_flight(n: int) -> None:
+    global MAX_IN_FLIGHT
+    MAX_IN_FLIGHT = max(0, int(n))
 _PENDING: "weakref.WeakKeyDictionary[Grid, dict[int, tuple[str, float]]]" = weakref.WeakKeyDictionary()
 
 
@@ -358,29 +367,45 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
                                 "not sent a new one")
             continue
         to_send[nid] = msg
-        out.bytes_down[nid] = message_bytes(msg)
-    sent_at, sent_at_wall = time.monotonic(), time.time()
-    ids = list(grid.push_messages(list(to_send.values()))) if to_send else []
-    waiting = {mid: nid for mid, nid in zip(ids, to_send)}
-    for mid, nid in waiting.items():
-        trace(side="server", event="push", msg=mid, node=nid, type=to_send[nid].metadata.message_type,
-              round=to_send[nid].metadata.group_id, t=sent_at_wall)
+    queue = list(to_send.items())
+    window = MAX_IN_FLIGHT if MAX_IN_FLIGHT > 0 else max(1, len(queue))
+    waiting: dict[str, int] = {}
+    pushed_at: dict[str, float] = {}
+
+    def push_more() -> None:
+        """Push queued messages until ``window`` are unanswered (all at once when unlimited)."""
+        batch = queue[: window - len(waiting)]
+        if not batch:
+            return
+        del queue[: len(batch)]
+        now, now_wall = time.monotonic(), time.time()
+        for mid, (nid, msg) in zip(grid.push_messages([m for _, m in batch]), batch):
+            waiting[mid], pushed_at[mid] = nid, now
+            out.bytes_down[nid] = message_bytes(msg)
+            trace(side="server", event="push", msg=mid, node=nid, type=msg.metadata.message_type,
+                  round=msg.metadata.group_id, t=now_wall)
+
     limit = int(max_reply_mb * 1e6)
-    deadline = sent_at + timeout
-    while waiting:
-        for reply in grid.pull_messages(list(waiting)):
+    deadline = time.monotonic() + timeout
+    push_more()
+    while waiting or queue:
+        for reply in grid.pull_messages(list(waiting)) if waiting else []:
             nid = waiting.pop(reply.metadata.reply_to_message_id, None)
             if nid is not None:
                 trace(side="server", event="reply", msg=reply.metadata.reply_to_message_id, node=nid)
                 _take(out, nid, reply, parse, limit, max_reply_mb)
-        if not waiting or time.monotonic() >= deadline or STOP.is_set():
+        push_more()
+        if (not waiting and not queue) or time.monotonic() >= deadline or STOP.is_set():
             break
         time.sleep(POLL_INTERVAL if poll is None else poll)
     for mid, nid in waiting.items():   # their replies are discarded if they still come
-        pending[nid] = (mid, sent_at)
+        pending[nid] = (mid, pushed_at[mid])
     check_stop()   # a stop during the wait: the replies that came are not used half-way
     for mid, nid in waiting.items():
         out.dropped[nid] = f"no reply within {timeout:.0f} s (it gets no new message until it answers)"
+    for nid, _ in queue:
+        out.dropped[nid] = (f"not sent: round-timeout ({timeout:.0f} s) ended before its turn (run config "
+                            f"'max-in-flight' = {MAX_IN_FLIGHT} messages at a time)")
     for nid, why in out.dropped.items():
         log.warning("dropping node %s this round: %s", nid, why)
     return out
@@ -516,9 +541,18 @@ def apply_with_blame(apply: Callable[[list[int]], object], nodes: list[int], mod
 def require_replies(rnd: int, ex: Exchange, min_replies: int) -> None:
     """RunFailed when fewer than ``min_replies`` good replies came back from an exchange."""
     if len(ex.replies) < min_replies:
-        reasons = "; ".join(f"node {n}: {why}" for n, why in ex.dropped.items())
+        items = list(ex.dropped.items())
+        reasons = "; ".join(f"node {n}: {why}" for n, why in items[:3])
+        if len(items) > 3:
+            reasons += f"; and {len(items) - 3} more"
+        timed_out = sum(why.startswith(("no reply within", "still busy")) for _, why in items)
+        hint = ""
+        if timed_out:
+            hint = (f". {timed_out} node(s) did not answer in time: raise run config 'round-timeout' (a round's "
+                    "replies come one actor at a time: many virtual clients on few CPUs need minutes), or lower "
+                    "'min-replies' / 'fraction-train'")
         raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
-                        f"{min_replies} ({reasons})")
+                        f"{min_replies} ({reasons}){hint}")
 
 
 

@@ -649,3 +649,61 @@ def test_a_signal_stops_the_run_within_seconds_leaves_nothing_running_and_it_res
     assert out.returncode == 1 and "does not fit the run's config" in out.stderr and "Traceback" not in out.stderr
     (run / "config.json").write_bytes(original)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_too_few_replies_at_scale_names_the_limit_and_what_to_change():
+    """1,000 nodes of which 990 did not answer within round-timeout: one readable line with three
+    examples, the count of the rest, and the keys to change (not a thousand reasons)."""
+    from strategies.base import Exchange, require_replies
+
+    ex = Exchange(replies={n: None for n in range(10)},
+                  dropped={n: "no reply within 300 s (it gets no new message until it answers)" for n in range(10, 1000)})
+    with pytest.raises(RunFailed) as err:
+        require_replies(4, ex, 1000)
+    msg = str(err.value)
+    assert msg.startswith("round 4: 10 good repl(ies), run config 'min-replies' asks for 1000 (node 10: no reply")
+    assert "and 987 more" in msg and msg.count("node ") == 3
+    assert "990 node(s) did not answer in time: raise run config 'round-timeout'" in msg and "'min-replies'" in msg
+    ex_bad = Exchange(replies={}, dropped={1: "labels not finite"})
+    with pytest.raises(RunFailed) as err:
+        require_replies(1, ex_bad, 1)
+    assert "round-timeout" not in str(err.value)     # no timing hint for a bad reply
+
+
+def test_max_in_flight_keeps_that_many_messages_unanswered_and_gets_every_reply():
+    """max-in-flight = 2 over 5 nodes: never more than 2 messages pushed and not yet pulled, every
+    node answered and booked; with a node that never answers and a short timeout, the nodes still
+    queued behind the window are dropped as not sent, and nothing is booked for them."""
+    from strategies.base import set_max_in_flight
+
+    class CountingGrid(LoopGrid):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.out, self.most = 0, 0
+
+        def push_messages(self, messages):
+            self.out += len(messages)
+            self.most = max(self.most, self.out)
+            return super().push_messages(messages)
+
+        def pull_messages(self, ids):
+            got = super().pull_messages(ids)
+            self.out -= len(got)
+            return got
+
+    handler = lambda nid, c: RecordDict({wire.METRICS: MetricRecord({"n": float(nid)})})  # noqa: E731
+    parse = lambda nid, r: wire.metrics_of(r.content)  # noqa: E731
+    set_max_in_flight(2)
+    try:
+        grid = CountingGrid([1, 2, 3, 4, 5], handler)
+        ex = exchange(grid, {n: info(n) for n in (1, 2, 3, 4, 5)}, timeout=5, parse=parse, poll=0.01)
+        assert set(ex.replies) == {1, 2, 3, 4, 5} and not ex.dropped and grid.most == 2
+        assert set(ex.bytes_down) == {1, 2, 3, 4, 5}
+        grid = CountingGrid([6, 7, 8, 9], handler)
+        grid.hold = {6, 7}                       # the first two never answer: the window stays full
+        ex = exchange(grid, {n: info(n) for n in (6, 7, 8, 9)}, timeout=0.2, parse=parse, poll=0.01)
+        assert "no reply within" in ex.dropped[6] and "no reply within" in ex.dropped[7]
+        assert "not sent: round-timeout" in ex.dropped[8] and "'max-in-flight' = 2" in ex.dropped[9]
+        assert set(ex.bytes_down) == {6, 7} and grid.sent == [6, 7]
+    finally:
+        set_max_in_flight(0)

@@ -59,3 +59,14 @@ def test_scale_in_process_modes_run_and_the_batched_round_matches_the_sequential
     for key in ("fakes", "d_grads", "feedback", "g_grads"):
         assert check["batched"][key] < 1e-4 and check["sequential"][key] < 1e-4, key
     assert (tmp_path / "scale.png").stat().st_size > 0 and "| 3 | batched |" in (tmp_path / "scale.md").read_text()
+
+
+def test_a_simulation_keeps_16_messages_per_parallel_actor_in_flight():
+    import os
+
+    from simulations.common import in_flight_for
+
+    cpus = os.cpu_count() or 1
+    assert in_flight_for(1000, 1, 0.0) == min(1000, 16 * cpus)
+    assert in_flight_for(1000, cpus, 0.0) == 16                 # one actor at a time
+    assert in_flight_for(3, 1, 0.0) == 3                        # never more than there are clients
