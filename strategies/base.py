@@ -489,18 +489,33 @@ def _to_torch(obj):
 
 
 class Snapshot:
-    """The state of some modules and optimizers, to roll an update back."""
+    """The state of some modules and optimizers, to roll an update back.
+
+    Tensors are cloned directly (``state_dict()`` values, the optimizer's per-parameter state);
+    only the optimizer's small ``param_groups`` go through ``copy.deepcopy``. A deepcopy of the
+    whole state dicts cost ~2 ms per tiny student and round, a quarter of its update."""
 
     def __init__(self, modules=(), optimizers=()) -> None:
         self.modules, self.optimizers = list(modules), list(optimizers)
-        self.m_state = [copy.deepcopy(m.state_dict()) for m in self.modules]
-        self.o_state = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        self.m_state = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in self.modules]
+        self.o_state = [_clone_tree(o.state_dict()) for o in self.optimizers]
 
     def restore(self) -> None:
         for m, st in zip(self.modules, self.m_state):
             m.load_state_dict(st)
         for o, st in zip(self.optimizers, self.o_state):
-            o.load_state_dict(copy.deepcopy(st))
+            o.load_state_dict(_clone_tree(st))   # load_state_dict keeps what it is given: restore may repeat
+
+
+def _clone_tree(obj):
+    """Tensors cloned, containers rebuilt, anything else deep-copied (an optimizer's state_dict)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone_tree(v) for v in obj]
+    return copy.deepcopy(obj)
 
 
 def guarded_update(update: Callable[[], object], modules=(), optimizers=()) -> bool:
