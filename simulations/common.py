@@ -168,6 +168,7 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     before = _runs(cfg)
     started = time.monotonic()
     with stop_on_signals():
+        _start_ray_keeping_our_sigterm_handler()
         try:
             run_simulation(server_app=server_app or make_server_app(cfg), client_app=make_client_app(cfg),
                            num_supernodes=num_clients,
@@ -206,6 +207,24 @@ def in_flight_for(num_clients: int, client_cpus: int, client_gpus: float) -> int
     if client_gpus > 0:
         actors = min(actors, max(1, int(torch.cuda.device_count() / client_gpus)))
     return max(1, min(num_clients, 16 * actors))
+
+
+def _start_ray_keeping_our_sigterm_handler() -> None:
+    """Start Ray here, as Flower's Ray backend would (it skips ``ray.init`` when Ray is running),
+    and put back the SIGTERM handler ``ray.init`` replaces with ``sys.exit``: a SIGTERM then asks
+    the ServerApp to stop at its next safe point, like Ctrl-C, instead of tearing the engine down
+    under messages in flight (whose errors Flower logs with tracebacks)."""
+    import ray
+
+    if ray.is_initialized() or threading.current_thread() is not threading.main_thread():
+        return
+    ours = signal.getsignal(signal.SIGTERM)
+    pythonpath = os.pathsep.join(sys.path)   # what Flower's backend passes its actors
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False)
+    signal.signal(signal.SIGTERM, ours)
 
 
 def _join_other_threads(timeout: float) -> None:
