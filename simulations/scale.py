@@ -54,7 +54,6 @@ from models.losses import make_optimizer  # noqa: E402
 from models.steps import discriminator_step, generator_feedback, sample_latent, student_update  # noqa: E402
 
 MODES = ("sequential", "batched-server", "batched", "simulation")
-TRACE_ENV = "FEDGAN_TRACE"   # strategies/base.py reads it; named here so the in-process modes need no Flower
 IN_PROCESS = MODES[:3]
 
 
@@ -221,12 +220,13 @@ def run_in_process(mode: str, n: int, args: argparse.Namespace, real: torch.Tens
     return out
 
 
-def run_simulation(n: int, args: argparse.Namespace) -> dict:
+def run_through_engine(n: int, args: argparse.Namespace) -> dict:
     """The same rounds through Flower's Simulation Engine; the median server-side round time of
     rounds 2.. (round 1 starts the actors) from the run's metrics.jsonl."""
     from app.comparison import read_run
     from app.config import parse_config
     from simulations.common import simulate
+    from strategies.base import TRACE_ENV   # Flower is needed here anyway; the in-process modes do without
 
     cfg = parse_config({
         "strategy": "privacygan", "dataset": "digits", "partition": "full", "server-data": "heldout",
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             t0 = time.monotonic()
             try:
-                r = run_simulation(n, args) if mode == "simulation" else run_in_process(mode, n, args, real, device)
+                r = run_through_engine(n, args) if mode == "simulation" else run_in_process(mode, n, args, real, device)
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"[scale] {n} clients, {mode}: out of GPU memory ({str(exc).splitlines()[0]}); "
                       "use fewer clients or smaller --features", flush=True)

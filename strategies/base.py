@@ -468,24 +468,24 @@ def unpack_state(blob: bytes) -> object:
     return _to_torch(pickle.loads(blob))
 
 
-def _to_numpy(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().numpy()
+def _map_tree(obj, leaf: type, fn, other=lambda x: x):
+    """``obj`` with every ``leaf`` instance replaced by ``fn(it)`` through dicts, lists and tuples;
+    anything else goes through ``other``."""
+    if isinstance(obj, leaf):
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
+        return {k: _map_tree(v, leaf, fn, other) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_numpy(v) for v in obj)
-    return obj
+        return type(obj)(_map_tree(v, leaf, fn, other) for v in obj)
+    return other(obj)
+
+
+def _to_numpy(obj):
+    return _map_tree(obj, torch.Tensor, lambda t: t.detach().cpu().numpy())
 
 
 def _to_torch(obj):
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _to_torch(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_torch(v) for v in obj)
-    return obj
+    return _map_tree(obj, np.ndarray, torch.from_numpy)
 
 
 class Snapshot:
@@ -509,13 +509,7 @@ class Snapshot:
 
 def _clone_tree(obj):
     """Tensors cloned, containers rebuilt, anything else deep-copied (an optimizer's state_dict)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone_tree(v) for v in obj]
-    return copy.deepcopy(obj)
+    return _map_tree(obj, torch.Tensor, lambda t: t.detach().clone(), copy.deepcopy)
 
 
 def guarded_update(update: Callable[[], object], modules=(), optimizers=()) -> bool:
