@@ -71,6 +71,7 @@ class Config:
     adam_beta2: float = 0.999
     # --- PrivacyGAN (SPEC 4.2) -------------------------------------------------
     alpha: float = 0.5
+    alpha_final: float = 0.0            # > 0: alpha moves linearly from alpha (round 1) to this (last round)
     teacher_steps: int = 1500
     teacher_path: str = ""
     teacher_gen_lr: float = 0.0002
@@ -341,6 +342,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _one_of(k("feedback-dtype"), cfg.feedback_dtype, FEEDBACK_DTYPES)
     # JRLF weight (thesis Eq. 5.9): alpha + beta = 1 with alpha in (0, 1].
     _check(0.0 < cfg.alpha <= 1.0, k("alpha"), cfg.alpha, "in (0, 1] (beta = 1 - alpha; 1 = plain federated GAN)")
+    _check(0.0 <= cfg.alpha_final <= 1.0, k("alpha-final"), cfg.alpha_final,
+           "in (0, 1] (alpha at the last round, reached linearly from alpha), or 0 for a constant alpha")
     _check(0.0 < cfg.fraction <= 1.0, k("fraction"), cfg.fraction, "in (0, 1] (0.1 = the thesis' 1:10, 0.01 = 1:100)")
     _check(0.0 < cfg.fraction_train <= 1.0, k("fraction-train"), cfg.fraction_train, "in (0, 1]")
     _check(0.0 < cfg.server_share < 1.0, k("server-share"), cfg.server_share, "in (0, 1)")
@@ -401,8 +404,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     validate_dp(cfg)
     if cfg.strategy != "privacygan":
         return
-    _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or cfg.alpha == 1.0, k("teacher-steps"),
-           cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1")
+    _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or (cfg.alpha == 1.0 and cfg.alpha_final in (0.0, 1.0)),
+           k("teacher-steps"), cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1 (and alpha-final "
+           "is 0 or 1)")
     _check(cfg.server_data != "none" or cfg.teacher_path != "" or cfg.teacher_steps == 0, k("server-data"),
            cfg.server_data, "'heldout' or 'full' when the server trains a teacher")
 

@@ -420,7 +420,8 @@ def run(grid: Grid, cfg: Config) -> Path:
         say(f"resuming from the checkpoint of round {checkpoint['round']} (the run's own config.json applies; "
             f"rounds after that checkpoint are redone, "
             f"{'clients start fresh discriminators' if cfg.strategy == 'privacygan' else 'clients start fresh optimizers'})")
-    detail = (f"alpha={cfg.alpha} steps-per-round={cfg.steps_per_round}" if cfg.strategy == "privacygan" else
+    detail = (f"alpha={cfg.alpha}{f' -> {cfg.alpha_final} (linear over the rounds)' if cfg.alpha_final else ''} "
+              f"steps-per-round={cfg.steps_per_round}" if cfg.strategy == "privacygan" else
               f"variant={cfg.fedavg_variant} local-steps={cfg.local_steps}" if cfg.strategy == "fedavg" else
               f"groups' losses={cfg.mggan_losses} local-steps={cfg.local_steps} regroup-interval={cfg.regroup_interval}")
     say(f"strategy={cfg.strategy} dataset={cfg.dataset} partition={cfg.partition} rounds={cfg.num_rounds} "

@@ -53,6 +53,17 @@ from strategies.base import (ClientDP, Snapshot, all_finite, check_dp_reply, dp_
 # =====================================================================================
 # Pure math
 # =====================================================================================
+def alpha_at(rnd: int, num_rounds: int, alpha: float, alpha_final: float = 0.0) -> float:
+    """JRLF weight α of round ``rnd`` (1-based) of ``num_rounds``. ``alpha_final`` = 0: α
+    throughout; else a linear schedule from ``alpha`` at round 1 to ``alpha_final`` at the last
+    round, e.g. 0.5 -> 1: the student starts held by the teacher (β = 0.5) and ends following
+    its client's discriminator alone. Every value stays in (0, 1] as thesis Eq. 5.9 requires."""
+    if alpha_final <= 0.0 or num_rounds <= 1:
+        return alpha
+    t = min(max(rnd - 1, 0), num_rounds - 1) / (num_rounds - 1)
+    return alpha + (alpha_final - alpha) * t
+
+
 def generate_batches(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Fakes for latents ``z`` of shape (K, B, latent): G is called once per batch of B, as
     :func:`student_update` will recompute it, so the fakes a client judges are exactly the
@@ -257,6 +268,7 @@ class PrivacyGANSettings:
 
     num_rounds: int = 10
     alpha: float = 0.5
+    alpha_final: float = 0.0            # > 0: alpha moves linearly to this by the last round (alpha_at)
     loss: str = "bce"
     batch_size: int = 64
     latent_dim: int = 100
@@ -285,6 +297,8 @@ class PrivacyGANSettings:
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha = {self.alpha} must be in (0, 1] (thesis Eq. 5.9: alpha + beta = 1)")
+        if not 0.0 <= self.alpha_final <= 1.0:
+            raise ValueError(f"alpha_final = {self.alpha_final} must be in (0, 1], or 0 for a constant alpha")
 
 
 class PrivacyGAN:
@@ -335,6 +349,7 @@ class PrivacyGAN:
         self.batching_choice: tuple[int, bool] | None = None   # (students timed, batched faster?)
         self.batching_timing: dict | None = None   # the auto choice's measurement, logged once
         self.last_batching = "sequential"
+        self.alpha = settings.alpha   # this round's JRLF weight (alpha_at; set by run_round)
         with torch.no_grad():
             probe = forward_keeping_buffers(self.teacher_g, self.fixed_z[:2])
         self.sample_shape = tuple(sample_shape or probe.shape[1:])
@@ -398,6 +413,7 @@ class PrivacyGAN:
 
     def run_round(self, grid: Grid, rnd: int, nodes: list[int]) -> dict:
         t0 = time.monotonic()
+        self.alpha = alpha_at(rnd, self.s.num_rounds, self.s.alpha, self.s.alpha_final)
         selected = sample_nodes(nodes, self.s.fraction_train, self.s.min_replies, self.rng)
         messages, latents = {}, {}
         for nid in selected:
@@ -424,7 +440,7 @@ class PrivacyGAN:
                 continue
             local = float(generator_loss(self.s.loss, labels))
             teacher = sum(teacher_losses[nid]) / len(teacher_losses[nid])
-            g_loss = local if self.s.alpha == 1.0 else self.s.alpha * local + (1 - self.s.alpha) * teacher
+            g_loss = local if self.alpha == 1.0 else self.alpha * local + (1 - self.alpha) * teacher
             clients[self.label(nid)] = {
                 "node": nid, "g_loss": g_loss, "g_loss_local": local, "g_loss_teacher": teacher,
                 "d_loss": metrics["d_loss"], "d_real_acc": metrics["d_real_acc"],
@@ -446,7 +462,7 @@ class PrivacyGAN:
             "replies": len(ex.replies), "dropped": len(ex.dropped),
             "dropped_reasons": {str(n): why for n, why in ex.dropped.items()},
             "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
-            "clients": clients, "server_batching": self.last_batching,
+            "clients": clients, "server_batching": self.last_batching, "alpha": self.alpha,
             **({"server_batching_timing": timing} if timing else {}),   # the round "auto" measured in
         }
 
@@ -473,7 +489,7 @@ class PrivacyGAN:
                 def update() -> None:
                     for k in range(self.s.steps_per_round):
                         losses.append(student_update(G, opt, z[k], feedback[k].to(self.device), self.teacher_d,
-                                                     self.s.alpha, self.s.loss)["g_loss_teacher"])
+                                                     self.alpha, self.s.loss)["g_loss_teacher"])
 
                 out[nid] = losses if guarded_update(update, [G], [opt]) else None
             return out
@@ -487,7 +503,7 @@ class PrivacyGAN:
         for k in range(self.s.steps_per_round):
             if k:
                 stack.restack_params()
-            for nid, loss in zip(nids, students_update(students, z[k], fb[k], self.teacher_d, self.s.alpha,
+            for nid, loss in zip(nids, students_update(students, z[k], fb[k], self.teacher_d, self.alpha,
                                                        self.s.loss, stack=stack)):
                 losses[nid].append(loss)
         out = {}
@@ -534,18 +550,18 @@ class PrivacyGAN:
         z = torch.stack([w[0][0] for w in work.values()])
         fb = torch.stack([w[1][0] for w in work.values()]).to(self.device)
         sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
-        students_update(copies(), z, fb, self.teacher_d, self.s.alpha, self.s.loss)   # warm-up
+        students_update(copies(), z, fb, self.teacher_d, self.alpha, self.s.loss)   # warm-up
         pairs = copies()
         sync()
         t0 = time.perf_counter()
         for n, (G, opt) in enumerate(pairs):
-            student_update(G, opt, z[n], fb[n], self.teacher_d, self.s.alpha, self.s.loss)
+            student_update(G, opt, z[n], fb[n], self.teacher_d, self.alpha, self.s.loss)
         sync()
         t_seq = time.perf_counter() - t0
         pairs = copies()
         sync()
         t0 = time.perf_counter()
-        students_update(pairs, z, fb, self.teacher_d, self.s.alpha, self.s.loss)
+        students_update(pairs, z, fb, self.teacher_d, self.alpha, self.s.loss)
         sync()
         t_bat = time.perf_counter() - t0
         self.batching_timing = {"students": len(work), "sequential_s": round(t_seq, 4), "batched_s": round(t_bat, 4)}
@@ -677,8 +693,9 @@ class PrivacyGAN:
     def run(self, grid: Grid) -> dict:
         nodes = wait_for_nodes(grid, self.s.min_nodes, self.s.node_wait_timeout)
         self.nodes.num_nodes = len(nodes)
-        log.info("PrivacyGAN: %d nodes, %d rounds, alpha=%.3g, K=%d", len(nodes), self.s.num_rounds,
-                 self.s.alpha, self.s.steps_per_round)
+        log.info("PrivacyGAN: %d nodes, %d rounds, alpha=%s, K=%d", len(nodes), self.s.num_rounds,
+                 f"{self.s.alpha:g}" + (f" -> {self.s.alpha_final:g} (linear)" if self.s.alpha_final else ""),
+                 self.s.steps_per_round)
         if self.restored:
             self.adopt_restored(grid, nodes)
         last: dict = {}
@@ -709,6 +726,6 @@ class PrivacyGAN:
                 "eval_bytes": self.eval_comm.down_total + self.eval_comm.up_total}
 
 
-__all__ = ["PrivacyGAN", "PrivacyGANSettings", "student_update", "generate_batches", "stale_feedback_errors",
+__all__ = ["PrivacyGAN", "PrivacyGANSettings", "alpha_at", "student_update", "generate_batches", "stale_feedback_errors",
            "train_teacher", "freeze",
            "client_discriminate", "CLIENT_STATE"]

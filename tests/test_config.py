@@ -27,6 +27,17 @@ def test_alpha_outside_unit_interval_is_refused(alpha):
         parse_config({"alpha": alpha})
 
 
+@pytest.mark.parametrize("value", [-0.5, 1.5])
+def test_alpha_final_outside_unit_interval_is_refused(value):
+    with pytest.raises(ConfigError, match=r"'alpha-final' = .*\(0, 1\]"):
+        parse_config({"alpha-final": value})
+
+
+def test_a_schedule_below_one_needs_a_teacher():
+    with pytest.raises(ConfigError, match="'teacher-steps' = 0"):
+        parse_config({"alpha": 1.0, "alpha-final": 0.5, "teacher-steps": 0})
+
+
 def test_alpha_one_is_allowed_without_a_teacher():
     assert parse_config({"alpha": 1.0, "teacher-steps": 0}).alpha == 1.0
 

@@ -6,6 +6,7 @@ going on, one line naming the path or the key, nothing merged, nothing left runn
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -254,6 +255,34 @@ def test_privacygan_rounds_with_batched_students_equal_rounds_one_by_one():
         for label, c in r1["clients"].items():
             assert abs(c["g_loss"] - r2["clients"][label]["g_loss"]) < 1e-5
             assert abs(c["d_loss"] - r2["clients"][label]["d_loss"]) < 1e-5
+
+
+def test_an_alpha_schedule_trains_each_round_with_that_rounds_alpha():
+    """alpha-final: alpha 0.5 -> 1.0 over 3 rounds is, step for step, the same students as
+    rounds run at the constant alphas 0.5, 0.75, 1.0 one after another (and differs from a
+    constant 0.5); at alpha 1 the reported generator loss is the local one alone."""
+    def run(schedule: bool, alphas):
+        torch.manual_seed(0)
+        strat = privacygan(alpha=0.5, alpha_final=1.0 if schedule else 0.0, num_rounds=3, server_batching="off")
+        grid = LoopGrid([0, 1], honest_client({}))
+        records = []
+        for rnd, a in zip((1, 2, 3), alphas):
+            if not schedule:
+                strat.s = dataclasses.replace(strat.s, alpha=a)
+            records.append(strat.run_round(grid, rnd, [0, 1]))
+        return strat, records
+
+    scheduled, rec = run(True, [None] * 3)
+    by_hand, _ = run(False, [0.5, 0.75, 1.0])
+    constant, _ = run(False, [0.5, 0.5, 0.5])
+    assert [r["alpha"] for r in rec] == [0.5, 0.75, 1.0]
+    c = rec[1]["clients"]["client 0"] if "client 0" in rec[1]["clients"] else next(iter(rec[1]["clients"].values()))
+    assert c["g_loss"] == pytest.approx(0.75 * c["g_loss_local"] + 0.25 * c["g_loss_teacher"], rel=1e-6)
+    assert all(c["g_loss"] == c["g_loss_local"] for c in rec[2]["clients"].values())
+    for nid in (0, 1):
+        a, b, k = scheduled.student(nid)[0], by_hand.student(nid)[0], constant.student(nid)[0]
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), k.state_dict().values()))
 
 
 def test_apply_with_blame_finds_the_reply_that_overflows_and_applies_the_rest_exactly():

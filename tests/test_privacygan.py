@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, RecordDict
 from models import DCGANDiscriminator, DCGANGenerator, generator_loss
 from strategies import wire
 from strategies.base import NullRecorder
-from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, _load_state, load_client_state,
+from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, _load_state, alpha_at, load_client_state,
                                    client_discriminate, stale_feedback_errors, student_update)
 
 SIDE, C, NZ, F = 16, 1, 8, 8
@@ -126,6 +126,15 @@ def test_alpha_outside_unit_interval_is_refused():
     for alpha in (0.0, 1.5, -1):
         with pytest.raises(ValueError, match="alpha"):
             PrivacyGANSettings(alpha=alpha)
+
+
+def test_alpha_schedule_is_linear_from_alpha_to_alpha_final_over_the_rounds():
+    assert [alpha_at(r, 5, 0.5) for r in range(1, 6)] == [0.5] * 5                      # no schedule
+    assert [alpha_at(r, 5, 0.5, 1.0) for r in range(1, 6)] == [0.5, 0.625, 0.75, 0.875, 1.0]
+    assert [alpha_at(r, 3, 0.9, 0.3) for r in (1, 2, 3)] == pytest.approx([0.9, 0.6, 0.3])  # either way
+    assert alpha_at(1, 1, 0.5, 1.0) == 0.5                                               # a single round
+    with pytest.raises(ValueError, match="alpha_final"):
+        PrivacyGANSettings(alpha_final=1.5)
 
 
 def test_teacher_never_changes_during_student_updates():
