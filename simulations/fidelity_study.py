@@ -186,8 +186,14 @@ def tables(study: dict) -> str:
         out.append("| lever | " + " | ".join(f"client {c} {study['client_classes'].get(c, '')}" for c in clients)
                    + " | mean | bytes/client | wall s |")
         out.append("|---" * (len(clients) + 4) + "|")
-        for lv in rows:
-            if lv == "teacher":
+        own_teachers = [lv for lv in rows if any("teacher" in c for k, c in cells.items() if k.startswith(lv + " @"))]
+        for lv in [r for lv in rows for r in ((f"teacher of '{lv}'", lv) if lv in own_teachers else (lv,))]:
+            if lv.startswith("teacher of '"):
+                owner = lv[len("teacher of '"):-1]
+                src = [c["teacher"] for k, c in cells.items() if k.startswith(owner + " @") and "teacher" in c]
+                per = {c: [t[c][score] for t in src if c in t] for c in clients}
+                extra = "– | –"
+            elif lv == "teacher":
                 src = [t for t in study["teachers"].values()]
                 per = {c: [t[c][score] for t in src if c in t] for c in clients}
                 extra = "– | –"
@@ -345,12 +351,21 @@ def main(argv: list[str] | None = None) -> int:
                 study["teacher_paths"][key] = str(run / "checkpoints" / "teacher.pt")
                 if raw["teacher-steps"] == base["teacher-steps"]:   # the teacher row: the baseline's teacher
                     study["teachers"][f"seed {seed}"] = score_teacher(raw, run, clients)
+                else:                                               # a lever's own teacher: its own row
+                    cell["teacher"] = score_teacher(raw, run, clients)
             study_file.write_text(json.dumps(study, indent=1))
             means = {k: sum(c[k] for c in cell["clients"].values()) / len(cell["clients"]) for k in ("own_share", "fid")}
             print(f"[fidelity] {lever} @ seed {seed}: own-class share "
                   + ", ".join(f"{c['own_share']:.2f}" for _, c in sorted(cell["clients"].items()))
                   + f" (mean {means['own_share']:.2f}); FID own mean {means['fid']:.1f}; {cell['wall_s']:.0f} s",
                   flush=True)
+        for cell in study["cells"].values():   # a lever's own teacher not scored yet (older study files)
+            run = Path(cell["run"])
+            rc = json.loads((run / "config.json").read_text())
+            if ("teacher" not in cell and rc.get("strategy") == "privacygan" and not rc.get("teacher-path")
+                    and rc.get("teacher-steps") != base["teacher-steps"]):
+                cell["teacher"] = score_teacher(rc, run, clients)
+                study_file.write_text(json.dumps(study, indent=1))
     except (ConfigError, DataError, RunFailed, RunFolderError) as exc:
         print(f"[fidelity] error: {exc}", file=sys.stderr, flush=True)
         return 1

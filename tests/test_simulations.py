@@ -115,3 +115,24 @@ def test_fidelity_study_end_to_end_on_digits_shares_the_teacher_and_skips_finish
     assert fs.main(argv) == 0
     assert "0 run(s) to go (2 done)" in capsys.readouterr().out
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_fidelity_study_tables_average_seeds_and_give_a_levers_own_teacher_its_row():
+    from simulations import fidelity_study as fs
+
+    def scores(share, fid):
+        return {"0": {"own_share": share, "tv_own": 1 - share, "fid": fid}}
+
+    study = {"setting": "classes", "seeds": [0, 1], "levers": ["baseline", "teacher steps x3"],
+             "client_classes": {"0": "(airplane,automobile)"},
+             "teachers": {"seed 0": scores(0.1, 30.0), "seed 1": scores(0.3, 40.0)},
+             "cells": {"baseline @ seed 0": {"clients": scores(0.4, 20.0), "bytes_per_client": 2e6, "wall_s": 10},
+                       "baseline @ seed 1": {"clients": scores(0.6, 10.0), "bytes_per_client": 2e6, "wall_s": 30},
+                       "teacher steps x3 @ seed 0": {"clients": scores(0.7, 12.0), "bytes_per_client": 2e6,
+                                                     "wall_s": 50, "teacher": scores(0.25, 25.0)}}}
+    md = fs.tables(study)
+    assert "| teacher | 0.20±0.10 | 0.20 | – | – |" in md
+    assert "| baseline | 0.50±0.10 | 0.50 | 2.0 MB | 20 |" in md
+    assert "| teacher of 'teacher steps x3' | 0.25 | 0.25 | – | – |" in md
+    assert "| teacher steps x3 | 12.00 | 12.00 | 2.0 MB | 50 |" in md   # the FID table
+    assert md.index("teacher of 'teacher steps x3'") < md.index("| teacher steps x3 |")
