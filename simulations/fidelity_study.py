@@ -105,47 +105,29 @@ def teacher_key(raw: dict) -> tuple:
 
 
 # --- reading a finished run --------------------------------------------------------------------
-def read_run(run: Path) -> dict:
-    """Per-client scores of the run's last-round client evaluation, bytes and wall time."""
-    last = None
-    rounds = 0
-    down = up = 0
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "round" in rec:
-            rounds += 1
-            down += rec.get("bytes_down", 0)
-            up += rec.get("bytes_up", 0)
-            last = rec
-    if last is None or not last.get("client_eval"):
+def read_cell(run: Path) -> dict:
+    """Per-client scores of the run's last-round client evaluation and its training bytes per client."""
+    from app.comparison import read_run
+
+    rounds = [r for r in read_run(run).metrics if "round" in r]
+    if not rounds or not rounds[-1].get("client_eval"):
         raise RuntimeError(f"{run}: no client evaluation in metrics.jsonl (did the run finish?)")
-    clients = {}
-    for label, s in last["client_eval"].items():
-        clients[str(s["partition_id"])] = {k: s[k] for k in ("own_share", "tv_own", "fid", "label_histogram")
-                                           if k in s}
-    summary = (run / "summary.md").read_text()
-    wall = next((float(line.split(":")[1].split("s")[0]) for line in summary.splitlines()
-                 if line.startswith("- wall time:")), None)
-    n = max(1, len(clients))
-    return {"run": str(run), "clients": clients, "rounds": rounds, "wall_s": wall,
-            "bytes_per_client": (down + up) / n}
+    clients = {str(s["partition_id"]): {k: s[k] for k in ("own_share", "tv_own", "fid", "label_histogram") if k in s}
+               for s in rounds[-1]["client_eval"].values()}
+    total = sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds)
+    return {"run": str(run), "clients": clients, "rounds": len(rounds), "bytes_per_client": total / max(1, len(clients))}
 
 
-def score_teacher(raw: dict, run: Path, num_clients: int) -> dict:
+def score_teacher(run: Path, num_clients: int) -> dict:
     """The teacher of ``run`` scored on each client's partition with the clients' own code."""
     import torch
 
-    from app.builders import make_generator
     from app.client_app import score_on_own_data
     from app.data import client_dataset
     from app.generators import load_generator
 
     cfg = parse_config(json.loads((run / "config.json").read_text()))
-    try:
-        G, _ = load_generator(run, "teacher")
-    except Exception:   # older folders: the teacher checkpoint
-        G = make_generator(cfg)
-        G.load_state_dict(torch.load(run / "checkpoints" / "teacher.pt", weights_only=False)["g"])
+    G, _ = load_generator(run, "teacher")
     G.eval()
     n = cfg.eval_samples
     out = {}
@@ -343,29 +325,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.monotonic() - started:.0f} s so far", flush=True)
             t0 = time.monotonic()
             run = simulate(parse_config(raw), clients, client_cpus=args.client_cpus, client_gpus=args.client_gpus)
-            cell = read_run(run)
+            cell = read_cell(run)
             cell["wall_s"] = time.monotonic() - t0
             cell["lever"], cell["seed"], cell["config"] = lever, seed, LEVERS[lever]
             study["cells"][f"{lever} @ seed {seed}"] = cell
             if raw.get("strategy") == "privacygan" and key not in study["teacher_paths"]:
                 study["teacher_paths"][key] = str(run / "checkpoints" / "teacher.pt")
                 if raw["teacher-steps"] == base["teacher-steps"]:   # the teacher row: the baseline's teacher
-                    study["teachers"][f"seed {seed}"] = score_teacher(raw, run, clients)
+                    study["teachers"][f"seed {seed}"] = score_teacher(run, clients)
                 else:                                               # a lever's own teacher: its own row
-                    cell["teacher"] = score_teacher(raw, run, clients)
+                    cell["teacher"] = score_teacher(run, clients)
             study_file.write_text(json.dumps(study, indent=1))
             means = {k: sum(c[k] for c in cell["clients"].values()) / len(cell["clients"]) for k in ("own_share", "fid")}
             print(f"[fidelity] {lever} @ seed {seed}: own-class share "
                   + ", ".join(f"{c['own_share']:.2f}" for _, c in sorted(cell["clients"].items()))
                   + f" (mean {means['own_share']:.2f}); FID own mean {means['fid']:.1f}; {cell['wall_s']:.0f} s",
                   flush=True)
-        for cell in study["cells"].values():   # a lever's own teacher not scored yet (older study files)
-            run = Path(cell["run"])
-            rc = json.loads((run / "config.json").read_text())
-            if ("teacher" not in cell and rc.get("strategy") == "privacygan" and not rc.get("teacher-path")
-                    and rc.get("teacher-steps") != base["teacher-steps"]):
-                cell["teacher"] = score_teacher(rc, run, clients)
-                study_file.write_text(json.dumps(study, indent=1))
     except (ConfigError, DataError, RunFailed, RunFolderError) as exc:
         print(f"[fidelity] error: {exc}", file=sys.stderr, flush=True)
         return 1
