@@ -81,8 +81,7 @@ LEVERS = {
     "local-only": {"strategy": "local"},
 }
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-FACTORS = {"teacher steps x3": "teacher-steps", "student steps x3": "num-rounds",
-           "student steps x9": "num-rounds", "student lr x3": "server-gen-lr"}
+FACTORS = {"teacher steps x3", "student steps x3", "student steps x9", "student lr x3"}   # value = a factor
 DEFAULT_LEVERS = [lv for lv in LEVERS if lv != "student steps x9"]   # x9: ~25 min on 2 cores, ask for it
 
 
@@ -92,7 +91,7 @@ def lever_config(base: dict, lever: str) -> dict:
         raise ConfigError(f"--levers: unknown lever {lever!r}; known: {', '.join(LEVERS)}")
     raw = dict(base)
     for key, value in LEVERS[lever].items():
-        raw[key] = type(raw[key])(raw[key] * value) if FACTORS.get(lever) == key else value
+        raw[key] = type(raw[key])(raw[key] * value) if lever in FACTORS else value
     return raw
 
 
@@ -163,28 +162,28 @@ def tables(study: dict) -> str:
               ("fid", "FID vs own data (evaluator classifier features)")]
     if study["setting"] == "iid":   # every client holds every class: the share is 1 by definition
         scores = scores[1:]
+    # each row: its label, the per-client score dicts it averages, and its bytes/wall cells; a lever
+    # that trained its own teacher gets that teacher's row just above its own
+    table_rows = []
+    for lv in rows:
+        if lv == "teacher":
+            table_rows.append((lv, list(study["teachers"].values()), "– | –"))
+            continue
+        src = [cell for k, cell in cells.items() if k.startswith(lv + " @")]
+        own = [cell["teacher"] for cell in src if "teacher" in cell]
+        if own:
+            table_rows.append((f"teacher of '{lv}'", own, "– | –"))
+        b = [cell["bytes_per_client"] for cell in src]
+        w = [cell["wall_s"] for cell in src if cell["wall_s"]]
+        table_rows.append((lv, [cell["clients"] for cell in src],
+                           f"{sum(b) / len(b) / 1e6:,.1f} MB | {sum(w) / max(1, len(w)):,.0f}"))
     for score, name in scores:
         out.append(f"\n**{name}** ({study['setting']}, per client; mean±std over seeds {study['seeds']})\n")
         out.append("| lever | " + " | ".join(f"client {c} {study['client_classes'].get(c, '')}" for c in clients)
                    + " | mean | bytes/client | wall s |")
         out.append("|---" * (len(clients) + 4) + "|")
-        own_teachers = [lv for lv in rows if any("teacher" in c for k, c in cells.items() if k.startswith(lv + " @"))]
-        for lv in [r for lv in rows for r in ((f"teacher of '{lv}'", lv) if lv in own_teachers else (lv,))]:
-            if lv.startswith("teacher of '"):
-                owner = lv[len("teacher of '"):-1]
-                src = [c["teacher"] for k, c in cells.items() if k.startswith(owner + " @") and "teacher" in c]
-                per = {c: [t[c][score] for t in src if c in t] for c in clients}
-                extra = "– | –"
-            elif lv == "teacher":
-                src = [t for t in study["teachers"].values()]
-                per = {c: [t[c][score] for t in src if c in t] for c in clients}
-                extra = "– | –"
-            else:
-                src = [cell for k, cell in cells.items() if k.startswith(lv + " @")]
-                per = {c: [cell["clients"][c][score] for cell in src if c in cell["clients"]] for c in clients}
-                b = [cell["bytes_per_client"] for cell in src]
-                w = [cell["wall_s"] for cell in src if cell["wall_s"]]
-                extra = f"{sum(b) / len(b) / 1e6:,.1f} MB | {sum(w) / max(1, len(w)):,.0f}"
+        for lv, src, extra in table_rows:
+            per = {c: [s[c][score] for s in src if c in s] for c in clients}
             means = [sum(v) / len(v) for v in per.values() if v]
             out.append(f"| {lv} | " + " | ".join(mean_std(per[c]) for c in clients)
                        + f" | {sum(means) / max(1, len(means)):.2f} | {extra} |")
