@@ -149,6 +149,9 @@ class Config:
     dp_max_grad_norm: float = 1.0       # C, per-example L2 clipping bound over all of D's parameters
     dp_delta: float = 1e-5              # delta of the reported (epsilon, delta); must be < 1/n per client
     dp_target_epsilon: float = 0.0      # > 0: sigma derived per client for the planned steps; stop at it
+    # --- the curious-server audit (simulations/privacy_audit.py, docs/PRIVACY.md) ---------------
+    audit_probe: int = 0                # > 0 (PrivacyGAN): after training, probe each D_i with this many members
+    audit_seed: int = 0                 # and as many non-members, drawn with this seed; audit_probe.pt
 
     # ---------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
@@ -402,6 +405,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check(cfg.resume == "" or cfg.strategy in RESUMABLE, k("resume"), cfg.resume,
            f"empty: resuming is implemented for strategies {', '.join(map(repr, RESUMABLE))}")
     validate_dp(cfg)
+    _check(cfg.audit_probe >= 0, k("audit-probe"), cfg.audit_probe, ">= 0 (0 = no probe)")
+    _check(cfg.audit_probe == 0 or cfg.strategy == "privacygan", k("audit-probe"), cfg.audit_probe,
+           "0 unless strategy = privacygan (the probe asks D_i for labels and feedback on chosen inputs)")
     if cfg.strategy != "privacygan":
         return
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or (cfg.alpha == 1.0 and cfg.alpha_final in (0.0, 1.0)),

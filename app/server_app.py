@@ -690,14 +690,35 @@ def end_report_console(result: dict) -> list[str]:
     return lines
 
 
+def last_status(folder: Path) -> str | None:
+    """The status summary.md of a run folder records (success, failed, interrupted)."""
+    try:
+        m = re.search(r"^- status: \*\*(\w+)\*\*", (Path(folder) / "summary.md").read_text(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
 def make_server_app(config: Config | None = None) -> ServerApp:
     """A ServerApp; ``config`` fixes the settings (else they come from the run config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from app.simulation import watch_stop_requests
+        from strategies.base import STOP
+
         cfg = config if config is not None else config_from_context(context.run_config)
-        run(grid, cfg)
+        # a stop request written for this Flower run (app/simulation.py: what a Ctrl-C in a
+        # simulation script sends) stops the run at its next safe point, as STOP does in-process
+        with watch_stop_requests(cfg.output_dir, flower_run_id_of(grid), STOP):
+            folder = run(grid, cfg)
+            if cfg.audit_probe > 0 and not STOP.is_set() and last_status(folder) == "success":
+                from app.probe import probe, save_probe
+
+                nodes = len(list(grid.get_node_ids()))
+                say(f"audit probe: {cfg.audit_probe} member and non-member candidates per client sent as fakes")
+                save_probe(folder, probe(grid, cfg, nodes, cfg.audit_probe, cfg.audit_seed))
 
     return app
 

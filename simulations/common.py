@@ -3,20 +3,19 @@
 An experiment is a YAML file of run-config keys (the same hyphenated keys as
 ``[tool.flwr.app.config]``); flags given on the command line override it, and the
 result is parsed once into the validated :class:`app.config.Config`. The run goes
-through Flower's simulation engine (Ray backend) with N virtual clients, using the
-same ServerApp/ClientApp code as ``flwr run .``.
+through ``flwr run`` and Flower's Simulation Engine (Ray backend) with N virtual clients
+(app/simulation.py), the same ServerApp/ClientApp as ``flwr run .``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
+import re
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +24,7 @@ import yaml
 from app.config import Config, ConfigError, check_tracking, parse_config, positive_int
 from app.data import DataError
 from app.runs import RunFolderError, describe_os_error, ensure_writable_dir, resolve_output_dir
-from strategies.base import STOP, RunFailed
+from strategies.base import STOP, TRACE_ENV, RunFailed
 
 INTERRUPTED_EXIT = 130   # the shell's code for a run stopped by SIGINT
 
@@ -140,14 +139,20 @@ def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict
 
 
 def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus: float | None = None,
-             server_app=None) -> Path:
-    """Run ``cfg`` with ``num_clients`` virtual clients; returns the run folder. ``server_app``
-    replaces the project's ServerApp (e.g. the privacy audit's, which trains and then probes)."""
-    import torch
-    from flwr.simulation import run_simulation
+             app_dir: Path | None = None, ray_cpus: int | None = None) -> Path:
+    """Run ``cfg`` with ``num_clients`` virtual clients through ``flwr run`` and the Simulation
+    Engine (app/simulation.py); returns the run folder. The process's managed local SuperLink
+    is started by the first call and reused by the next ones (stopped at exit). ``app_dir``: the
+    Flower app to run (default: a slim copy of this project; tests stage one whose ClientApp has
+    Flower mods: :func:`app.simulation.stage_app`). ``ray_cpus``: the CPUs Ray offers the
+    virtual clients (default: this machine's).
 
-    from app.client_app import check_dp_partitions, make_client_app
-    from app.server_app import make_server_app
+    Raises RunFailed (the run's own error, from summary.md) when the run fails; a first Ctrl-C /
+    SIGTERM asks the ServerApp to stop at its next safe point (SystemExit 130 once it has)."""
+    import torch
+
+    from app.client_app import check_dp_partitions
+    from app.simulation import SimulationError, absolute_paths, shared_federation, summary_error
 
     if cfg.min_nodes > num_clients:
         raise ConfigError(f"run config 'min-nodes' = {cfg.min_nodes} exceeds --clients {num_clients}")
@@ -158,41 +163,39 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
         raise ConfigError("--client-gpus > 0 but no CUDA device is visible")
     if cfg.max_in_flight == 0:   # keep every actor busy without queueing every message in the engine at once
         cfg = cfg.replace(max_in_flight=in_flight_for(num_clients, client_cpus, client_gpus))
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Ray's C++ crash handler would take SIGTERM from us (and abort); stop_on_signals handles it
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    # one BLAS/OpenMP thread per CPU a virtual client is given (the actors inherit this)
-    os.environ.setdefault("OMP_NUM_THREADS", str(client_cpus))
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     preflight(cfg)
+    run_config = absolute_paths(cfg.to_run_config())
     before = _runs(cfg)
-    started = time.monotonic()
+    # one BLAS/OpenMP thread per CPU a virtual client is given (the SuperLink's children inherit it)
+    env = {"OMP_NUM_THREADS": str(client_cpus), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    if os.environ.get(TRACE_ENV):   # the timing trace (simulations/scale.py): every process of the run writes it
+        env[TRACE_ENV] = os.environ[TRACE_ENV]
+    fed = shared_federation(env, ray_cpus)
     with stop_on_signals():
-        _start_ray_keeping_our_sigterm_handler()
         try:
-            run_simulation(server_app=server_app or make_server_app(cfg), client_app=make_client_app(cfg),
-                           num_supernodes=num_clients,
-                           backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus}})
-        except SystemExit as exc:
-            # ray.init replaces our SIGTERM handler with one that exits the main thread; the
-            # simulation engine has stopped by now, so ask the ServerApp to stop and let it
-            # write its summary
-            if exc.code != signal.SIGTERM:
-                raise
-            STOP.set()
-            print("\n[fedgan] SIGTERM: stopping", file=sys.stderr, flush=True)
-            _join_other_threads(timeout=60.0)
+            result = fed.run(run_config, num_clients, cpus=client_cpus, gpus=client_gpus,
+                             app_dir=app_dir, stop=STOP)
+        except SimulationError as exc:
+            raise RunFailed(str(exc)) from None
     new = sorted(_runs(cfg) - before)
-    if cfg.resume:
+    said = [m.group(1) for ln in result.log if (m := re.search(r"\[fedgan\] run folder: (/\S+)", ln))]
+    if said:
+        folder = Path(said[-1])
+    elif cfg.resume:
         folder = Path(cfg.resume).expanduser().resolve()   # a resumed run continues in its own folder
-    elif new:
-        folder = new[-1]
     else:
-        raise RuntimeError("the simulation finished without creating a run folder")
-    print(f"[fedgan] simulation wall time {time.monotonic() - started:.1f} s; run folder: {folder}", flush=True)
-    if STOP.is_set():   # stopped by the user: a script running several simulations stops too
+        folder = new[-1] if new else None
+    print(f"[fedgan] simulation wall time {result.seconds:.1f} s ({result.status}); run folder: {folder}",
+          flush=True)
+    if STOP.is_set() or result.status == "finished:stopped":   # a script running several simulations stops too
+        STOP.set()
         print("[fedgan] interrupted; see summary.md in the run folder for how to resume", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT)
+    if not result.ok:
+        why = summary_error(folder) or next((ln for ln in reversed(result.log) if ln.strip()), "no log")
+        raise RunFailed(f"the run ended {result.status}: {why}" + (f" (run folder: {folder})" if folder else ""))
+    if folder is None:
+        raise RuntimeError("the simulation finished without creating a run folder")
     return folder
 
 
@@ -207,32 +210,6 @@ def in_flight_for(num_clients: int, client_cpus: int, client_gpus: float) -> int
     if client_gpus > 0:
         actors = min(actors, max(1, int(torch.cuda.device_count() / client_gpus)))
     return max(1, min(num_clients, 16 * actors))
-
-
-def _start_ray_keeping_our_sigterm_handler() -> None:
-    """Start Ray here, as Flower's Ray backend would (it skips ``ray.init`` when Ray is running),
-    and put back the SIGTERM handler ``ray.init`` replaces with ``sys.exit``: a SIGTERM then asks
-    the ServerApp to stop at its next safe point, like Ctrl-C, instead of tearing the engine down
-    under messages in flight (whose errors Flower logs with tracebacks)."""
-    import ray
-
-    if ray.is_initialized() or threading.current_thread() is not threading.main_thread():
-        return
-    ours = signal.getsignal(signal.SIGTERM)
-    pythonpath = os.pathsep.join(sys.path)   # what Flower's backend passes its actors
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False)
-    signal.signal(signal.SIGTERM, ours)
-
-
-def _join_other_threads(timeout: float) -> None:
-    """Wait (bounded) for the threads still running, e.g. the ServerApp finishing its summary."""
-    deadline = time.monotonic() + timeout
-    for th in threading.enumerate():
-        if th is not threading.current_thread() and not th.daemon:
-            th.join(max(0.0, deadline - time.monotonic()))
 
 
 def _runs(cfg: Config) -> set[Path]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import sys
 import time
@@ -158,14 +157,6 @@ def baselines(runs: list[dict]) -> dict[str, str]:
 # ======================================================================================
 # Running
 # ======================================================================================
-class _DropDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
-
-
-_DROP_DEPRECATION = _DropDeprecation()
-
-
 def run_one(entry: dict, clients: int, args, log_dir: Path) -> tuple[Path | None, float, str | None]:
     """Simulate one run; (run folder, seconds, error). Its console output goes to logs/<label>.log
     (shown with --verbose); a failure is reported, not raised, so the other runs still happen."""
@@ -173,9 +164,6 @@ def run_one(entry: dict, clients: int, args, log_dir: Path) -> tuple[Path | None
 
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{entry['raw']['run-name']}.log"
-    flwr_log = logging.getLogger("flwr")
-    if not args.verbose and _DROP_DEPRECATION not in flwr_log.filters:
-        flwr_log.addFilter(_DROP_DEPRECATION)   # one deprecation notice per run_simulation call is noise here
     started = time.monotonic()
     before = set((Path(entry["raw"]["output-dir"]) / "runs").glob("*"))
     with open(log, "w", encoding="utf-8") as fh:

@@ -5,8 +5,9 @@ For each strategy (and each DP budget and client size asked for), one Flower sim
 on digits split by class (the embedded demo's setup), then the server attacks using only what
 that strategy's server receives or may send (docs/PRIVACY.md):
 
-* **probe** (PrivacyGAN): after the last round the server sends each client one more
-  ``train.discriminate`` message -- through the real ClientApp handler -- whose "fakes" are
+* **probe** (PrivacyGAN; the ServerApp sends it when run config ``audit-probe`` > 0, app/probe.py,
+  and keeps the scores in ``audit_probe.pt``): after the last round the server sends each client
+  one more ``train.discriminate`` message -- through the real ClientApp handler -- whose "fakes" are
   real candidates: the client's own training images (members) and as many images of the same
   two digits that the client never held (non-members: the server's own share and the test
   split). Scores: the labels D_i returns (higher = judged real) and, separately, minus the L2
@@ -56,11 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from app.audit import (attack_report, dcr_scores, discriminator_scores, learned_attack_scores,  # noqa: E402
-                       own_class_share, probe_batches, roc_points)
+                       own_class_share, roc_points)
 from app.config import Config, ConfigError  # noqa: E402
-from app.data import client_dataset, partition_summary, server_dataset, test_dataset  # noqa: E402
+from app.data import client_dataset, partition_summary  # noqa: E402
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
+from app.probe import candidates, load_probe  # noqa: E402
 from simulations.common import add_common_flags, build_config, simulate  # noqa: E402
 from strategies.base import RunFailed  # noqa: E402
 
@@ -79,75 +81,6 @@ def nodes_for(strategy: str, clients: int) -> int:
     return 2 * clients if strategy == "bpgan" else clients
 
 
-def candidates(cfg: Config, pid: int, num_clients: int, limit: int, seed: int):
-    """(members, non-members, classes, pool): client ``pid``'s training images and as many
-    images of its classes that no client holds (the server's share and the test split), each
-    at most ``limit``, drawn with a seeded generator; ``pool`` is every such non-member image."""
-    spec = cfg.data_spec()
-    own = client_dataset(spec, pid, num_clients)
-    classes = sorted({int(c) for c in own.y.tolist()})
-    server, test = server_dataset(spec), test_dataset(spec)
-    pool_x = torch.cat([server.x, test.x]) if len(server) else test.x
-    pool_y = torch.cat([server.y, test.y]) if len(server) else test.y
-    others = pool_x[torch.isin(pool_y, torch.tensor(classes))]
-    n = min(len(own), len(others), limit)
-    gen = torch.Generator().manual_seed(seed * 1009 + pid)
-    members = own.x[torch.randperm(len(own), generator=gen)[:n]]
-    nonmembers = others[torch.randperm(len(others), generator=gen)[:n]]
-    return members, nonmembers, classes, others
-
-
-def probe(grid, cfg: Config, num_clients: int, limit: int, seed: int) -> dict:
-    """The PrivacyGAN probe through the grid, after training: candidates sent as fakes."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-
-    from strategies import wire
-
-    nodes = list(grid.get_node_ids())
-    asks = [Message(content=RecordDict({wire.CONFIG: ConfigRecord({"round": cfg.num_rounds + 1})}),
-                    dst_node_id=nid, message_type=wire.INFO, group_id="audit") for nid in nodes]
-    pid_of = {}
-    for reply in grid.send_and_receive(asks, timeout=cfg.round_timeout):
-        if not reply.has_error():
-            pid_of[reply.metadata.src_node_id] = int(wire.metrics_of(reply.content)["partition_id"])
-    out, msgs, layout = {}, [], {}
-    for nid, pid in sorted(pid_of.items(), key=lambda kv: kv[1]):
-        mem, non, classes, _ = candidates(cfg, pid, num_clients, limit, seed)
-        both = torch.cat([mem, non])
-        order = torch.randperm(len(both), generator=torch.Generator().manual_seed(seed + pid))
-        fakes, n = probe_batches(both[order], cfg.batch_size)
-        layout[nid] = (pid, order, len(mem), n, classes, fakes.shape[0])
-        content = RecordDict({
-            wire.FAKES: wire.tensor_record(**{wire.FAKES: wire.encode_fakes(fakes, "float32")}),
-            wire.CONFIG: ConfigRecord({"round": cfg.num_rounds + 1, "loss": cfg.loss, "fakes-dtype": "float32",
-                                       "feedback-dtype": "float32", "client-disc-steps": cfg.client_disc_steps}),
-        })
-        msgs.append(Message(content=content, dst_node_id=nid, message_type=wire.DISCRIMINATE, group_id="audit"))
-    for reply in grid.send_and_receive(msgs, timeout=cfg.round_timeout):
-        nid = reply.metadata.src_node_id
-        if reply.has_error() or nid not in layout:
-            say(f"node {nid}: no probe reply ({reply.error.reason if reply.has_error() else 'unknown node'})")
-            continue
-        metrics = wire.metrics_of(reply.content)
-        if metrics.get("dp_exhausted"):
-            say(f"node {nid}: refused the probe, its dp-target-epsilon is spent")
-            continue
-        pid, order, m, n, classes, k = layout[nid]
-        labels = wire.get_tensor(reply.content.array_records[wire.REPLY], wire.LABELS).reshape(-1)[:n]
-        feedback = wire.get_tensor(reply.content.array_records[wire.REPLY], wire.FEEDBACK)
-        fb_norm = feedback.reshape(k * cfg.batch_size, -1).norm(dim=1)[:n]
-        back = torch.empty(n, dtype=torch.long)
-        back[order] = torch.arange(n)          # position of candidate j in the probe
-        label_scores, fb_scores = labels[back].double(), -fb_norm[back].double()
-        out[pid] = {"classes": classes, "members": m, "batches": k,
-                    # D_i's step count as the client reports it: its training steps + one per probe batch
-                    "d_steps_total": int(metrics["d_steps_total"]),
-                    **({"dp_epsilon": float(metrics["dp_epsilon"])} if "dp_epsilon" in metrics else {}),
-                    "label": (label_scores[:m].numpy(), label_scores[m:].numpy()),
-                    "feedback": (fb_scores[:m].numpy(), fb_scores[m:].numpy())}
-    return out
-
-
 def probe_steps(cfg: Config, clients: int, limit: int) -> int:
     """D steps the probe adds to the client with the most candidates (0 for other strategies)."""
     if cfg.strategy != "privacygan":
@@ -157,23 +90,6 @@ def probe_steps(cfg: Config, clients: int, limit: int) -> int:
         mem, non, _, _ = candidates(cfg, pid, clients, limit, 0)
         most = max(most, math.ceil((len(mem) + len(non)) / cfg.batch_size))
     return most * cfg.client_disc_steps
-
-
-def audit_server_app(cfg: Config, num_clients: int, limit: int, seed: int, holder: dict):
-    """The project's ServerApp run, then (PrivacyGAN) the probe, in one ServerApp."""
-    from flwr.serverapp import ServerApp
-
-    from app.server_app import run
-
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context) -> None:
-        holder["folder"] = run(grid, cfg)
-        if cfg.strategy == "privacygan":
-            holder["probe"] = probe(grid, cfg, num_clients, limit, seed)
-
-    return app
 
 
 def generator_samples(run: Path, name: str, num_samples: int, seed: int) -> tuple[torch.Tensor, dict]:
@@ -355,16 +271,17 @@ def run_cell(args, clients: int, cell: dict, share, images, evaluator: list, rep
     cell.update(client_images=sizes, server_share=cfg.server_share, noise_multiplier=sigma, rounds=cfg.num_rounds)
     say(f"{strategy}, clients of {min(sizes)}-{max(sizes)} images, epsilon {eps:g}"
         + (f" (noise multiplier {sigma:.3f})" if sigma else "") + f": training {cfg.num_rounds} rounds")
-    holder: dict = {}
-    run = simulate(cfg, nodes_for(strategy, clients), client_cpus=args.client_cpus, client_gpus=args.client_gpus,
-                   server_app=audit_server_app(cfg, clients, args.candidates, args.seed_attack, holder))
+    if strategy == "privacygan":   # the ServerApp probes each D_i after the last round (app/probe.py)
+        cfg = cfg.replace(audit_probe=args.candidates, audit_seed=args.seed_attack)
+    run = simulate(cfg, nodes_for(strategy, clients), client_cpus=args.client_cpus, client_gpus=args.client_gpus)
+    probed = load_probe(run) if strategy == "privacygan" else {}
     cell["run"] = str(run)
     attacks, extra = {}, {}
     spent = epsilons_spent(run) if cfg.dp else {}
     if strategy == "privacygan":
-        if len(holder.get("probe", {})) < clients:
-            say(f"{strategy}: only {len(holder.get('probe', {}))} of {clients} clients answered the probe")
-        for pid, r in holder.get("probe", {}).items():
+        if len(probed) < clients:
+            say(f"{strategy}: only {len(probed)} of {clients} clients answered the probe")
+        for pid, r in probed.items():
             attacks[("probe (labels)", pid)] = r["label"]
             attacks[("probe (feedback norm)", pid)] = r["feedback"]
             extra[pid] = {"probe_batches": r["batches"], "client_d_steps_after_probe": r["d_steps_total"]}

@@ -61,7 +61,8 @@ IN_PROCESS = MODES[:3]
 # Peak memory of the process tree
 # -------------------------------------------------------------------------------------------
 class TreeRSS:
-    """Samples the summed RSS of this process and all its descendants every ``every`` seconds."""
+    """Samples the summed RSS of this process, all its descendants and the processes of its
+    simulations' SuperLink (app/simulation.py) every ``every`` seconds."""
 
     def __init__(self, every: float = 0.1) -> None:
         self.every, self.peak = every, 0
@@ -69,9 +70,12 @@ class TreeRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> int:
+        from app.simulation import shared_processes
+
         me = psutil.Process()
         total = 0
-        for proc in [me, *me.children(recursive=True)]:
+        # the Simulation Engine's processes run under a detached SuperLink, not under this one
+        for proc in {p.pid: p for p in [me, *me.children(recursive=True), *shared_processes()]}.values():
             try:
                 total += proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):

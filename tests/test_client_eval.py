@@ -2,23 +2,20 @@
 down, only scalars and the fakes' label histogram come up, and the scores are the ones
 the client's own data gives."""
 
-import pickle
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from app.client_app import make_client_app
 from app.config import parse_config
 from app.data import client_dataset, test_dataset
 from app.metrics import ImageEvaluator, load_feature_net
-from app.runs import RunFolder
-from app.server_app import make_server_app
 from simulations import train_evaluator
 from strategies import client_eval, wire
 from strategies.wire import BadReply
+
+from e2e_mods import read_kept, simulate
 
 TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 3, "samples-per-client": 4,
         "sample-every": 0, "checkpoint-every": 0, "round-timeout": 120.0, "node-wait-timeout": 60.0,
@@ -37,25 +34,10 @@ def evaluators(tmp_path_factory):
 
 
 def run_with_tap(cfg, num_clients, taps):
-    from flwr.simulation import run_simulation
-
-    def tap(msg, context, call_next):
-        reply = call_next(msg, context)
-        rec = {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
-               "down_arrays": {f"{r}.{k}": wire.get_tensor(msg.content[r], k) for r in msg.content.array_records
-                               for k in msg.content[r].keys()},
-               "up_arrays": {} if reply.has_error() else {f"{r}.{k}" for r in reply.content.array_records
-                                                           for k in reply.content[r].keys()},
-               "up_metrics": {} if reply.has_error() else {k: v for r in reply.content.metric_records
-                                                             for k, v in reply.content[r].items()},
-               "error": reply.error.reason if reply.has_error() else None}
-        Path(taps, uuid.uuid4().hex).write_bytes(pickle.dumps(rec))
-        return reply
-
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=[tap]),
-                   num_supernodes=num_clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    seen = [pickle.loads(p.read_bytes()) for p in Path(taps).iterdir()]
-    return RunFolder.open(next((Path(cfg.output_dir) / "runs").iterdir())), seen
+    """The run (its RunFolder) and what each client received and sent (tests/e2e_mods.py: eval_tap)."""
+    run = simulate(cfg, num_clients, "eval_tap_app")
+    assert Path(taps) == Path(cfg.output_dir).parent / "taps"
+    return run, read_kept(taps)
 
 
 def check_eval_replies(seen, message_type, cfg):

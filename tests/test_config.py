@@ -33,6 +33,14 @@ def test_alpha_final_outside_unit_interval_is_refused(value):
         parse_config({"alpha-final": value})
 
 
+@pytest.mark.parametrize("raw, needle", [({"audit-probe": -1}, ">= 0"),
+                                         ({"audit-probe": 24, "strategy": "local"}, "unless strategy = privacygan")])
+def test_the_audit_probe_is_privacygan_only_and_not_negative(raw, needle):
+    with pytest.raises(ConfigError, match=f"'audit-probe' = .*{needle}"):
+        parse_config(raw)
+    assert parse_config({"audit-probe": 24}).audit_probe == 24
+
+
 def test_a_schedule_below_one_needs_a_teacher():
     with pytest.raises(ConfigError, match="'teacher-steps' = 0"):
         parse_config({"alpha": 1.0, "alpha-final": 0.5, "teacher-steps": 0})

@@ -437,21 +437,15 @@ def test_exhausted_clients_do_not_count_towards_min_replies():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_dp_local_run_reports_epsilon_per_client_per_round(tmp_path):
-    from flwr.simulation import run_simulation
-
-    from app.client_app import make_client_app
     from app.data import client_dataset
-    from app.runs import RunFolder
-    from app.server_app import make_server_app
+    from e2e_mods import simulate
 
     TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "samples-per-client": 4, "sample-every": 0,
             "round-timeout": 120.0, "node-wait-timeout": 60.0, "partition": "iid"}
     cfg = parse_config({**TINY, "strategy": "local", "dataset": "ring", "num-rounds": 3, "local-steps": 2,
                         "dp": True, "dp-noise-multiplier": 1.2, "dp-delta": 1e-4, "min-nodes": 2,
                         "client-eval": False, "output-dir": str(tmp_path / "out")})
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    run = RunFolder.open(next((tmp_path / "out" / "runs").iterdir()))
+    run = simulate(cfg, 2)
     rows = [json.loads(line) for line in Path(run.path, "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "clients" in r and isinstance(r["clients"], dict) and r["clients"]
             and all(isinstance(c, dict) and "dp_epsilon" in c for c in r["clients"].values())]

@@ -1,56 +1,22 @@
 """End to end through Flower's simulation engine: privacy of every message, teacher
 frozen, D_i state kept on its client, bytes logged, bad replies survived."""
 
-import pickle
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
-from app.client_app import make_client_app
 from app.config import parse_config
 from app.data import client_dataset
 from app.runs import RunFolder
-from app.server_app import make_server_app
 from strategies import client_eval, wire
 from strategies.base import RunFailed
+
+from e2e_mods import read_kept, simulate
 
 pytestmark = pytest.mark.e2e
 
 TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 5, "samples-per-client": 4,
         "sample-every": 1, "checkpoint-every": 1, "round-timeout": 120.0, "node-wait-timeout": 60.0}
-
-
-def simulate(cfg, num_clients, mods=()):
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=list(mods)),
-                   num_supernodes=num_clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    runs = sorted((Path(cfg.output_dir) / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return RunFolder.open(runs[0])
-
-
-def describe(record_dict):
-    out = {}
-    for name, rec in record_dict.items():
-        if name in record_dict.array_records:
-            out[name] = {k: wire.get_tensor(rec, k) for k in rec.keys()}
-        else:
-            out[name] = {k: (v if not isinstance(v, bytes) else b"") for k, v in rec.items()}
-    return out
-
-
-def make_tap(folder):
-    """A Flower client mod that stores every message a client receives and sends."""
-    def tap(msg, context, call_next):
-        reply = call_next(msg, context)
-        rec = {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
-               "down": describe(msg.content), "up": None if reply.has_error() else describe(reply.content),
-               "error": reply.error.reason if reply.has_error() else None}
-        Path(folder, f"{uuid.uuid4().hex}.pkl").write_bytes(pickle.dumps(rec))
-        return reply
-    return tap
 
 
 def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path, capsys):
@@ -60,8 +26,8 @@ def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path, 
     cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 2, "fakes-dtype": "float16",
                         "output-dir": str(tmp_path / "out"), "min-nodes": 3, "eval-samples": 64,
                         "evaluator-dir": str(tmp_path / "evaluators")})
-    run = simulate(cfg, 3, [make_tap(taps)])
-    records = [pickle.loads(p.read_bytes()) for p in taps.iterdir()]
+    run = simulate(cfg, 3, "tap_app")
+    records = read_kept(taps)
     reports = [r for r in records if r["type"] == client_eval.EVAL_FAKES]
     records = [r for r in records if r["type"] != client_eval.EVAL_FAKES]
     assert len(records) == 3 * 2  # 3 clients x 2 rounds, every one tapped
@@ -148,29 +114,10 @@ def check_end_of_run_report(run, cfg, reports, output):
     assert "end-of-run report, scored on each client" in output
 
 
-def corrupt(msg, context, call_next):
-    """Client mod: partition p answers in a different broken way (0..3), 4+ answer well."""
-    p = int(context.node_config["partition-id"])
-    if p == 3:
-        raise RuntimeError("simulated client crash")
-    reply = call_next(msg, context)
-    arrays = reply.content.array_records[wire.REPLY]
-    if p == 0:   # wrong shape
-        fb = wire.get_tensor(arrays, wire.FEEDBACK)
-        arrays[wire.FEEDBACK] = type(arrays[wire.LABELS]).from_torch_tensor(fb[:, :-1].contiguous())
-    elif p == 1:  # NaN in the feedback
-        fb = wire.get_tensor(arrays, wire.FEEDBACK)
-        fb[0, 0, 0, 0, 0] = float("nan")
-        arrays[wire.FEEDBACK] = type(arrays[wire.LABELS]).from_torch_tensor(fb)
-    elif p == 2:  # missing key
-        del arrays[wire.LABELS]
-    return reply
-
-
 def test_bad_replies_are_dropped_with_a_reason_and_the_round_completes(tmp_path):
     cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 1, "output-dir": str(tmp_path / "out"),
                         "min-nodes": 5, "min-replies": 1, "client-eval": False})   # training replies only
-    run = simulate(cfg, 5, [corrupt])
+    run = simulate(cfg, 5, "corrupt_app")
     metrics = run.read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -188,7 +135,7 @@ def test_too_few_good_replies_fail_the_run_with_a_clear_message(tmp_path):
     cfg = parse_config({**TINY, "num-rounds": 2, "output-dir": str(tmp_path / "out"), "min-nodes": 5,
                         "min-replies": 2})
     with pytest.raises(RunFailed, match="min-replies"):
-        simulate(cfg, 5, [corrupt])
+        simulate(cfg, 5, "corrupt_app")
     run = RunFolder.open(next((tmp_path / "out" / "runs").iterdir()))
     summary = (run.path / "summary.md").read_text()
     assert "status: **failed**" in summary

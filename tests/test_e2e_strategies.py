@@ -1,56 +1,31 @@
 """BPGAN and the baselines end to end through Flower's simulation engine."""
 
-import io
-import pickle
-import time
-import uuid
-from pathlib import Path
 
 import pytest
 import torch
-from flwr.simulation import run_simulation
 
 from app.builders import make_discriminator
-from app.client_app import make_client_app
 from app.config import parse_config
 from app.generators import list_generators
 from app.runs import RunFolder
 from app.sample import main as fedgan_sample
-from app.server_app import make_server_app
 from strategies import wire
 from strategies.base import RunFailed
-from strategies.bpgan import GB_STATE, RELAY, WANT_FEEDBACK
+
+from e2e_mods import optimizer_summary, read_kept, simulate
+from strategies.bpgan import RELAY, WANT_FEEDBACK
 
 pytestmark = pytest.mark.e2e
 TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "samples-per-client": 4, "sample-every": 0,
         "local-steps": 3, "num-rounds": 2, "round-timeout": 120.0, "node-wait-timeout": 60.0, "partition": "iid"}
 
 
-def simulate(cfg, n, mods=()):
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=list(mods)),
-                   num_supernodes=n, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return RunFolder.open(next((Path(cfg.output_dir) / "runs").iterdir()))
-
-
-def names(content):
-    return {f"{rec}.{key}": tuple(content[rec][key].shape) for rec in content.array_records
-            for key in content[rec].keys()}
-
-
 def test_bpgan_generator_nodes_get_no_data_and_discriminator_nodes_no_generator(tmp_path):
     taps = tmp_path / "taps"
     taps.mkdir()
-
-    def tap(msg, context, call_next):
-        reply = call_next(msg, context)
-        Path(taps, uuid.uuid4().hex).write_bytes(pickle.dumps({
-            "partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
-            "down": names(msg.content), "up": {} if reply.has_error() else names(reply.content)}))
-        return reply
-
     cfg = parse_config({**TINY, "strategy": "bpgan", "min-nodes": 4, "output-dir": str(tmp_path / "out")})
-    run = simulate(cfg, 4, [tap])
-    seen = [pickle.loads(p.read_bytes()) for p in taps.iterdir()]
+    run = simulate(cfg, 4, "shapes_tap_app")
+    seen = read_kept(taps)
     g_shapes = {tuple(v.shape) for v in __import__("app.builders", fromlist=["x"]).make_generator(cfg).state_dict().values()}
     for rec in seen:
         if rec["partition"] % 2:   # generator blocks: fakes go up, only feedback comes down - never real data or D
@@ -76,40 +51,13 @@ def test_bpgan_generator_nodes_get_no_data_and_discriminator_nodes_no_generator(
     assert len(list(out.glob("*.png"))) == 3 and (out / "samples.json").is_file()
 
 
-def optimizer_summary(opt_state: dict) -> dict:
-    """Kind, rate and step counts of an optimizer's ``state_dict()``: Adam keeps ``betas`` and the
-    moments exp_avg/exp_avg_sq, RMSProp keeps ``alpha`` and square_avg."""
-    group = opt_state["param_groups"][0]
-    kind = "Adam" if "betas" in group else "RMSprop" if "alpha" in group else "?"
-    return {"kind": kind, "lr": group["lr"], "state": sorted({k for st in opt_state["state"].values() for k in st}),
-            "steps": sorted({int(st["step"]) for st in opt_state["state"].values()})}
-
-
-def bpgan_state_tap(folder):
-    """A Flower client mod: after each message, what came down and went up and — on a generator
-    block — its own G step count and G optimizer, read from ``context.state`` (not from a metric)."""
-    def tap(msg, context, call_next):
-        reply = call_next(msg, context)
-        content = msg.content
-        rec = {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
-               "t": time.time_ns(), "error": reply.has_error(),
-               "config": dict(content.config_records[wire.CONFIG]) if wire.CONFIG in content.config_records else {},
-               "down": names(content), "up": {} if reply.has_error() else names(reply.content)}
-        if GB_STATE in context.state.config_records:
-            blob = torch.load(io.BytesIO(context.state.config_records[GB_STATE]["blob"]), weights_only=False)
-            rec["gb"] = {"g_steps": int(blob["g_steps"]), "opt": optimizer_summary(blob["opt"])}
-        Path(folder, uuid.uuid4().hex).write_bytes(pickle.dumps(rec))
-        return reply
-    return tap
-
-
 def run_hybrid(tmp_path, model, **extra):
     taps = tmp_path / "taps"
     taps.mkdir()
     cfg = parse_config({**TINY, "strategy": "bpgan", "min-nodes": 4, "bpgan-model": model, "wgan-critic-steps": 2,
                         "wgan-lr": 7e-5, "output-dir": str(tmp_path / "out"), **extra})
-    run = simulate(cfg, 4, [bpgan_state_tap(taps)])
-    seen = sorted((pickle.loads(p.read_bytes()) for p in taps.iterdir()), key=lambda r: r["t"])
+    run = simulate(cfg, 4, "bpgan_state_app")
+    seen = sorted(read_kept(taps), key=lambda r: r["t"])
     assert not any(r["error"] for r in seen)
     assert "status: **success**" in (run.path / "summary.md").read_text()
     # the comparison's analytic formula (model sizes, the n_critic schedule) equals the recorded bytes
@@ -236,15 +184,9 @@ def test_fedavg_variant_runs_end_to_end_with_flowers_strategy(tmp_path, variant)
     every client received)."""
     seen = tmp_path / "seen"
     seen.mkdir()
-
-    def tap(msg, context, call_next):
-        cfg = msg.content.config_records.get("config")
-        Path(seen, uuid.uuid4().hex).write_text(repr(None if cfg is None else cfg.get("proximal-mu")))
-        return call_next(msg, context)
-
     cfg = parse_config({**TINY, "strategy": "fedavg", "fedavg-variant": variant, "fedprox-mu": 0.5, "min-nodes": 2,
                         "checkpoint-every": 1, "output-dir": str(tmp_path / "out")})
-    run = simulate(cfg, 2, [tap])
+    run = simulate(cfg, 2, "mu_tap_app")
     assert [m["round"] for m in run.read_jsonl("metrics.jsonl")] == [1, 2]
     assert "status: **success**" in (run.path / "summary.md").read_text()
     ckpt = torch.load(run.path / "checkpoints" / "server.pt", weights_only=False)
@@ -255,5 +197,5 @@ def test_fedavg_variant_runs_end_to_end_with_flowers_strategy(tmp_path, variant)
         assert any(abs(m).sum() > 0 for m in moments["m_t"].values())     # the server optimizer has moved
     else:
         assert ckpt["flower_state"] == {}
-    mus = {p.read_text() for p in seen.iterdir()}
+    mus = {repr(mu) for mu in read_kept(seen)}
     assert mus == ({"0.5"} if variant == "fedprox" else {"None"})

@@ -32,6 +32,8 @@ from strategies.base import (NodeBook, NullRecorder, RunFailed, _last_line, appl
                              guarded_update)
 from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, client_discriminate
 
+from e2e_mods import scaled_feedback, simulate, simulation_processes
+
 PROJECT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SIDE, C, NZ, F = 16, 1, 8, 8
@@ -171,13 +173,6 @@ def honest_client(states):
                                    build_discriminator=build, disc_lr=1e-3, betas=(0.5, 0.999), device="cpu",
                                    seed=0, partition_id=nid)
     return handle
-
-
-def scaled_feedback(reply: RecordDict, factor: float) -> RecordDict:
-    rec = reply.array_records[wire.REPLY]
-    labels, fb = wire.get_tensor(rec, wire.LABELS), wire.get_tensor(rec, wire.FEEDBACK)
-    reply[wire.REPLY] = wire.tensor_record(**{wire.LABELS: labels, wire.FEEDBACK: fb * factor})
-    return reply
 
 
 def state_of(strat, nid):
@@ -507,39 +502,12 @@ TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps":
         "sample-every": 0, "checkpoint-every": 1, "steps-per-round": 1, "node-wait-timeout": 60.0}
 
 
-def simulate(cfg, num_clients, mods, spread=False):
-    from flwr.simulation import run_simulation
-
-    from app.client_app import make_client_app
-    from app.runs import RunFolder
-    from app.server_app import make_server_app
-
-    # workers = CPUs / CPUs per client: with ``spread`` every client gets its own worker, so a
-    # sleeping node blocks no one (Ray accepts fractional CPUs)
-    backend = {"client_resources": {"num_cpus": (os.cpu_count() or 2) / num_clients if spread else 1,
-                                    "num_gpus": 0.0}}
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, mods=list(mods)),
-                   num_supernodes=num_clients, backend_config=backend)
-    (run,) = sorted((Path(cfg.output_dir) / "runs").iterdir())
-    return RunFolder.open(run)
-
-
 @pytest.mark.e2e
 def test_hostile_replies_are_dropped_and_the_run_succeeds(tmp_path):
-    def hostile(msg, context, call_next):
-        reply = call_next(msg, context)
-        pid = int(context.node_config["partition-id"])
-        if msg.metadata.message_type == wire.DISCRIMINATE and not reply.has_error():
-            if pid == 1:
-                scaled_feedback(reply.content, 3e38 / 8)
-            if pid == 2:
-                reply.content["extra"] = wire.tensor_record(extra=torch.zeros(600_000))   # 2.4 MB
-        return reply
-
     # client-eval off: the end-of-run report's (good) evaluate replies would identify nodes 1 and 2
     cfg = parse_config({**TINY, "num-rounds": 2, "min-nodes": 3, "max-reply-mb": 1.0, "client-eval": False,
                         "output-dir": str(tmp_path / "out")})
-    folder = simulate(cfg, 3, [hostile])
+    folder = simulate(cfg, 3, "hostile_app")
     assert "status: **success**" in (folder.path / "summary.md").read_text()
     rounds = folder.read_jsonl("metrics.jsonl")
     assert [r["replies"] for r in rounds] == [1, 1]
@@ -565,27 +533,10 @@ def test_a_straggler_does_not_stall_the_others_and_a_node_slow_once_comes_back(t
     """Row 3, from round 2 on (round 1 absorbs the workers' start-up): node 1 stops answering in
     time (it sleeps until the run has ended), node 2 is late once, by 4 s."""
     out_dir = tmp_path / "out"
-    once = tmp_path / "slow-once-done"
-    timeout = 40.0
-
-    def slow(msg, context, call_next):
-        pid = int(context.node_config["partition-id"])
-        if msg.metadata.message_type == wire.DISCRIMINATE:
-            late_round = int(msg.content.config_records[wire.CONFIG]["round"]) >= 2
-            if late_round and pid == 1:
-                deadline = time.monotonic() + 300
-                while not list(out_dir.glob("runs/*/summary.md")) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-            elif late_round and pid == 2 and not once.exists():
-                once.write_text("1")
-                time.sleep(timeout + 4)
-            else:
-                time.sleep(1.0)
-        return call_next(msg, context)
-
+    timeout = 40.0   # the mod (tests/e2e_mods.py: slow) reads it from the run config
     cfg = parse_config({**TINY, "num-rounds": 9, "min-nodes": 3, "round-timeout": timeout,
                         "output-dir": str(out_dir)})
-    folder = simulate(cfg, 3, [slow], spread=True)
+    folder = simulate(cfg, 3, "slow_app", spread=True)
     assert "status: **success**" in (folder.path / "summary.md").read_text()
     rounds = folder.read_jsonl("metrics.jsonl")
     assert len(rounds) == 9
@@ -639,7 +590,8 @@ def test_a_signal_stops_the_run_within_seconds_leaves_nothing_running_and_it_res
     out_dir = tmp_path / "out"
     proc = start_run(out_dir, "--rounds", "400")
     run = wait_for_rounds(out_dir, proc, 3)
-    family = descendants(proc.pid)
+    family = descendants(proc.pid) | simulation_processes(psutil.Process(proc.pid).create_time())
+    assert any("flower-superlink" in _cmdline(p) for p in family)
     sent = time.monotonic()
     if to_group:
         os.killpg(proc.pid, sig)          # what Ctrl-C in a terminal does
@@ -653,7 +605,7 @@ def test_a_signal_stops_the_run_within_seconds_leaves_nothing_running_and_it_res
     assert "status: **interrupted**" in summary and "resume with --set resume=" in summary
     done = torch.load(run / "checkpoints" / "server.pt", weights_only=False)["round"]
     assert f"last checkpoint: round {done}" in summary and "Traceback" not in output
-    deadline = time.monotonic() + 20          # Ray's workers exit shortly after the driver
+    deadline = time.monotonic() + 20          # Ray's workers exit shortly after the driver, the SuperLink with the script
     while [p for p in family if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.5)
     left = [(p, _cmdline(p)[:80]) for p in family if alive(p)]

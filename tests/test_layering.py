@@ -37,3 +37,12 @@ def test_imports_point_one_way():
         for path in sorted((ROOT / layer).glob("*.py")):
             tops = {m.split(".")[0] for m in imported_modules(path)}
             assert not tops & forbidden, f"{layer}/{path.name} imports {sorted(tops & forbidden)}"
+
+
+def test_simulations_go_through_flwr_run_not_the_deprecated_in_process_api():
+    """Flower's ``run_simulation`` is deprecated: every simulation -- the scripts and the tests --
+    goes through ``flwr run`` and the Simulation Engine (app/simulation.py)."""
+    for layer in ("models", "strategies", "app", "simulations", "tests"):
+        for path in sorted((ROOT / layer).glob("*.py")):
+            used = {m for m in imported_modules(path) if m.endswith(("run_simulation", "_run_simulation"))}
+            assert not used, f"{layer}/{path.name} imports {sorted(used)}"

@@ -267,22 +267,16 @@ def test_mggan_settings_carry_each_groups_schedule_into_its_messages():
 
 @pytest.mark.e2e
 def test_simulation_regroups_and_counts_the_moved_discriminators(tmp_path):
-    from flwr.simulation import run_simulation
-
     from app.builders import make_discriminator
-    from app.client_app import make_client_app
     from app.config import parse_config
-    from app.runs import RunFolder
-    from app.server_app import make_server_app
+    from e2e_mods import simulate
 
     cfg = parse_config({"strategy": "mggan", "dataset": "ring", "partition": "full", "gen-features": 16,
                         "disc-features": 16, "latent-dim": 4, "batch-size": 32, "num-rounds": 5, "local-steps": 20,
                         "regroup-interval": -1, "period-a-window": 5, "period-a-min": 10, "period-a-cap": 30,
                         "regroup-xi": 1.5, "min-nodes": 3, "eval-samples": 500, "mggan-losses": "bce,wgan",
                         "client-disc-steps": 1, "wgan-critic-steps": 2, "output-dir": str(tmp_path)})
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=3,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    run = RunFolder.open(next((tmp_path / "runs").iterdir()))
+    run = simulate(cfg, 3)
     metrics = run.read_jsonl("metrics.jsonl")
     server = run.load_checkpoint("server.pt")
     # each group's G was written by its own client into the run folder (the server never holds one)

@@ -126,7 +126,7 @@ def test_grid_sizes_and_dp_budgets_are_derived_from_the_data():
     assert sets == ["dp=true", f"dp-noise-multiplier={sigma!r}", "dp-target-epsilon=0"]
     n_min = min(p["size"] for p in partition_summary(cfg.data_spec(), 5))
     steps = cfg.dp_planned_steps() + probe_steps(cfg, 5, 1000)
-    from simulations.privacy_audit import candidates
+    from app.probe import candidates
 
     per_client = [math.ceil(2 * len(candidates(cfg, pid, 5, 1000, 0)[0]) / cfg.batch_size) for pid in range(5)]
     assert probe_steps(cfg, 5, 1000) == max(per_client) * cfg.client_disc_steps > 0

@@ -2,6 +2,7 @@
 checkpoint, the run is continued with `resume=<run folder>`, and the finished run has
 every round exactly once and the byte totals of an uninterrupted run."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from app.config import ConfigError, parse_config
 from app.runs import RunFolder
 from app.server_app import open_for_resume
+
+from e2e_mods import simulation_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "gen-features=8", "--set", "disc-features=8", "--set", "batch-size=8", "--set", "teacher-steps=5",
@@ -56,7 +60,7 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
     finish(start(ref_out))
     ref = next((ref_out / "runs").iterdir())
 
-    # the same run, SIGKILLed (whole process group: server, Ray and its actors) after a checkpoint
+    # the same run, SIGKILLed (the script, the server, Ray and its actors) after a checkpoint
     out = tmp_path / "crash"
     out.mkdir()
     proc = start(out)
@@ -70,7 +74,13 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
             if len(rounds) >= 3:   # checkpoint of round 2 is written, round 3 done, round 4 under way
                 break
         time.sleep(0.2)
+    # the script and, at the same moment, its simulation: the SuperLink runs detached (in its own
+    # session), with the ServerApp, Ray and its actors under it
+    victims = simulation_processes(psutil.Process(proc.pid).create_time())
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert run is not None
     ckpt = RunFolder.open(run).load_checkpoint("server.pt")

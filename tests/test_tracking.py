@@ -153,18 +153,14 @@ def test_the_recorder_mirrors_rounds_and_grids_at_their_round(tmp_path):
 
 @pytest.mark.e2e
 def test_a_tiny_run_with_tracking_tensorboard_leaves_event_files_in_its_run_folder(tmp_path):
-    from flwr.simulation import run_simulation
-
-    from app.client_app import make_client_app
-    from app.server_app import make_server_app
+    from e2e_mods import simulate
 
     cfg = parse_config({"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 3,
                         "samples-per-client": 4, "sample-every": 1, "checkpoint-every": 0, "steps-per-round": 1,
                         "num-rounds": 2, "min-nodes": 2, "client-eval": False, "round-timeout": 120.0,
                         "node-wait-timeout": 60.0, "tracking": "tensorboard", "output-dir": str(tmp_path / "out")})
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=2,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    (run,) = (tmp_path / "out" / "runs").iterdir()
+    run = simulate(cfg, 2).path
+    assert [run] == list((tmp_path / "out" / "runs").iterdir())
     assert "status: **success**" in (run / "summary.md").read_text()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     acc = read_events(run / "tensorboard")

@@ -1,0 +1,116 @@
+"""app/simulation.py without a SuperLink: what a script hands ``flwr run`` (run-config file, the
+staged app) and the stop request that crosses from the script to the ServerApp's process. The
+runs themselves go through ``flwr run`` in every end-to-end test (tests/e2e_mods.py)."""
+
+import threading
+import time
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app.config import parse_config
+from app.simulation import (PROJECT, absolute_paths, request_stop, stage_app, stop_request_path, summary_error,
+                            watch_stop_requests, write_run_config)
+
+
+def test_the_run_config_file_holds_every_key_and_reads_back_equal(tmp_path):
+    raw = parse_config({"alpha": 0.75, "run-name": 'a "quoted" name', "dp": True}).to_run_config()
+    path = write_run_config(raw, tmp_path / "run.toml")
+    assert tomllib.loads(path.read_text()) == raw
+    assert parse_config(tomllib.loads(path.read_text())) == parse_config(raw)
+    with pytest.raises(TypeError, match="'bad'"):
+        write_run_config({"bad": [1, 2]}, tmp_path / "bad.toml")
+
+
+def test_paths_are_made_absolute_against_the_callers_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDGAN_HOME", str(tmp_path / "home"))
+    out = absolute_paths({"teacher-path": "t/teacher.pt", "resume": "", "dataset": "imagefolder:imgs",
+                          "output-dir": "outs", "alpha": 0.5}, cwd=tmp_path)
+    assert out == {"teacher-path": str(tmp_path / "t" / "teacher.pt"), "resume": "",
+                   "dataset": f"imagefolder:{tmp_path / 'imgs'}",
+                   "output-dir": str(tmp_path / "home" / "outs"),   # the ServerApp's own rule (app/runs.py)
+                   "alpha": 0.5}
+
+
+def test_the_staged_app_is_the_apps_code_only_with_the_chosen_clientapp(tmp_path):
+    extra = tmp_path / "mods.py"
+    extra.write_text("app = None\n")
+    dest = stage_app(tmp_path / "stage", clientapp="mods:app", extra={"mods.py": extra})
+    top = {p.name for p in dest.iterdir()}
+    assert top == {"app", "models", "strategies", "pyproject.toml", "README.md", ".gitignore", "mods.py"}
+    assert (dest / "app" / "server_app.py").read_bytes() == (PROJECT / "app" / "server_app.py").read_bytes()
+    assert not list(dest.rglob("__pycache__"))
+    components = tomllib.loads((dest / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "app.server_app:app", "clientapp": "mods:app"}
+    plain = stage_app(tmp_path / "plain")
+    assert tomllib.loads((plain / "pyproject.toml").read_text()) == tomllib.loads((PROJECT / "pyproject.toml").read_text())
+
+
+def test_the_staged_app_bundles_into_a_fab_with_the_apps_files(tmp_path):
+    """``flwr build`` on the staged copy: the FAB holds the packages and pyproject.toml."""
+    import subprocess
+    import sys
+
+    dest = stage_app(tmp_path / "stage")
+    flwr = Path(sys.executable).parent / "flwr"
+    out = subprocess.run([str(flwr), "build", "--app", str(dest)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "pyproject.toml" in names and "app/server_app.py" in names and "models/__init__.py" in names
+    assert not any(n.startswith(("simulations/", "tests/", ".venv/")) for n in names)
+
+
+def test_a_stop_request_reaches_the_watcher_and_is_removed_after(tmp_path):
+    stop = threading.Event()
+    with watch_stop_requests(tmp_path, 1234, stop, every=0.02) as path:
+        assert path == stop_request_path(tmp_path, 1234) == tmp_path / "stop-requests" / "1234"
+        request_stop(tmp_path, 999)          # another run's request changes nothing
+        time.sleep(0.1)
+        assert not stop.is_set()
+        request_stop(tmp_path, 1234)
+        assert stop.wait(2.0)
+    assert not path.exists()
+    with watch_stop_requests(tmp_path, None, stop) as nothing:   # no Flower run id (a test double): no watcher
+        assert nothing is None
+
+
+def test_summary_error_reads_the_runs_own_reason(tmp_path):
+    (tmp_path / "summary.md").write_text("# fedgan run\n\n- status: **failed**\n- error: `RunFailed: round 1: too few`\n")
+    assert summary_error(tmp_path) == "RunFailed: round 1: too few"
+    assert summary_error(tmp_path / "missing") is None and summary_error(None) is None
+
+
+def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly():
+    """A script SIGKILLed mid-run cannot close its federation: the watchdog process
+    (``python -m app.simulation watchdog <caller> <root>``) stops the root and its children."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    caller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    root = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"],
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not psutil.Process(root.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child,) = psutil.Process(root.pid).children()
+        dog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(caller.pid), str(root.pid)],
+                               cwd=PROJECT)
+        time.sleep(1.0)
+        assert root.poll() is None and dog.poll() is None          # the caller lives: nothing happens
+        caller.kill()
+        caller.wait()
+        assert dog.wait(timeout=30) == 0
+        assert root.wait(timeout=5) is not None
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        for p in (caller, root):
+            if p.poll() is None:
+                p.kill()
