@@ -138,6 +138,12 @@ def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict
     return cfg
 
 
+def said_folder(log: list[str]) -> Path | None:
+    """The run folder the ServerApp named in its log (its last "[fedgan] run folder:" line)."""
+    said = [m.group(1) for ln in log if (m := re.search(r"\[fedgan\] run folder: (/\S+)", ln))]
+    return Path(said[-1]) if said else None
+
+
 def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus: float | None = None,
              app_dir: Path | None = None, ray_cpus: int | None = None) -> Path:
     """Run ``cfg`` with ``num_clients`` virtual clients through ``flwr run`` and the Simulation
@@ -152,7 +158,7 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     import torch
 
     from app.client_app import check_dp_partitions
-    from app.simulation import SimulationError, absolute_paths, shared_federation, summary_error
+    from app.simulation import SimulationError, absolute_paths, shared_federation, summary_error, summary_status
 
     if cfg.min_nodes > num_clients:
         raise ConfigError(f"run config 'min-nodes' = {cfg.min_nodes} exceeds --clients {num_clients}")
@@ -174,13 +180,13 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     with stop_on_signals():
         try:
             result = fed.run(run_config, num_clients, cpus=client_cpus, gpus=client_gpus,
-                             app_dir=app_dir, stop=STOP)
+                             app_dir=app_dir, stop=STOP, settled=lambda log: summary_status(said_folder(log)))
         except SimulationError as exc:
             raise RunFailed(str(exc)) from None
     new = sorted(_runs(cfg) - before)
-    said = [m.group(1) for ln in result.log if (m := re.search(r"\[fedgan\] run folder: (/\S+)", ln))]
+    said = said_folder(result.log)
     if said:
-        folder = Path(said[-1])
+        folder = said
     elif cfg.resume:
         folder = Path(cfg.resume).expanduser().resolve()   # a resumed run continues in its own folder
     else:

@@ -12,7 +12,7 @@ import pytest
 
 from app.config import parse_config
 from app.simulation import (PROJECT, absolute_paths, request_stop, stage_app, stop_request_path, summary_error,
-                            watch_stop_requests, write_run_config)
+                            summary_status, watch_stop_requests, write_run_config)
 
 
 def test_the_run_config_file_holds_every_key_and_reads_back_equal(tmp_path):
@@ -82,6 +82,39 @@ def test_summary_error_reads_the_runs_own_reason(tmp_path):
     (tmp_path / "summary.md").write_text("# fedgan run\n\n- status: **failed**\n- error: `RunFailed: round 1: too few`\n")
     assert summary_error(tmp_path) == "RunFailed: round 1: too few"
     assert summary_error(tmp_path / "missing") is None and summary_error(None) is None
+
+
+def test_summary_status_is_the_flwr_ls_status_of_a_finished_run_and_none_otherwise(tmp_path):
+    """What lets a run's end skip ``flwr ls``: success and failed map to Flower's final statuses;
+    an interrupted run, one without a summary, or no folder leave it to ``flwr ls``."""
+    for word, status in (("success", "finished:completed"), ("failed", "finished:failed"), ("interrupted", None),
+                         ("running", None)):
+        (tmp_path / "summary.md").write_text(f"# fedgan run\n\n- status: **{word}**\n")
+        assert summary_status(tmp_path) == status, word
+    assert summary_status(tmp_path / "missing") is None and summary_status(None) is None
+
+
+@pytest.mark.e2e
+def test_a_shared_federation_idle_for_long_enough_is_closed_and_the_next_one_starts_fresh():
+    """An idle SuperLink + Ray cluster costs ~10 % of a core: the reaper closes a shared one that
+    no run has used for IDLE_CLOSE_S, its processes stop, and shared_federation hands out a new one."""
+    from app.loopback import process_alive
+    from app.simulation import shared_federation
+
+    fed = shared_federation({"FEDGAN_TEST_IDLE": "1"}, 1)
+    fed.start()
+    procs = fed.processes()
+    assert any("flower-superlink" in " ".join(p.cmdline()) for p in procs)
+    assert not fed.close_if_idle(3600.0) and not fed.closed       # just used: kept
+    fed.last_used -= 3600.0
+    assert fed.close_if_idle(3600.0) and fed.closed
+    deadline = time.monotonic() + 20
+    while [p for p in procs if process_alive(p.pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p.pid for p in procs if process_alive(p.pid)]
+    again = shared_federation({"FEDGAN_TEST_IDLE": "1"}, 1)
+    assert again is not fed and not again.closed
+    again.close()
 
 
 def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly():
