@@ -99,6 +99,40 @@ def test_bpgan_table_splits_discriminator_and_generator_blocks(compared):
     assert "DB " in line and "GB " in line
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", ["dataparallel", "fedavg", "local", "centralized"])
+def test_each_baseline_run_writes_the_same_run_folder(compared, strategy, tmp_path):
+    """The baselines' own run folders, from the comparison's runs (one Flower run each): every
+    round in metrics.jsonl with a finite G loss, the files every run writes, samples, and every
+    generator the run trained -- the server's global G, or (local) the one each client trained
+    and wrote itself -- which fedgan-sample draws from."""
+    import numpy as np
+    import torch
+
+    from app.generators import list_generators
+    from app.runs import RunFolder
+    from app.sample import main as fedgan_sample
+
+    row = next(r for r in compared["json"]["rows"] if r["label"] == strategy)
+    run = RunFolder.open(Path(row["run"]))
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [m["round"] for m in metrics] == list(range(1, row["rounds"] + 1))
+    assert all(torch.isfinite(torch.tensor(m["g_loss"])) for m in metrics)
+    for name in ("config.json", "comm.jsonl", "summary.md", "checkpoints/server.pt"):
+        assert (run.path / name).exists(), name
+    assert list((run.path / "samples").glob("*.png"))
+    assert "status: **success**" in (run.path / "summary.md").read_text()
+    known = list_generators(run.path)
+    assert list(known) == (["client0", "client1"] if strategy == "local" else ["global"])
+    assert {m["round"] for m in known.values()} == {row["rounds"]}
+    if strategy == "local":     # local-steps = 2 per round, 2 rounds
+        assert all((m["owner"], m["steps"]) == ("client", 4) for m in known.values())
+        out = tmp_path / "client1.npz"
+        assert fedgan_sample(["--run", str(run.path), "--generator", "client1", "--num", "20", "--out", str(out)]) == 0
+        z = np.load(out)
+        assert z["images"].shape == (20, 16, 16, 1) and (str(z["generator"]), int(z["round"])) == ("client1", 2)
+
+
 # ======================================================================================
 # Modeled time: thesis Eq. 4.1/4.2 generalized, against hand arithmetic
 # ======================================================================================

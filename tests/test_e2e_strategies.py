@@ -153,35 +153,13 @@ def test_bpgan_with_an_odd_number_of_nodes_stops_with_a_clear_error(tmp_path):
     assert "status: **failed**" in (run.path / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("strategy", ["dataparallel", "fedavg", "local", "centralized"])
-def test_baseline_runs_and_writes_the_same_run_folder(tmp_path, strategy):
-    cfg = parse_config({**TINY, "strategy": strategy, "min-nodes": 2, "output-dir": str(tmp_path)})
-    run = simulate(cfg, 2)
-    metrics = run.read_jsonl("metrics.jsonl")
-    assert [m["round"] for m in metrics] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(m["g_loss"])) for m in metrics)
-    for name in ("config.json", "comm.jsonl", "summary.md", "checkpoints/server.pt"):
-        assert (run.path / name).exists(), name
-    assert list((run.path / "samples").glob("*.png"))
-    assert "status: **success**" in (run.path / "summary.md").read_text()
-    # every generator the run trained is in its folder: the server's global G, or (local) the one
-    # each client trained and wrote itself; fedgan-sample draws from it
-    known = list_generators(run.path)
-    assert list(known) == (["client0", "client1"] if strategy == "local" else ["global"])
-    assert {m["round"] for m in known.values()} == {2}
-    if strategy == "local":
-        assert all((m["owner"], m["steps"]) == ("client", 6) for m in known.values())
-        out = tmp_path / "client1.npz"
-        assert fedgan_sample(["--run", str(run.path), "--generator", "client1", "--num", "20", "--out", str(out)]) == 0
-        z = __import__("numpy").load(out)
-        assert z["images"].shape == (20, 16, 16, 1) and (str(z["generator"]), int(z["round"])) == ("client1", 2)
-
-
-@pytest.mark.parametrize("variant", ["fedprox", "fedadam", "fedyogi", "krum", "trimmed-mean"])
+@pytest.mark.parametrize("variant", ["fedprox", "fedadam", "krum"])
 def test_fedavg_variant_runs_end_to_end_with_flowers_strategy(tmp_path, variant):
-    """Each of Flower's aggregations as ``fedavg-variant``: the run completes, and what it leaves
-    says which strategy aggregated (FedOpt's moments in the checkpoint; FedProx's mu in the config
-    every client received)."""
+    """Flower's aggregations as ``fedavg-variant``, one of each kind: the run completes, and what
+    it leaves says which strategy aggregated (FedOpt's moments in the checkpoint; FedProx's mu in
+    the config every client received; Krum neither). FedYogi shares FedAdam's path and trimmed
+    mean Krum's; each aggregation's arithmetic is checked without Flower's engine in
+    tests/test_fedavg.py."""
     seen = tmp_path / "seen"
     seen.mkdir()
     cfg = parse_config({**TINY, "strategy": "fedavg", "fedavg-variant": variant, "fedprox-mu": 0.5, "min-nodes": 2,

@@ -70,6 +70,27 @@ def test_fedadam_steps_the_parameters_with_adam_on_the_averaged_move_and_average
         current = out
 
 
+def test_fedyogi_moves_its_second_moment_by_the_sign_rule_with_no_bias_correction():
+    """FedYogi (Reddi et al. 2021, Alg. 2): m = β1 m + (1-β1) Δ, v = v - (1-β2) Δ² sign(v - Δ²),
+    w += η m / (√v + τ) -- Flower's FedYogi takes η as it is (no bias correction, unlike its
+    FedAdam); the statistics are averaged."""
+    s = FedAvgSettings(variant="fedyogi", server_lr=0.05, server_tau=1e-3)
+    strategy = flower_strategy(s)
+    w, m, v = CURRENT["g.w"].clone(), torch.zeros(3, 4), torch.zeros(3, 4)
+    current = dict(CURRENT)
+    for rnd in (1, 2, 3):
+        sts, ns = states(2), [1, 3]
+        delta = (sts[0]["g.w"] + 3 * sts[1]["g.w"]) / 4 - w
+        m = 0.9 * m + 0.1 * delta
+        v = v - 0.01 * delta ** 2 * torch.sign(v - delta ** 2)
+        w = w + 0.05 * m / (v.sqrt() + 1e-3)
+        out = flower_aggregate(strategy, rnd, [content(x, n) for x, n in zip(sts, ns)], current, PARAMS)
+        assert torch.allclose(out["g.w"], w, atol=1e-5), rnd
+        mean_bn = (sts[0]["g.bn.running_mean"] + 3 * sts[1]["g.bn.running_mean"]) / 4
+        assert torch.allclose(out["g.bn.running_mean"], mean_bn, atol=1e-6)
+        current = out
+
+
 def test_krum_picks_the_reply_closest_to_its_nearest_others():
     base = torch.randn(3, 4, generator=GEN)
     sts = [{"g.w": base + 0.01 * i} for i in range(3)] + [{"g.w": base + 10.0}]
