@@ -138,6 +138,22 @@ def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict
     return cfg
 
 
+RAY_CPUS_ENV = "FEDGAN_RAY_CPUS"
+
+
+def ray_cpus_from_env() -> int | None:
+    """``$FEDGAN_RAY_CPUS``: the CPUs Ray offers a script's virtual clients (None: all of this
+    machine's). With client-cpus = 1 that is how many actors run at once; the test suite sets 1
+    (one actor start per tiny run instead of two, ~2 s on 2 cores) except where it tests
+    concurrency."""
+    raw = os.environ.get(RAY_CPUS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"environment variable {RAY_CPUS_ENV} = {raw!r} must be a whole number >= 1")
+    return int(raw)
+
+
 def said_folder(log: list[str]) -> Path | None:
     """The run folder the ServerApp named in its log (its last "[fedgan] run folder:" line)."""
     said = [m.group(1) for ln in log if (m := re.search(r"\[fedgan\] run folder: (/\S+)", ln))]
@@ -151,7 +167,7 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     is started by the first call and reused by the next ones (stopped at exit). ``app_dir``: the
     Flower app to run (default: a slim copy of this project; tests stage one whose ClientApp has
     Flower mods: :func:`app.simulation.stage_app`). ``ray_cpus``: the CPUs Ray offers the
-    virtual clients (default: this machine's).
+    virtual clients (default: ``$FEDGAN_RAY_CPUS``, else this machine's).
 
     Raises RunFailed (the run's own error, from summary.md) when the run fails; a first Ctrl-C /
     SIGTERM asks the ServerApp to stop at its next safe point (SystemExit 130 once it has)."""
@@ -176,7 +192,7 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     env = {"OMP_NUM_THREADS": str(client_cpus), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     if os.environ.get(TRACE_ENV):   # the timing trace (simulations/scale.py): every process of the run writes it
         env[TRACE_ENV] = os.environ[TRACE_ENV]
-    fed = shared_federation(env, ray_cpus)
+    fed = shared_federation(env, ray_cpus or ray_cpus_from_env())
     with stop_on_signals():
         try:
             result = fed.run(run_config, num_clients, cpus=client_cpus, gpus=client_gpus,

@@ -37,10 +37,10 @@ _STAGED: dict[str | None, Path] = {}
 
 def simulate(cfg, num_clients: int, app: str | None = None, *, spread: bool = False):
     """Run ``cfg`` with ``num_clients`` virtual clients whose ClientApp is ``app`` (a name in this
-    module, e.g. ``"tap_app"``; None: the project's own) and return its RunFolder. Ray offers one
-    CPU, so the clients take turns on one worker: one actor start (torch imported once, not once
-    per CPU) makes a tiny run ~2 s shorter on 2 cores. ``spread``: one CPU per client instead, so
-    every client has its own worker and a sleeping one blocks no one."""
+    module, e.g. ``"tap_app"``; None: the project's own) and return its RunFolder. Ray offers
+    ``$FEDGAN_RAY_CPUS`` CPUs (1 in tests: tests/conftest.py), so the clients take turns on one
+    worker. ``spread``: one CPU per client instead, so every client has its own worker and a
+    sleeping one blocks no one."""
     from app.runs import RunFolder
     from app.simulation import stage_app
     from simulations.common import simulate as run_simulated
@@ -50,7 +50,7 @@ def simulate(cfg, num_clients: int, app: str | None = None, *, spread: bool = Fa
         atexit.register(shutil.rmtree, root, True)
         _STAGED[app] = stage_app(root / "app", clientapp=f"e2e_mods:{app}" if app else None,
                                  extra={"e2e_mods.py": HERE} if app else None)
-    folder = run_simulated(cfg, num_clients, app_dir=_STAGED[app], ray_cpus=num_clients if spread else 1)
+    folder = run_simulated(cfg, num_clients, app_dir=_STAGED[app], ray_cpus=num_clients if spread else None)
     return RunFolder.open(folder)
 
 

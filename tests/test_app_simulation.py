@@ -94,6 +94,20 @@ def test_summary_status_is_the_flwr_ls_status_of_a_finished_run_and_none_otherwi
     assert summary_status(tmp_path / "missing") is None and summary_status(None) is None
 
 
+def test_fedgan_ray_cpus_is_a_whole_number_or_unset(monkeypatch):
+    from app.config import ConfigError
+    from simulations.common import ray_cpus_from_env
+
+    monkeypatch.setenv("FEDGAN_RAY_CPUS", "3")
+    assert ray_cpus_from_env() == 3
+    monkeypatch.setenv("FEDGAN_RAY_CPUS", "")
+    assert ray_cpus_from_env() is None
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv("FEDGAN_RAY_CPUS", bad)
+        with pytest.raises(ConfigError, match="FEDGAN_RAY_CPUS"):
+            ray_cpus_from_env()
+
+
 @pytest.mark.e2e
 def test_a_shared_federation_idle_for_long_enough_is_closed_and_the_next_one_starts_fresh():
     """An idle SuperLink + Ray cluster costs ~10 % of a core: the reaper closes a shared one that

@@ -7,10 +7,8 @@ import torch
 from app.builders import make_discriminator
 from app.config import parse_config
 from app.generators import list_generators
-from app.runs import RunFolder
 from app.sample import main as fedgan_sample
 from strategies import wire
-from strategies.base import RunFailed
 
 from e2e_mods import optimizer_summary, read_kept, simulate
 from strategies.bpgan import RELAY, WANT_FEEDBACK
@@ -145,21 +143,14 @@ def test_bpgan_wdcgan_runs_an_adam_dcgan_discriminator_and_rmsprop_generators(tm
     assert [(m["d_steps_total"], m["g_steps"]) for m in metrics] == [(1, 0), (2, 2), (3, 4)]
 
 
-def test_bpgan_with_an_odd_number_of_nodes_stops_with_a_clear_error(tmp_path):
-    cfg = parse_config({**TINY, "strategy": "bpgan", "min-nodes": 2, "output-dir": str(tmp_path)})
-    with pytest.raises(RunFailed, match="odd|even|pair"):
-        simulate(cfg, 3)
-    run = RunFolder.open(next((tmp_path / "runs").iterdir()))
-    assert "status: **failed**" in (run.path / "summary.md").read_text()
-
-
-@pytest.mark.parametrize("variant", ["fedprox", "fedadam", "krum"])
+@pytest.mark.parametrize("variant", ["fedprox", "fedadam"])
 def test_fedavg_variant_runs_end_to_end_with_flowers_strategy(tmp_path, variant):
-    """Flower's aggregations as ``fedavg-variant``, one of each kind: the run completes, and what
-    it leaves says which strategy aggregated (FedOpt's moments in the checkpoint; FedProx's mu in
-    the config every client received; Krum neither). FedYogi shares FedAdam's path and trimmed
-    mean Krum's; each aggregation's arithmetic is checked without Flower's engine in
-    tests/test_fedavg.py."""
+    """Flower's aggregations as ``fedavg-variant``, the two that leave a trace beyond the
+    aggregate: the run completes, and what it leaves says which strategy aggregated (FedOpt's
+    moments in the checkpoint; FedProx's mu in the config every client received, none
+    otherwise). FedYogi shares FedAdam's path; Krum and trimmed mean keep no state and send
+    nothing extra. Each aggregation's arithmetic is checked on Flower's own strategy objects,
+    without the engine, in tests/test_fedavg.py."""
     seen = tmp_path / "seen"
     seen.mkdir()
     cfg = parse_config({**TINY, "strategy": "fedavg", "fedavg-variant": variant, "fedprox-mu": 0.5, "min-nodes": 2,
