@@ -192,6 +192,9 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     env = {"OMP_NUM_THREADS": str(client_cpus), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     if os.environ.get(TRACE_ENV):   # the timing trace (simulations/scale.py): every process of the run writes it
         env[TRACE_ENV] = os.environ[TRACE_ENV]
+    # the caller's Ray settings (e.g. RAY_memory_usage_threshold) reach the federation's cluster, and
+    # other settings get a federation of their own rather than one started without them
+    env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_") and k not in env})
     fed = shared_federation(env, ray_cpus or ray_cpus_from_env())
     with stop_on_signals():
         try:

@@ -555,11 +555,17 @@ def require_replies(rnd: int, ex: Exchange, min_replies: int) -> None:
         if len(items) > 3:
             reasons += f"; and {len(items) - 3} more"
         timed_out = sum(why.startswith(("no reply within", "still busy")) for _, why in items)
+        out_of_memory = sum("OutOfMemoryError" in why for _, why in items)
         hint = ""
         if timed_out:
             hint = (f". {timed_out} node(s) did not answer in time: raise run config 'round-timeout' (a round's "
                     "replies come one actor at a time: many virtual clients on few CPUs need minutes), or lower "
                     "'min-replies' / 'fraction-train'")
+        if out_of_memory:
+            hint += (f". {out_of_memory} node(s) lost their worker to Ray's memory monitor (the machine's memory "
+                     "use passed RAY_memory_usage_threshold, 0.95 unless set): run fewer actors at once (more "
+                     "CPUs per virtual client, or fewer CPUs for Ray: FEDGAN_RAY_CPUS), smaller networks or "
+                     "'batch-size', fewer virtual clients per machine; or lower 'min-replies'")
         raise RunFailed(f"round {rnd}: {len(ex.replies)} good repl(ies), run config 'min-replies' asks for "
                         f"{min_replies} ({reasons}){hint}")
 

@@ -652,6 +652,36 @@ def test_too_few_replies_at_scale_names_the_limit_and_what_to_change():
     assert "round-timeout" not in str(err.value)     # no timing hint for a bad reply
 
 
+def test_workers_killed_by_rays_memory_monitor_name_the_limit_and_what_to_change():
+    from strategies.base import Exchange, require_replies
+
+    oom = ("error reply (code 0: unknown): <class 'ray.exceptions.OutOfMemoryError'>:<'1 worker(s) were killed "
+           "due to the node running low on memory. ... exceeds the memory usage threshold of 0.950000")
+    ex = Exchange(replies={1: None}, dropped={2: oom, 3: oom, 4: "labels not finite"})
+    with pytest.raises(RunFailed) as err:
+        require_replies(2, ex, 2)
+    msg = str(err.value)
+    assert msg.startswith("round 2: 1 good repl(ies), run config 'min-replies' asks for 2 (node 2: error reply")
+    assert "2 node(s) lost their worker to Ray's memory monitor" in msg and "RAY_memory_usage_threshold" in msg
+    assert "FEDGAN_RAY_CPUS" in msg and "'min-replies'" in msg and "round-timeout" not in msg
+
+
+@pytest.mark.e2e
+def test_a_run_whose_actors_ray_kills_for_memory_fails_saying_which_limit_and_what_to_change(tmp_path, monkeypatch):
+    """Ray's memory monitor provoked for real: a threshold of 2 % of the machine's memory (always
+    passed) makes Ray kill every ClientApp worker; the run fails at round 1 naming the limit."""
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.02")
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "50")
+    cfg = parse_config({**TINY, "strategy": "fedavg", "num-rounds": 2, "local-steps": 1, "min-nodes": 2,
+                        "round-timeout": 60.0, "output-dir": str(tmp_path / "out")})
+    with pytest.raises(RunFailed, match="lost their worker to Ray's memory monitor") as err:
+        simulate(cfg, 2)
+    assert "OutOfMemoryError" in str(err.value) and "FEDGAN_RAY_CPUS" in str(err.value)
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    summary = (run / "summary.md").read_text()
+    assert "status: **failed**" in summary and "Ray's memory monitor" in summary
+
+
 def test_max_in_flight_keeps_that_many_messages_unanswered_and_gets_every_reply():
     """max-in-flight = 2 over 5 nodes: never more than 2 messages pushed and not yet pulled, every
     node answered and booked; with a node that never answers and a short timeout, the nodes still
