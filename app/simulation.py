@@ -420,6 +420,7 @@ class LocalFederation:
         if self.closed:
             return
         self.closed = True
+        self._stop_cli_calls()
         stop_process_tree(self._roots())
         stop_process_tree(self.ray_processes())
         for proc in (self._superlink, self._watchdog):
@@ -430,6 +431,16 @@ class LocalFederation:
                     proc.wait(timeout=5)
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _stop_cli_calls(self) -> None:
+        """Kill this process's ``flwr`` CLI calls for this federation still running (the stream
+        watcher's ``flwr ls``): once the SuperLink is gone, a ``flwr`` command for the ``local``
+        connection starts Flower's own managed SuperLink, which nobody would stop."""
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if any(Path(arg).name == "flwr" for arg in child.cmdline()[:2]) and \
+                        child.environ().get("FLWR_HOME") == str(self.flwr_home):
+                    child.kill()
 
     def __enter__(self) -> "LocalFederation":
         return self

@@ -131,6 +131,39 @@ def test_a_shared_federation_idle_for_long_enough_is_closed_and_the_next_one_sta
     again.close()
 
 
+@pytest.mark.e2e
+def test_a_flwr_call_still_running_at_close_cannot_leave_a_superlink_behind():
+    """``flwr ls`` for the ``local`` connection starts Flower's own managed SuperLink when none
+    answers: one still starting when the federation closes must be stopped with it, or that
+    SuperLink (with the federation's FLWR_HOME) would run on unowned."""
+    import subprocess
+
+    import psutil
+
+    from app.simulation import LocalFederation
+
+    fed = LocalFederation(ray_cpus=1)
+    fed.start()
+    home = str(fed.flwr_home)
+    late = subprocess.Popen(["flwr", "ls", "local", "--format", "json"], env=fed.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)   # still importing when the SuperLink goes
+    fed.close()
+    late.wait(timeout=30)
+    time.sleep(3.0)
+
+    def strays():
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            line = " ".join(p.info.get("cmdline") or [])
+            if "flower-superlink" in line and home in line:
+                out.append(p)
+        return out
+    left = strays()
+    for p in left:
+        p.kill()
+    assert not left, [" ".join(p.cmdline())[:120] for p in left]
+
+
 def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly():
     """A script SIGKILLed mid-run cannot close its federation: the watchdog process
     (``python -m app.simulation watchdog <caller> <root>``) stops the root and its children."""
