@@ -544,25 +544,24 @@ def close_shared() -> None:
         _SHARED.clear()
 
 
-def _summary(folder: Path | None) -> str:
-    """A run folder's summary.md ('' when there is none)."""
-    try:
-        return (Path(folder) / "summary.md").read_text() if folder is not None else ""
-    except OSError:
-        return ""
-
-
 def summary_status(folder: Path | None) -> str | None:
-    """The final status, in ``flwr ls`` terms, that a run folder's summary.md records:
-    ``finished:completed`` for success, ``finished:failed`` for failed; None otherwise (no
-    summary, an interrupted run, one still running)."""
-    m = re.search(r"status: \*\*(\w+)\*\*", _summary(folder))
-    return {"success": "finished:completed", "failed": "finished:failed"}.get(m.group(1)) if m else None
+    """The final status, in ``flwr ls`` terms, that a run folder's summary.md records
+    (:func:`app.server_app.last_status`): ``finished:completed`` for success, ``finished:failed``
+    for failed; None otherwise (no summary, an interrupted run, one still running)."""
+    from app.server_app import last_status   # here: the watchdog (python -m app.simulation) needs no torch
+
+    status = last_status(folder) if folder is not None else None
+    return {"success": "finished:completed", "failed": "finished:failed"}.get(status or "")
 
 
 def summary_error(folder: Path | None) -> str | None:
     """The error line of a run folder's summary.md (None when there is none)."""
-    text = _summary(folder)
+    if folder is None:
+        return None
+    try:
+        text = (Path(folder) / "summary.md").read_text()
+    except OSError:
+        return None
     m = re.search(r"^- (?:error|stopped): `(.*)`$", text, re.M)
     return m.group(1) if m else None
 
