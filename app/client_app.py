@@ -234,7 +234,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         cfg = _config(config, context)
         data, pid = local_data(cfg, context)
         device = resolve_device(cfg.device)
-        x = data.x
+        x = data.view   # float rows converted as sampled (uint8 storage: no float copy)
 
         def sample_real(batch: int, gen: torch.Generator) -> torch.Tensor:
             return x[torch.randint(len(x), (batch,), generator=gen)]
@@ -253,7 +253,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     # --- baselines: dataparallel, fedavg, local ------------------------------------------
     def with_data(cfg: Config, context: Context) -> dict:
         data, pid = local_data(cfg, context)
-        x = data.x
+        x = data.view   # float rows converted as sampled (uint8 storage: no float copy)
         return {"sample_real": lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], "partition_id": pid,
                 "num_examples": len(x), "real_data": x, "dp": client_dp(cfg, len(x))}
 

@@ -22,7 +22,9 @@ Sources
 
 Decoded datasets are kept in a per-process cache, because in a Flower
 simulation every client message rebuilds its data.  The cached tensors are
-shared: treat them as read-only.
+shared: treat them as read-only.  Images decoded from files are also cached once
+per machine as uint8 and memory-mapped by every process (see "The machine's
+cache of decoded images" below); such datasets hold no float32 copy.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import io
 import math
 import os
 import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Sequence
 
@@ -53,6 +55,8 @@ __all__ = [
     "RING_STD",
     "SERVER_DATA",
     "client_dataset",
+    "pixels_to_unit",
+    "SampleView",
     "load_dataset",
     "mode_means",
     "partition_indices",
@@ -104,27 +108,45 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False, repr=False)
-class ArrayDataset:
-    """Samples and labels held as tensors.
+def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` pixels to float32 ``(N, C, H, W)`` in ``[-1, 1]``.
 
-    ``x`` is float32: images ``(N, C, H, W)`` in ``[-1, 1]`` or 2-D points
-    ``(N, 2)``.  ``y`` is int64 ``(N,)``: the class, or for the toy
-    mixtures the index of the Gaussian a point was drawn from.  ``skipped``
-    counts image files that could not be decoded while loading.
+    The same float operations the datasets always used (``p / 255``, then ``* 2 - 1``), so a
+    dataset held as uint8 yields bit for bit the tensors it yielded when it was stored as float32.
+    """
+    t = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return (t.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()
+
+
+class ArrayDataset:
+    """Samples and labels.
+
+    ``x`` is float32: images ``(N, C, H, W)`` in ``[-1, 1]`` or 2-D points ``(N, 2)``.  ``y``
+    is int64 ``(N,)``: the class, or for the toy mixtures the index of the Gaussian a point was
+    drawn from.  ``skipped`` counts image files that could not be decoded while loading.
+
+    Images decoded from files (cifar10, mnist, imagefolder) are held as uint8 ``pixels``
+    ``(M, H, W, C)`` -- usually a memory map of the machine's decoded-image cache, shared by
+    every process that loads the same data -- plus the ``rows`` of them this dataset holds
+    (None: all). Nothing then holds a float32 copy of the dataset: :attr:`view` converts just
+    the rows a step samples, and :attr:`x` converts this dataset's rows when asked (evaluation,
+    a teacher's whole set). Give either ``x`` or ``pixels``.
     """
 
-    x: torch.Tensor
-    y: torch.Tensor
-    num_classes: int
-    name: str
-    skipped: int = field(default=0)
-
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]}"
-            )
+    def __init__(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                 num_classes: int = 0, name: str = "", skipped: int = 0, *,
+                 pixels: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> None:
+        if (x is None) == (pixels is None):
+            raise ValueError("ArrayDataset takes either x (float samples) or pixels (uint8 images)")
+        if y is None:
+            raise ValueError("ArrayDataset needs labels y")
+        if pixels is not None and (pixels.dtype != torch.uint8 or pixels.dim() != 4):
+            raise ValueError(f"pixels must be uint8 (N, H, W, C), got {pixels.dtype} {tuple(pixels.shape)}")
+        self._x, self._pixels, self._rows = x, pixels, rows
+        self.y, self.num_classes, self.name, self.skipped = y, int(num_classes), name, int(skipped)
+        n = (x.shape[0] if x is not None else pixels.shape[0] if rows is None else rows.shape[0])
+        if n != y.shape[0]:
+            raise ValueError(f"x has {n} rows but y has {y.shape[0]}")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -133,29 +155,87 @@ class ArrayDataset:
         return (
             f"ArrayDataset(name={self.name!r}, n={len(self)}, "
             f"sample_shape={self.sample_shape}, num_classes={self.num_classes}, "
-            f"skipped={self.skipped})"
+            f"skipped={self.skipped}, storage={'uint8' if self._pixels is not None else 'float32'})"
         )
 
     @property
+    def x(self) -> torch.Tensor:
+        """All samples as float32 (for uint8 storage: a fresh conversion of this dataset's rows)."""
+        if self._x is not None:
+            return self._x
+        return pixels_to_unit(self._pixels if self._rows is None else self._pixels[self._rows])
+
+    @property
+    def view(self) -> "torch.Tensor | SampleView":
+        """What a training step samples from: ``len(view)``, ``view.shape`` and ``view[idx]``
+        (float32 rows). The float tensor itself for float storage; for uint8 storage a
+        :class:`SampleView` that converts only the rows asked for."""
+        return self._x if self._x is not None else SampleView(self)
+
+    @property
+    def pixels(self) -> torch.Tensor | None:
+        """The uint8 storage (all of it, not only this dataset's rows), or None."""
+        return self._pixels
+
+    @property
     def is_image(self) -> bool:
-        return self.x.dim() == 4
+        return self._pixels is not None or self._x.dim() == 4
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.x.shape[1:])
+        if self._pixels is not None:
+            _, h, w, c = self._pixels.shape
+            return int(c), int(h), int(w)
+        return tuple(int(s) for s in self._x.shape[1:])
+
+    def rows_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """Samples ``idx`` (int64 indices into this dataset) as float32."""
+        if self._x is not None:
+            return self._x[idx]
+        return pixels_to_unit(self._pixels[idx if self._rows is None else self._rows[idx]])
 
     def subset(self, idx) -> "ArrayDataset":
-        """Rows ``idx`` (indices or a boolean mask) as a new dataset."""
+        """Rows ``idx`` (indices or a boolean mask) as a new dataset (uint8 storage is shared,
+        not copied)."""
         index = torch.as_tensor(np.asarray(idx))
         if index.dtype == torch.bool:
             index = index.nonzero().flatten()
         index = index.to(torch.int64).reshape(-1)
-        return replace(self, x=self.x[index], y=self.y[index])
+        if self._x is not None:
+            return ArrayDataset(self._x[index], self.y[index], self.num_classes, self.name, self.skipped)
+        rows = index if self._rows is None else self._rows[index]
+        return ArrayDataset(y=self.y[index], num_classes=self.num_classes, name=self.name,
+                            skipped=self.skipped, pixels=self._pixels, rows=rows)
 
     def label_histogram(self) -> np.ndarray:
         return np.bincount(
             self.y.numpy().astype(np.int64), minlength=self.num_classes
         )
+
+
+class SampleView:
+    """Float32 rows of a uint8-stored :class:`ArrayDataset`, converted on indexing; quacks like
+    the float tensor for what training steps do with it (``len``, ``shape``, ``dtype``,
+    ``view[idx]``)."""
+
+    dtype = torch.float32
+
+    def __init__(self, data: ArrayDataset) -> None:
+        self._data = data
+        self.shape = torch.Size((len(data), *data.sample_shape))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            idx = range(len(self))[idx]
+        index = torch.as_tensor(idx)
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        if index.dim() == 0:
+            return self._data.rows_of(index.reshape(1).to(torch.int64))[0]
+        return self._data.rows_of(index.to(torch.int64))
 
 
 # ---------------------------------------------------------------------------
@@ -456,7 +536,7 @@ def _load_image_source(
             raise DataError(f"{what}; more than {MAX_UNREADABLE_SHARE:.0%} unreadable, refusing to train on the rest")
         print(f"[fedgan] WARNING {what}; skipped", flush=True)
     return ArrayDataset(
-        x=_to_unit_range(_uint8_nhwc_to_unit(images)),
+        pixels=torch.from_numpy(images),
         y=torch.from_numpy(labels),
         num_classes=len(layout.classes),
         name=name,
@@ -473,57 +553,89 @@ def _check_and_decode(
             f"CIFAR-10 classes {list(expect_classes)}"
         )
     key = _decoded_key(path, layout, image_size, channels, limit_per_class)
-    cached = _read_decoded(key)
-    if cached is not None:
-        return cached
-    decoded = _decode_files(layout, read_bytes, image_size, channels, limit_per_class)
-    _write_decoded(key, decoded)
-    return decoded
+    return _cached(key, lambda: _decode_files(layout, read_bytes, image_size, channels, limit_per_class))
 
 
 # ---------------------------------------------------------------------------
-# On-disk cache of decoded images (a deployed node's own folder)
+# The machine's cache of decoded images (uint8, memory-mapped)
 # ---------------------------------------------------------------------------
-# A deployed SuperNode runs every message in a fresh ClientApp process; without this cache each
-# one would decode the node's whole image folder again. Opt-in: a folder is set for deployed nodes
-# (``<node-dir>/data-cache``, app/client_app.py) or by FEDGAN_IMAGE_CACHE. The cache holds the
-# decoded uint8 images of this node's own files, stays in that folder and is never sent; an entry
-# is keyed by the path, the geometry and every file's name, size and modification time, so
-# changed data is decoded again.
+# Every process that loads image data -- each Ray actor of a simulation, the ServerApp, a deployed
+# SuperNode's fresh ClientApp process per message -- would otherwise decode the files again and
+# hold its own copy. Instead the decoded uint8 images are written once per machine (under a file
+# lock, so concurrent processes decode once) and every process memory-maps them: the pages are
+# shared through the OS page cache, and datasets index rows of the map (ArrayDataset.pixels/rows).
+# Where: set_image_cache_dir() (a deployed node: <node-dir>/data-cache, app/client_app.py), else
+# FEDGAN_IMAGE_CACHE (a folder, or "off" to decode in memory in every process), else
+# ~/.cache/fedgan/decoded. An entry holds only the node's own decoded files, stays on the machine
+# and is never sent; it is keyed by the source path, the geometry and every file's name, size and
+# modification time, so changed data is decoded again.
 IMAGE_CACHE_ENV = "FEDGAN_IMAGE_CACHE"
-_IMAGE_CACHE_VERSION = 1
+DEFAULT_IMAGE_CACHE = os.path.join(_CACHE_ROOT, "decoded")
+_IMAGE_CACHE_OFF = ("off", "0", "none", "false", "no")
+_IMAGE_CACHE_VERSION = 2
 _image_cache_dir: str | None = None
 
 
 def set_image_cache_dir(path: str | os.PathLike | None) -> None:
-    """Where decoded image folders are cached in this process (None: FEDGAN_IMAGE_CACHE, else off)."""
+    """Where decoded images are cached in this process (None: FEDGAN_IMAGE_CACHE, else the
+    default ``~/.cache/fedgan/decoded``)."""
     global _image_cache_dir
     _image_cache_dir = None if path is None else os.fspath(path)
 
 
 def image_cache_dir() -> str | None:
-    return _image_cache_dir or os.environ.get(IMAGE_CACHE_ENV) or None
+    """The folder decoded images are cached in, or None when caching is off."""
+    if _image_cache_dir:
+        return _image_cache_dir
+    env = os.environ.get(IMAGE_CACHE_ENV, "").strip()
+    if env.lower() in _IMAGE_CACHE_OFF:
+        return None
+    return os.path.expanduser(env) if env else DEFAULT_IMAGE_CACHE
 
 
-def _decoded_key(path: str, layout: _Layout, image_size: int, channels: int, limit: int) -> str | None:
+def _entry_key(what: list, files: Iterable[str]) -> str | None:
+    """The cache entry name for a source described by ``what`` and its files' signatures."""
     if image_cache_dir() is None:
         return None
     import hashlib
     import json
 
     h = hashlib.sha256()
-    h.update(json.dumps([_IMAGE_CACHE_VERSION, os.path.abspath(path), image_size, channels, limit,
-                         list(layout.classes)]).encode())
-    if os.path.isdir(path):
-        for label, parts in layout.files:
-            st = os.stat(os.path.join(path, *parts))
-            h.update(f"{label}/{'/'.join(parts)}/{st.st_size}/{st.st_mtime_ns}\n".encode())
-    else:
-        st = os.stat(path)
-        h.update(f"{st.st_size}/{st.st_mtime_ns}".encode())
-        for label, parts in layout.files:
-            h.update(f"{label}/{'/'.join(parts)}\n".encode())
+    h.update(json.dumps([_IMAGE_CACHE_VERSION, *what]).encode())
+    for line in files:
+        h.update(f"{line}\n".encode())
     return h.hexdigest()[:32]
+
+
+def _decoded_key(path: str, layout: _Layout, image_size: int, channels: int, limit: int) -> str | None:
+    if image_cache_dir() is None:
+        return None
+
+    def files() -> Iterable[str]:
+        if os.path.isdir(path):
+            for label, parts in layout.files:
+                st = os.stat(os.path.join(path, *parts))
+                yield f"{label}/{'/'.join(parts)}/{st.st_size}/{st.st_mtime_ns}"
+        else:
+            st = os.stat(path)
+            yield f"{st.st_size}/{st.st_mtime_ns}"
+            for label, parts in layout.files:
+                yield f"{label}/{'/'.join(parts)}"
+
+    return _entry_key([os.path.abspath(path), image_size, channels, limit, list(layout.classes)], files())
+
+
+def _folder_key(kind: str, folder: str, split: str, image_size: int, channels: int) -> str | None:
+    """Key for a torchvision-format folder (its files' names, sizes and times); None when it does
+    not exist yet (torchvision will download it; the next process finds it)."""
+    if image_cache_dir() is None or not os.path.isdir(folder):
+        return None
+    lines = []
+    for dirpath, _, names in sorted(os.walk(folder)):
+        for fname in sorted(names):
+            st = os.stat(os.path.join(dirpath, fname))
+            lines.append(f"{os.path.relpath(os.path.join(dirpath, fname), folder)}/{st.st_size}/{st.st_mtime_ns}")
+    return _entry_key([kind, os.path.abspath(folder), split, image_size, channels], lines)
 
 
 def _read_decoded(key: str | None) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
@@ -533,18 +645,21 @@ def _read_decoded(key: str | None) -> tuple[np.ndarray, np.ndarray, list[str]] |
 
     base = os.path.join(image_cache_dir(), key)
     try:
-        images = np.load(base + ".images.npy", mmap_mode="r")
-        labels = np.load(base + ".labels.npy")
-        with open(base + ".json") as fh:
+        with open(base + ".json") as fh:   # written last: its presence marks a complete entry
             unreadable = list(json.load(fh)["unreadable"])
+        # copy-on-write map: shared pages, writable for torch.from_numpy, never written back
+        images = np.load(base + ".images.npy", mmap_mode="c")
+        labels = np.load(base + ".labels.npy")
     except (OSError, ValueError, KeyError):
+        return None
+    if images.dtype != np.uint8 or images.ndim != 4 or labels.shape[0] != images.shape[0]:
         return None
     return images, labels, unreadable
 
 
-def _write_decoded(key: str | None, decoded: tuple[np.ndarray, np.ndarray, list[str]]) -> None:
+def _write_decoded(key: str | None, decoded: tuple[np.ndarray, np.ndarray, list[str]]) -> bool:
     if key is None:
-        return
+        return False
     import json
 
     folder = image_cache_dir()
@@ -564,6 +679,70 @@ def _write_decoded(key: str | None, decoded: tuple[np.ndarray, np.ndarray, list[
     except OSError as exc:
         print(f"[fedgan] WARNING cannot cache decoded images in {folder}: {exc}; decoding every time",
               flush=True)
+        return False
+    return True
+
+
+class _EntryLock:
+    """An exclusive lock on one cache entry across processes (``fcntl.flock``), so that actors
+    starting together decode a dataset once; a no-op where it cannot be taken (no fcntl, the
+    folder cannot be made -- the write then warns)."""
+
+    def __init__(self, key: str | None) -> None:
+        self.key, self.fh = key, None
+
+    def __enter__(self) -> "_EntryLock":
+        if self.key is None:
+            return self
+        try:
+            import fcntl
+
+            os.makedirs(image_cache_dir(), exist_ok=True)
+            self.fh = open(os.path.join(image_cache_dir(), self.key + ".lock"), "a+")
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.fh is not None:
+                self.fh.close()
+            self.fh = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            self.fh.close()   # closing releases the flock
+
+
+def _cached(key: str | None, decode) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The entry ``key`` memory-mapped, decoding (``decode()``: uint8 NHWC images, labels, the
+    unreadable files) and writing it first if no process has; in memory when caching is off."""
+    hit = _read_decoded(key)
+    if hit is not None:
+        return hit
+    with _EntryLock(key):
+        hit = _read_decoded(key)   # another process may have written it while we waited
+        if hit is not None:
+            return hit
+        decoded = decode()
+        if _write_decoded(key, decoded):
+            # map what was just written, so this process shares the pages too
+            return _read_decoded(key) or decoded
+        return decoded
+
+
+def _quantise(x: torch.Tensor) -> np.ndarray:
+    """float ``(N, C, H, W)`` in [-1, 1] to uint8 NHWC (the storage of decoded images)."""
+    return ((x.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _array_source_pixels(images: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """uint8 ``(N, H, W)``/``(N, H, W, C)`` images from an array source at the asked geometry,
+    as uint8 NHWC: unchanged when it already matches, else resized/converted in float (as before)
+    and quantised to uint8 (an error of at most half a grey level)."""
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.shape[1:] == (image_size, image_size, channels):
+        return np.ascontiguousarray(arr, dtype=np.uint8)
+    return _quantise(_prepare_array_images(_uint8_nhwc_to_unit(arr), image_size, channels))
 
 
 # ---------------------------------------------------------------------------
@@ -593,41 +772,43 @@ def _digits(split: str, image_size: int, channels: int) -> ArrayDataset:
 
 def _mnist(data_dir: str, split: str, image_size: int, channels: int) -> ArrayDataset:
     root = data_dir or os.path.join(_CACHE_ROOT, "mnist")
-    try:
-        from torchvision import datasets as tv_datasets
 
-        raw = tv_datasets.MNIST(root, train=(split == "train"), download=True)
-        images = raw.data.numpy() if torch.is_tensor(raw.data) else np.asarray(raw.data)
-        labels = np.asarray(raw.targets, dtype=np.int64)
-    except Exception as exc:  # download or parsing failures of any kind
-        raise DataError(
-            f"mnist: could not load or download MNIST into {root!r} ({exc}). "
-            f"Without internet, put the four unpacked files "
-            f"train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte into "
-            f"{os.path.join(root, 'MNIST', 'raw')!r} (or set data_dir to a "
-            f"folder holding MNIST/raw/)"
-        ) from exc
-    return ArrayDataset(
-        x=_prepare_array_images(_uint8_nhwc_to_unit(images), image_size, channels),
-        y=torch.from_numpy(labels),
-        num_classes=10,
-        name="mnist",
-    )
+    def decode() -> tuple[np.ndarray, np.ndarray, list[str]]:
+        try:
+            from torchvision import datasets as tv_datasets
+
+            raw = tv_datasets.MNIST(root, train=(split == "train"), download=True)
+            images = raw.data.numpy() if torch.is_tensor(raw.data) else np.asarray(raw.data)
+            labels = np.asarray(raw.targets, dtype=np.int64)
+        except Exception as exc:  # download or parsing failures of any kind
+            raise DataError(
+                f"mnist: could not load or download MNIST into {root!r} ({exc}). "
+                f"Without internet, put the four unpacked files "
+                f"train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte into "
+                f"{os.path.join(root, 'MNIST', 'raw')!r} (or set data_dir to a "
+                f"folder holding MNIST/raw/)"
+            ) from exc
+        return _array_source_pixels(images, image_size, channels), labels, []
+
+    key = _folder_key("mnist", os.path.join(root, "MNIST", "raw"), split, image_size, channels)
+    images, labels, _ = _cached(key, decode)
+    return ArrayDataset(pixels=torch.from_numpy(images), y=torch.from_numpy(labels), num_classes=10, name="mnist")
 
 
 def _cifar10_torchvision(root: str, split: str, image_size: int, channels: int):
-    from torchvision import datasets as tv_datasets
+    def decode() -> tuple[np.ndarray, np.ndarray, list[str]]:
+        from torchvision import datasets as tv_datasets
 
-    raw = tv_datasets.CIFAR10(root, train=(split == "train"), download=True)
-    if tuple(raw.classes) != CIFAR10_CLASSES:
-        raise DataError(f"cifar10: unexpected class list {raw.classes} in {root!r}")
-    return ArrayDataset(
-        x=_prepare_array_images(_uint8_nhwc_to_unit(raw.data), image_size, channels),
-        y=torch.from_numpy(np.asarray(raw.targets, dtype=np.int64)),
-        num_classes=10,
-        name="cifar10",
-    )
+        raw = tv_datasets.CIFAR10(root, train=(split == "train"), download=True)
+        if tuple(raw.classes) != CIFAR10_CLASSES:
+            raise DataError(f"cifar10: unexpected class list {raw.classes} in {root!r}")
+        return (_array_source_pixels(raw.data, image_size, channels),
+                np.asarray(raw.targets, dtype=np.int64), [])
+
+    key = _folder_key("cifar10", os.path.join(root, "cifar-10-batches-py"), split, image_size, channels)
+    images, labels, _ = _cached(key, decode)
+    return ArrayDataset(pixels=torch.from_numpy(images), y=torch.from_numpy(labels), num_classes=10, name="cifar10")
 
 
 _CIFAR_HELP = (

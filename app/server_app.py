@@ -141,7 +141,7 @@ def prepare_teacher(cfg: Config, folder: RunFolder, device: str) -> tuple[torch.
     data = server_dataset(cfg.data_spec())
     if len(data) == 0:
         raise ValueError(f"run config 'server-data' = {cfg.server_data!r} leaves the server no data for the teacher")
-    x = data.x
+    x = data.view
     say(f"teacher phase: {cfg.teacher_steps} steps on the server's own {len(data)} samples")
     progress = Progress(cfg.teacher_steps, label="teacher step")
     every = max(1, cfg.teacher_steps // 10)

@@ -9,3 +9,14 @@ import os
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("FEDGAN_RAY_CPUS", "1")
+
+# Decoded images are cached per machine (app/data.py, default ~/.cache/fedgan/decoded): tests,
+# and the simulations they start, cache into a folder of their own, removed at the end.
+if "FEDGAN_IMAGE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="fedgan-test-image-cache-")
+    os.environ["FEDGAN_IMAGE_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)

@@ -536,29 +536,104 @@ def test_decoded_images_are_cached_once_and_decoded_again_when_a_file_changes(tm
     calls = []
     real = data._decode_files
     monkeypatch.setattr(data, "_decode_files", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.delenv(data.IMAGE_CACHE_ENV, raising=False)
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, "off")
     data.set_image_cache_dir(None)
-    plain = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")   # off by default
-    assert len(calls) == 1 and not (tmp_path / "cache").exists()
+    assert data.image_cache_dir() is None
+    plain = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+    data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+    assert len(calls) == 2                                       # off: every load decodes
 
     data.set_image_cache_dir(tmp_path / "cache")
     try:
         first = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
         again = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
-        assert len(calls) == 2                                   # the second load decoded nothing
+        assert len(calls) == 3                                   # the second load decoded nothing
         for ds in (first, again):
             assert torch.equal(ds.x, plain.x) and torch.equal(ds.y, plain.y)
-        files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-        assert len(files) == 3 and files[0].endswith(".images.npy") and files[1].endswith(".json")
-        assert np.load(tmp_path / "cache" / files[0]).dtype == np.uint8   # compact: uint8, never float32
+        entries = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock"))
+        assert len(entries) == 3 and entries[0].endswith(".images.npy") and entries[1].endswith(".json")
+        assert np.load(tmp_path / "cache" / entries[0]).dtype == np.uint8   # compact: uint8, never float32
         # another geometry is another entry; a changed file makes the old entry unused
         data._load_image_source(str(tree), "train", 4, 1, 0, "imagefolder")
-        assert len(calls) == 3
+        assert len(calls) == 4
         Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tree / "7" / "0.png")
         changed = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
-        assert len(calls) == 4 and not torch.equal(changed.x, plain.x)
+        assert len(calls) == 5 and not torch.equal(changed.x, plain.x)
     finally:
         data.set_image_cache_dir(None)
+
+
+def test_the_cache_is_on_by_default_and_can_be_moved_or_turned_off(monkeypatch, tmp_path):
+    import app.data as data
+
+    data.set_image_cache_dir(None)
+    monkeypatch.delenv(data.IMAGE_CACHE_ENV, raising=False)
+    assert data.image_cache_dir() == data.DEFAULT_IMAGE_CACHE
+    assert data.DEFAULT_IMAGE_CACHE.endswith(str(Path(".cache") / "fedgan" / "decoded"))
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, str(tmp_path))
+    assert data.image_cache_dir() == str(tmp_path)
+    monkeypatch.setenv(data.IMAGE_CACHE_ENV, "OFF")
+    assert data.image_cache_dir() is None
+    data.set_image_cache_dir(tmp_path / "node")                  # a deployed node's folder wins
+    try:
+        assert data.image_cache_dir() == str(tmp_path / "node")
+    finally:
+        data.set_image_cache_dir(None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_image_data_is_held_as_uint8_mapped_from_the_cache_file_and_converts_exactly(tmp_path):
+    import app.data as data
+
+    tree = _image_tree(tmp_path / "tree")
+    data.set_image_cache_dir(tmp_path / "cache")
+    try:
+        ds = data._load_image_source(str(tree), "train", 8, 1, 0, "imagefolder")
+    finally:
+        data.set_image_cache_dir(None)
+    entry = next((tmp_path / "cache").glob("*.images.npy"))
+    assert ds.pixels.dtype == torch.uint8 and tuple(ds.pixels.shape) == (8, 8, 8, 1)
+    assert str(entry) in Path("/proc/self/maps").read_text()     # the storage is a map of the file
+    # the float samples are exactly p / 255 * 2 - 1 of the stored grey levels (here 30 i + label)
+    levels = torch.tensor([30.0 * i + c for c in (3, 7) for i in range(4)])
+    expect = (levels / 255.0 * 2.0 - 1.0).view(8, 1, 1, 1).expand(8, 1, 8, 8)
+    assert ds.x.dtype == torch.float32 and torch.equal(ds.x, expect)
+    assert ds.sample_shape == (1, 8, 8) and ds.is_image
+    # a training step's view converts only the rows it samples; subsets share the storage
+    idx = torch.tensor([6, 1, 1])
+    assert torch.equal(ds.view[idx], ds.x[idx]) and torch.equal(ds.view[2:4], ds.x[2:4])
+    assert len(ds.view) == 8 and tuple(ds.view.shape) == (8, 1, 8, 8)
+    sub = ds.subset(np.array([7, 0, 5]))
+    assert sub.pixels is ds.pixels and torch.equal(sub.x, ds.x[[7, 0, 5]])
+    assert torch.equal(sub.subset([2, 0]).x, ds.x[[5, 7]]) and sub.subset([2, 0]).y.tolist() == [1, 1]
+
+
+_RACE = """
+import sys, time
+import app.data as data
+real = data._decode_files
+def slow(*a, **k):
+    print("decoded", flush=True)
+    time.sleep(1.5)
+    return real(*a, **k)
+data._decode_files = slow
+data.set_image_cache_dir(sys.argv[2])
+ds = data._load_image_source(sys.argv[1], "train", 8, 1, 0, "imagefolder")
+print("rows", len(ds), float(ds.x.sum()), flush=True)
+"""
+
+
+def test_processes_loading_the_same_data_at_once_decode_it_once(tmp_path):
+    import subprocess
+
+    tree = _image_tree(tmp_path / "tree")
+    root = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tree), str(tmp_path / "cache")], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert sum(o[0].count("decoded") for o in outs) == 1        # the others waited and mapped the entry
+    assert len({o[0].split("rows", 1)[1] for o in outs}) == 1    # and all hold the same data
 
 
 def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path, capsys):
@@ -593,3 +668,22 @@ def test_a_deployed_node_caches_its_images_in_its_own_node_dir(tmp_path):
         data.set_image_cache_dir(None)
     assert pid == 0 and len(ds) == 8
     assert len(list((tmp_path / "node" / "data-cache").glob("*.images.npy"))) == 1
+
+
+def test_data_memory_script_reports_uint8_storage_shared_by_its_processes(tmp_path):
+    import json
+    import subprocess
+
+    tree = _image_tree(tmp_path / "tree")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "simulations/data_memory.py", "--dataset", f"imagefolder:{tree}",
+                           "--processes", "2", "--batches", "3", "--batch-size", "4",
+                           "--cache", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "data_memory.json").read_text())
+    rows = report["processes"]
+    assert [r["process"] for r in rows] == [0, 1] and {r["storage"] for r in rows} == {"uint8"}
+    assert sum(r["rows"] for r in rows) == 4                     # the clients' half of 8 images, split in two
+    assert len(list((tmp_path / "cache").glob("*.images.npy"))) == 1
+    assert "sum of PSS" in done.stdout
