@@ -76,6 +76,59 @@ def score_on_own_data(cfg: Config, data: ArrayDataset, pid: int | None, fakes: t
     return RecordDict({wire.METRICS: MetricRecord(metrics)})
 
 
+# --- diagnostic: is D_i's score class-selective? (issue #17; opt-in, printed on the client only) --
+D_FILTER_ENV = "FEDGAN_DIAG_D_FILTER"
+
+
+def d_filter_fractions() -> tuple[float, ...]:
+    """The fractions FEDGAN_DIAG_D_FILTER asks for (e.g. ``0.5,0.1``); () when unset. Anything
+    else than numbers in (0, 1] stops with a message naming the variable."""
+    raw = os.environ.get(D_FILTER_ENV, "").strip()
+    if not raw:
+        return ()
+    try:
+        fracs = tuple(float(f) for f in raw.split(","))
+    except ValueError:
+        fracs = ()
+    if not fracs or not all(0.0 < f <= 1.0 for f in fracs):
+        raise ValueError(f"{D_FILTER_ENV}={raw!r}: give fractions in (0, 1], comma-separated, e.g. 0.5,0.1")
+    return fracs
+
+
+def d_filtered_scores(D: torch.nn.Module, fakes: torch.Tensor, evaluator: ImageEvaluator,
+                      fractions: tuple[float, ...], batch_size: int) -> dict[float, dict]:
+    """Own-class share and FID of the fraction of ``fakes`` that ``D`` scores most real, for each
+    fraction (1.0: all of them). If D_i's score singled out the client's own classes, keeping the
+    samples it rates highest would raise the share; this measures by how much. D runs in training
+    mode in batches of ``batch_size``, as when it labels fakes during training."""
+    was_training = D.training
+    D.train()
+    with torch.no_grad():
+        logits = torch.cat([D(fakes[i:i + batch_size]).reshape(-1) for i in range(0, len(fakes), batch_size)])
+    D.train(was_training)
+    order = torch.argsort(logits, descending=True)
+    out = {}
+    for frac in (1.0, *fractions):
+        keep = order[: max(1, int(round(len(fakes) * frac)))]
+        sc = evaluator.score(fakes[keep])
+        out[frac] = {"own_share": client_eval.own_class_share(sc["label_histogram"], evaluator.real_histogram),
+                     "fid": float(sc["fid"]), "num": int(keep.numel())}
+    return out
+
+
+def _print_d_filter(cfg: Config, data: ArrayDataset, pid: int | None, fakes: torch.Tensor, context: Context) -> None:
+    from strategies.privacygan import CLIENT_STATE, load_client_state
+
+    if CLIENT_STATE not in context.state.config_records:
+        return
+    D = make_discriminator(cfg)
+    D.load_state_dict(load_client_state(context.state.config_records[CLIENT_STATE])["d"])
+    scores = d_filtered_scores(D, fakes, own_data_evaluator(cfg, data, pid), d_filter_fractions(), cfg.batch_size)
+    print(f"[fedgan] D_i filter, partition {pid}: " + " | ".join(
+        f"top {f:.2f}: own-class share {s['own_share']:.3f}, FID {s['fid']:.1f}" for f, s in scores.items()),
+        flush=True)
+
+
 @lru_cache(maxsize=8)
 def _parsed(items: tuple) -> Config:
     # dataset=imagefolder:<path> names a path on the server's machine; a deployed node reads
@@ -306,6 +359,8 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         rec = msg.content.array_records[wire.FAKES]
         fakes = wire.decode_fakes(wire.get_tensor(rec, wire.FAKES),
                                   str(msg.content.config_records[wire.CONFIG]["fakes-dtype"]))
+        if d_filter_fractions():   # the client's own log only; nothing of it is sent
+            _print_d_filter(cfg, data, pid, fakes, context)
         return Message(content=score_on_own_data(cfg, data, pid, fakes), reply_to=msg)
 
     @app.evaluate("alone")

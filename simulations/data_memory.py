@@ -62,15 +62,18 @@ def _worker(i: int, args: argparse.Namespace, ready, release, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", default="cifar10")
+    from app.launch import HelpFormatter
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--dataset", default="cifar10", help="dataset name as in the run config 'dataset'")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
-                                               / "cifar10_jpeg.zip"))
-    ap.add_argument("--processes", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=50)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--cache", default="", help="a folder for the decoded-image cache, or 'off'")
-    ap.add_argument("--output-dir", default="runs/data_memory")
+                                               / "cifar10_jpeg.zip"), help="the dataset's location ('data-dir')")
+    ap.add_argument("--processes", type=int, default=4, help="processes loading at once, one partition each")
+    ap.add_argument("--batches", type=int, default=50, help="training batches each process samples")
+    ap.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    ap.add_argument("--cache", default="", help="a folder for the decoded-image cache, or 'off' "
+                                                "(default: FEDGAN_IMAGE_CACHE, else ~/.cache/fedgan/decoded)")
+    ap.add_argument("--output-dir", default="runs/data_memory", help="where data_memory.json is written")
     args = ap.parse_args(argv)
     if args.processes < 1:
         ap.error("--processes must be >= 1")

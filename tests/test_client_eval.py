@@ -10,7 +10,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from app.config import parse_config
 from app.data import client_dataset, test_dataset
-from app.metrics import ImageEvaluator, load_feature_net
+from app.metrics import ImageEvaluator, embed, load_feature_net
 from simulations import train_evaluator
 from strategies import client_eval, wire
 from strategies.wire import BadReply
@@ -173,3 +173,39 @@ def test_the_end_of_run_report_is_on_by_default_for_image_runs_with_a_classifier
                     f"0.0100 | 2,500 / 144 |" for i in range(3)]
     assert end_report_console(result)[1] == "  client 0 (classes 0,1): own-class share 0.90, TV to own labels 0.100"
     assert end_report_markdown({}) == [] and end_report_console({"client_eval": {}}) == []
+
+
+def test_the_d_filter_diagnostic_scores_the_samples_d_rates_highest(evaluators, monkeypatch):
+    """FEDGAN_DIAG_D_FILTER (issue #17): own-class share and FID of the fakes D rates most real.
+    Here the "fakes" are real test digits, half of the client's own classes, and D scores a
+    sample by whether the classifier calls it one of them: keeping D's top half must then raise
+    the share from about the overall mix to about 1."""
+    from app.client_app import D_FILTER_ENV, d_filter_fractions, d_filtered_scores, own_data_evaluator
+
+    cfg = parse_config({**TINY, "evaluator-dir": str(evaluators)})
+    own = client_dataset(cfg.data_spec(), 0, 5)                   # partition=classes: two digits
+    ev = own_data_evaluator(cfg, own, 0)
+    test = test_dataset(cfg.data_spec())
+    held = torch.tensor(sorted(set(own.y.tolist())))
+    mine, other = torch.isin(test.y, held).nonzero().flatten()[:60], (~torch.isin(test.y, held)).nonzero().flatten()[:60]
+    fakes = test.x[torch.cat([mine, other])]
+
+    class ByClass(torch.nn.Module):   # "real" when the evaluator's classifier labels an own class
+        def forward(self, x):
+            return torch.isin(embed(ev.labeller, x)[1].argmax(dim=1), held).float()
+
+    scores = d_filtered_scores(ByClass(), fakes, ev, (0.5,), batch_size=8)
+    assert set(scores) == {1.0, 0.5} and scores[1.0]["num"] == 120 and scores[0.5]["num"] == 60
+    assert scores[1.0]["own_share"] == pytest.approx(ev_share(ev, fakes), abs=1e-9)
+    assert scores[0.5]["own_share"] > scores[1.0]["own_share"] + 0.3
+
+    monkeypatch.setenv(D_FILTER_ENV, "0.5,0.1")
+    assert d_filter_fractions() == (0.5, 0.1)
+    for bad in ("0", "1.5", "half", ","):
+        monkeypatch.setenv(D_FILTER_ENV, bad)
+        with pytest.raises(ValueError, match=D_FILTER_ENV):
+            d_filter_fractions()
+
+
+def ev_share(ev, fakes):
+    return client_eval.own_class_share(ev.score(fakes)["label_histogram"], ev.real_histogram)
