@@ -17,7 +17,8 @@ batch and the fakes, its labels and feedback, one JRLF step of the student, thes
 It prints seconds per round (the median of the timed rounds, after one warm-up round),
 milliseconds per client, each mode's throughput relative to ``sequential``, the peak RSS of
 the whole process tree (this process and every descendant: Ray's workers too), sampled every
-0.1 s, and on CUDA the peak GPU memory; writes ``scale.json`` and a log-log plot
+0.1 s (for the simulation also the peak PSS, sampled every 2 s, by kind of process: ServerApp,
+actors, Ray's daemons, SuperLink...), and on CUDA the peak GPU memory; writes ``scale.json`` and a log-log plot
 ``scale.png`` of round time against clients.
 
     python simulations/scale.py                                       # 10, 100, 1000 clients, all modes
@@ -60,31 +61,72 @@ IN_PROCESS = MODES[:3]
 # -------------------------------------------------------------------------------------------
 # Peak memory of the process tree
 # -------------------------------------------------------------------------------------------
+def process_kind(proc: psutil.Process) -> str:
+    """What a process of a simulation is, from its command line (for the memory breakdown)."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "other"
+    for needle, kind in (("ClientAppActor", "ray actors (ClientApp)"), ("flower-superlink", "SuperLink"),
+                         ("flower-superexec", "SuperExec"), ("flwr-simulation", "simulation runtime (ServerApp)"),
+                         ("flwr-serverapp", "simulation runtime (ServerApp)"), ("ray", "Ray daemons"),
+                         ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons")):
+        if needle in cmd:
+            return kind
+    return "this script" if proc.pid == os.getpid() else "other"
+
+
 class TreeRSS:
     """Samples the summed RSS of this process, all its descendants and the processes of its
-    simulations' SuperLink (app/simulation.py) every ``every`` seconds."""
+    simulations' SuperLink (app/simulation.py) every ``every`` seconds; every ``pss_every``
+    seconds also their PSS (pages shared between processes -- torch's libraries, a mapped
+    dataset -- split between them, which RSS counts once per process), by kind of process,
+    keeping the breakdown at the highest PSS total."""
 
-    def __init__(self, every: float = 0.1) -> None:
-        self.every, self.peak = every, 0
+    def __init__(self, every: float = 0.1, pss_every: float = 2.0) -> None:
+        self.every, self.pss_every, self.peak = every, pss_every, 0
+        self.peak_pss, self.pss_breakdown = 0, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._last_pss = 0.0
 
-    def sample(self) -> int:
+    @staticmethod
+    def processes() -> list[psutil.Process]:
         from app.simulation import shared_processes
 
         me = psutil.Process()
-        total = 0
         # the Simulation Engine's processes run under a detached SuperLink, not under this one
-        for proc in {p.pid: p for p in [me, *me.children(recursive=True), *shared_processes()]}.values():
+        return list({p.pid: p for p in [me, *me.children(recursive=True), *shared_processes()]}.values())
+
+    def sample(self) -> int:
+        total = 0
+        for proc in self.processes():
             try:
                 total += proc.memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return total
 
+    def sample_pss(self) -> None:
+        by_kind: dict[str, int] = {}
+        for proc in self.processes():
+            try:
+                pss = getattr(proc.memory_full_info(), "pss", None)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if pss is None:   # not Linux: no PSS
+                return
+            kind = process_kind(proc)
+            by_kind[kind] = by_kind.get(kind, 0) + pss
+        if sum(by_kind.values()) > self.peak_pss:
+            self.peak_pss, self.pss_breakdown = sum(by_kind.values()), by_kind
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.sample())
+            if time.monotonic() - self._last_pss >= self.pss_every:
+                self.sample_pss()
+                self._last_pss = time.monotonic()
             self._stop.wait(self.every)
 
     def __enter__(self) -> "TreeRSS":
@@ -262,6 +304,8 @@ def run_through_engine(n: int, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"{folder}: no timed rounds in metrics.jsonl")
     return {"round_s": statistics.median(float(r["round_time"]) for r in rounds), "rounds_timed": len(rounds),
             "peak_rss_gb": rss.peak / 1e9, "wall_s": wall, "run_folder": str(folder),
+            "peak_pss_gb": rss.peak_pss / 1e9,
+            "pss_by_process_gb": {k: v / 1e9 for k, v in sorted(rss.pss_breakdown.items())},
             "server_batching": rounds[-1].get("server_batching"),
             "breakdown": round_breakdown(trace_file, rounds)}
 
@@ -417,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[scale]        a simulated round: server {b['server']:.2f} s, clients' handlers {b['clients_sum']:.2f} s "
                       f"({b['clients_wall']:.2f} s on {b['actors']:.0f} actors; {b['handler_ms']:.1f} ms per message), "
                       f"the engine moving messages {b['engine']:.2f} s", flush=True)
+            if r.get("pss_by_process_gb"):
+                print(f"[scale]        peak PSS {r['peak_pss_gb']:.2f} GB: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in r["pss_by_process_gb"].items()), flush=True)
             print(f"[scale] {n:>5} clients  {mode:<15} {r['round_s']:.3f} s/round  "
                   f"{1e3 * r['round_s'] / n:.2f} ms/client  peak RSS {r['peak_rss_gb']:.2f} GB"
                   + (f"  peak GPU {r['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in r else "")

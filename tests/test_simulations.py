@@ -136,3 +136,30 @@ def test_fidelity_study_tables_average_seeds_and_give_a_levers_own_teacher_its_r
     assert "| teacher of 'teacher steps x3' | 0.25 | 0.25 | – | – |" in md
     assert "| teacher steps x3 | 12.00 | 12.00 | 2.0 MB | 50 |" in md   # the FID table
     assert md.index("teacher of 'teacher steps x3'") < md.index("| teacher steps x3 |")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists() and not Path("/proc/self/smaps").exists(),
+                    reason="PSS needs Linux")
+def test_scale_memory_sampler_splits_pss_by_kind_of_process(tmp_path):
+    """simulations/scale.py's TreeRSS: RSS of the whole tree, and PSS by kind of process at its
+    peak (this script vs. a child it started, here a plain sleeping Python: 'other')."""
+    import time
+
+    import psutil
+
+    from simulations import scale
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        with scale.TreeRSS(every=0.05, pss_every=0.0) as mem:
+            time.sleep(0.4)
+        me = psutil.Process()
+        assert scale.process_kind(me) == "this script" and scale.process_kind(psutil.Process(child.pid)) == "other"
+        assert set(mem.pss_breakdown) == {"this script", "other"}
+        assert mem.peak_pss == sum(mem.pss_breakdown.values())
+        assert 0 < mem.pss_breakdown["other"] < mem.pss_breakdown["this script"]   # a bare Python vs torch's
+        assert mem.peak >= me.memory_info().rss * 0.5 and mem.peak >= mem.peak_pss * 0.5
+    finally:
+        child.kill()
+        child.wait()
