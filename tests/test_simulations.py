@@ -156,9 +156,12 @@ def test_scale_memory_sampler_splits_pss_by_kind_of_process(tmp_path):
             time.sleep(0.4)
         me = psutil.Process()
         assert scale.process_kind(me) == "this script" and scale.process_kind(psutil.Process(child.pid)) == "other"
-        assert set(mem.pss_breakdown) == {"this script", "other"}
+        # (a shared federation an earlier test left running adds its own kinds: SuperLink, Ray daemons...)
+        assert {"this script", "other"} <= set(mem.pss_breakdown)
         assert mem.peak_pss == sum(mem.pss_breakdown.values())
-        assert 0 < mem.pss_breakdown["other"] < mem.pss_breakdown["this script"]   # a bare Python vs torch's
+        child_pss = psutil.Process(child.pid).memory_full_info().pss
+        assert mem.pss_breakdown["other"] >= 0.5 * child_pss > 0                  # the child is counted
+        assert mem.pss_breakdown["this script"] >= 0.5 * me.memory_full_info().pss
         assert mem.peak >= me.memory_info().rss * 0.5 and mem.peak >= mem.peak_pss * 0.5
     finally:
         child.kill()
