@@ -296,7 +296,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             msg.content, context.state, sample_real=sample_real,
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid,
-            dp=client_dp(cfg, len(x)), real_data=x, reuse=reusable_modules(cfg))
+            dp=client_dp(cfg, len(x)), real_data=x, reuse=reusable_modules(cfg), train=cfg.client_d_train)
         return Message(content=reply, reply_to=msg)
 
     def builders(cfg: Config) -> dict:

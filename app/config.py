@@ -30,6 +30,7 @@ BPGAN_MODELS = ("dcgan", "wgan", "dcwgan", "wdcgan")
 MODELS = ("auto", "dcgan", "mlp")
 IMAGE_SIZES = (0, 16, 32, 64)
 INITS = ("teacher", "random")
+D_TRAIN = ("all", "head")
 SERVER_BATCHING = ("auto", "on", "off")   # PrivacyGAN students: measured once / always vmapped / one by one
 DEVICES = ("auto", "cpu", "cuda")
 DATAPARALLEL_MODES = ("simultaneous", "alternating")
@@ -78,6 +79,7 @@ class Config:
     teacher_disc_lr: float = 0.0002
     student_init: str = "teacher"
     client_d_init: str = "random"
+    client_d_train: str = "all"         # all | head: which of D_i's layers its client trains (head: the last)
     server_gen_lr: float = 0.0002
     server_disc_lr: float = 0.0002
     client_disc_lr: float = 0.0002
@@ -338,6 +340,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _one_of(k("loss"), cfg.loss, LOSS_KINDS)
     _one_of(k("student-init"), cfg.student_init, INITS)
     _one_of(k("client-d-init"), cfg.client_d_init, INITS)
+    _one_of(k("client-d-train"), cfg.client_d_train, D_TRAIN)
     _one_of(k("server-batching"), cfg.server_batching, SERVER_BATCHING)
     _one_of(k("eval-extractor"), cfg.eval_extractor, EXTRACTORS)
     _one_of(k("tracking"), cfg.tracking, TRACKERS)
@@ -408,8 +411,13 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check(cfg.audit_probe >= 0, k("audit-probe"), cfg.audit_probe, ">= 0 (0 = no probe)")
     _check(cfg.audit_probe == 0 or cfg.strategy == "privacygan", k("audit-probe"), cfg.audit_probe,
            "0 unless strategy = privacygan (the probe asks D_i for labels and feedback on chosen inputs)")
+    _check(cfg.client_d_train == "all" or cfg.strategy == "privacygan", k("client-d-train"), cfg.client_d_train,
+           "'all' unless strategy = privacygan (head trains D_i's last layer on the teacher's frozen layers)")
     if cfg.strategy != "privacygan":
         return
+    _check(cfg.client_d_train == "all" or cfg.client_d_init == "teacher", k("client-d-train"), cfg.client_d_train,
+           "'all' unless client-d-init = 'teacher' (head keeps D_i's other layers as initialised: the teacher's "
+           "D_T, not random ones)")
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or (cfg.alpha == 1.0 and cfg.alpha_final in (0.0, 1.0)),
            k("teacher-steps"), cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1 (and alpha-final "
            "is 0 or 1)")

@@ -270,7 +270,8 @@ def dp_discriminator_step(D: nn.Module, opt: torch.optim.Optimizer, real: Tensor
     if kind == "wgan":
         with torch.no_grad():
             for p in D.parameters():
-                p.clamp_(-clip, clip)
+                if p.requires_grad:   # a frozen layer (train_only_head) stays exactly as it was
+                    p.clamp_(-clip, clip)
     return stats
 
 

@@ -63,6 +63,29 @@ def forward_keeping_buffers(module: nn.Module, *inputs: Tensor) -> Tensor:
     return functional_call(module, state, inputs)
 
 
+def head_module(module: nn.Module) -> nn.Module:
+    """The last sub-module (in registration order) that holds parameters of its own: a DCGAN
+    discriminator's final convolution, an MLP's output layer."""
+    last = None
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            last = m
+    if last is None:
+        raise ValueError(f"{type(module).__name__} has no parameters")
+    return last
+
+
+def train_only_head(module: nn.Module) -> int:
+    """Freeze every parameter except those of :func:`head_module` (``requires_grad``); returns how
+    many parameters stay trainable. Optimizer steps then leave the frozen body exactly as it was
+    (its gradients stay ``None``), and the DP engine computes, clips and noises the head's
+    per-example gradients only (models/dp.py works on the trainable parameters)."""
+    head = {id(p) for p in head_module(module).parameters(recurse=False)}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in head)
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 # ---------------------------------------------------------------------------
 # Discriminator update
 #   objective: min_D  L_D(D(real), D(fake))             (losses.discriminator_loss)
@@ -104,7 +127,8 @@ def discriminator_step(
     if kind == "wgan":
         with torch.no_grad():
             for p in D.parameters():
-                p.clamp_(-clip, clip)
+                if p.requires_grad:   # a frozen layer (train_only_head) stays exactly as it was
+                    p.clamp_(-clip, clip)
 
     with torch.no_grad():
         real_out = real_out.detach()

@@ -41,7 +41,7 @@ from torch import nn
 
 from models.losses import generator_loss, make_optimizer
 from models.steps import (discriminator_step, forward_keeping_buffers, generator_feedback, jrlf_feedback,
-                          sample_latent, student_update, train_gan_step)
+                          sample_latent, student_update, train_gan_step, train_only_head)
 from strategies import client_eval, wire
 from models.dp import DPConfig
 from models.batched import Stack, can_batch, students_update
@@ -170,7 +170,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
                         build_discriminator: Callable[[], nn.Module], disc_lr: float,
                         betas: tuple[float, float], device: str, seed: int,
                         partition_id: int | None = None, dp: DPConfig | None = None,
-                        real_data: torch.Tensor | None = None, reuse: dict | None = None) -> RecordDict:
+                        real_data: torch.Tensor | None = None, reuse: dict | None = None,
+                        train: str = "all") -> RecordDict:
     """Handle one ``train.discriminate`` message on client i (SPEC 4.2 step 3).
 
     Loads D_i from ``state`` (or creates it: random, or from the ``d_init`` weights the
@@ -188,6 +189,11 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     returning client's D_i be loaded into the module the previous message used instead of a newly
     built one (every parameter and buffer is overwritten from ``state``; a new client still gets
     a freshly initialised D_i). Not with ``dp`` (the DP engine wraps the module).
+
+    ``train`` (run config ``client-d-train``): "all" updates every layer of D_i; "head" only its
+    last layer (models.steps.train_only_head), the others staying D_T's as the server sent them
+    (``client-d-init=teacher``). With ``dp`` the noise then falls on the head's few parameters only
+    (docs/PRIVACY.md: what that buys).
     """
     cfg = content.config_records[wire.CONFIG]
     loss = str(cfg["loss"])
@@ -211,6 +217,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
         steps_total = 0
         if wire.D_INIT in content.array_records:
             D.load_state_dict(content.array_records[wire.D_INIT].to_torch_state_dict())
+    if train == "head":   # (a reused module comes from the same run config: same flags)
+        train_only_head(D)
 
     # Real batches are drawn from this client's data only; the draw depends on the
     # client's own step count so reruns are reproducible.

@@ -325,3 +325,50 @@ def test_a_returning_client_reuses_the_processes_d_and_replies_exactly_as_with_a
     for nid in (1, 2):
         sa, sb = (load_client_state(s[nid].config_records[CLIENT_STATE]) for s in (fresh_states, reused_states))
         assert all(torch.equal(sa["d"][k], sb["d"][k]) for k in sa["d"]) and sa["steps"] == sb["steps"] == 6
+
+
+@pytest.mark.parametrize("loss, dp", [("bce", False), ("wgan", False), ("bce", True)])
+def test_client_d_train_head_moves_only_the_last_layer_of_the_teachers_d(loss, dp):
+    """client-d-train=head: over two messages D_i's last convolution moves and every other
+    parameter stays exactly D_T's (also under the clipped WGAN's weight clamp and with DP-SGD, whose
+    per-example gradients then cover the head only)."""
+    from models.dp import DPConfig
+
+    norm = "layer" if dp else "batch"
+    G_T, _, _ = nets()
+    torch.manual_seed(5)
+    D_T = DCGANDiscriminator(C, SIDE, F, norm=norm)
+    with torch.no_grad():   # make some body weights exceed the WGAN clamp: a clamp would move them
+        D_T.net[0].weight.mul_(10.0)
+    strat = make_strategy(G_T, D_T, client_d_init="teacher", loss=loss, steps_per_round=2)
+    data = torch.rand(40, C, SIDE, SIDE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    state = RecordDict()
+    for rnd in (1, 2):
+        content, _ = strat.build_content(1, rnd)
+        strat.d_init_sent.add(1)
+        reply = client_discriminate(
+            content, state, sample_real=real_sampler(), build_discriminator=lambda: DCGANDiscriminator(C, SIDE, F, norm=norm),
+            disc_lr=1e-2, betas=(0.5, 0.999), device="cpu", seed=0, partition_id=0, train="head",
+            dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3) if dp else None,
+            real_data=data if dp else None)
+        assert wire.REPLY in reply
+    d = load_client_state(state.config_records[CLIENT_STATE])["d"]
+    head = f"net.{len(D_T.net) - 1}."
+    params = dict(D_T.named_parameters())
+    assert {k for k in params if k.startswith(head)} == {head + "weight", head + "bias"}
+    assert not torch.equal(d[head + "weight"], params[head + "weight"])   # (a WGAN critic's bias gets no gradient)
+    for k, v in params.items():
+        if not k.startswith(head):
+            assert torch.equal(d[k], v), k
+
+
+def test_client_d_train_head_needs_privacygan_and_the_teachers_d():
+    from app.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"'client-d-train' = 'head'.*client-d-init = 'teacher'"):
+        parse_config({"client-d-train": "head"})
+    with pytest.raises(ConfigError, match=r"'client-d-train' = 'head'.*unless strategy = privacygan"):
+        parse_config({"client-d-train": "head", "strategy": "local"})
+    with pytest.raises(ConfigError, match=r"'client-d-train' = 'last'"):
+        parse_config({"client-d-train": "last", "client-d-init": "teacher"})
+    assert parse_config({"client-d-train": "head", "client-d-init": "teacher"}).client_d_train == "head"
