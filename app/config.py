@@ -133,6 +133,7 @@ class Config:
     node_wait_timeout: float = 120.0
     max_reply_mb: float = 256.0        # a larger client reply is dropped unread
     max_in_flight: int = 0             # unanswered messages at a time per exchange (0 = all at once)
+    poll_interval: float = 0.0         # seconds between the server's pulls for replies (0 = 0.1; simulations 0.02)
     max_feedback_norm: float = 1000.0  # per-sample L2 bound on feedback as sent (PrivacyGAN, BPGAN)
     max_update_norm: float = 100000.0  # L2 bound on a client's gradient or weight update
     fakes_dtype: str = "float32"
@@ -377,6 +378,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     for name_ in ("teacher_gen_lr", "teacher_disc_lr", "server_gen_lr", "server_disc_lr", "client_disc_lr", "wgan_lr",
                   "round_timeout", "node_wait_timeout", "max_reply_mb", "max_feedback_norm", "max_update_norm"):
         _check(getattr(cfg, name_) > 0, k(name_), getattr(cfg, name_), "> 0")
+    _check(0.0 <= cfg.poll_interval <= 10.0, k("poll-interval"), cfg.poll_interval,
+           "in [0, 10] seconds (0 = 0.1 s, what a deployment uses)")
     _check(cfg.min_replies <= cfg.min_nodes, k("min-replies"), cfg.min_replies,
            f"<= min-nodes ({cfg.min_nodes})")
     _one_of(k("bpgan-model"), cfg.bpgan_model, BPGAN_MODELS)

@@ -30,7 +30,7 @@ from app.metrics import (EvaluatorMissing, classifier_path, density_plot, descri
                          mode_metrics)
 from app.runs import Progress, RunFolder, describe_os_error, eval_sets
 from app.tracking import NullTracker, Tracker, make_tracker
-from strategies.base import RunInterrupted, log, set_max_in_flight
+from strategies.base import RunInterrupted, log, set_max_in_flight, set_poll_interval
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
 from strategies.centralized import Centralized, CentralizedSettings
 from strategies.dataparallel import DataParallel, DataParallelSettings
@@ -397,6 +397,7 @@ def run(grid: Grid, cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     set_max_in_flight(cfg.max_in_flight)
+    set_poll_interval(cfg.poll_interval)
     check_tracking(cfg)   # tracking=tensorboard|wandb without its package stops the run here, saying what to install
     checkpoint = None
     if cfg.resume:

@@ -185,6 +185,8 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
         raise ConfigError("--client-gpus > 0 but no CUDA device is visible")
     if cfg.max_in_flight == 0:   # keep every actor busy without queueing every message in the engine at once
         cfg = cfg.replace(max_in_flight=in_flight_for(num_clients, client_cpus, client_gpus))
+    if cfg.poll_interval == 0:   # pulls are local calls here: refill the in-flight window sooner
+        cfg = cfg.replace(poll_interval=SIMULATION_POLL_INTERVAL)
     preflight(cfg)
     run_config = absolute_paths(cfg.to_run_config())
     before = _runs(cfg)
@@ -222,6 +224,9 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     if folder is None:
         raise RuntimeError("the simulation finished without creating a run folder")
     return folder
+
+
+SIMULATION_POLL_INTERVAL = 0.02   # seconds between the ServerApp's pulls in a simulation (run config poll-interval)
 
 
 def in_flight_for(num_clients: int, client_cpus: int, client_gpus: float) -> int:

@@ -313,6 +313,15 @@ MAX_IN_FLIGHT = 0
 def set_max_in_flight(n: int) -> None:
     global MAX_IN_FLIGHT
     MAX_IN_FLIGHT = max(0, int(n))
+
+
+def set_poll_interval(seconds: float) -> None:
+    """Seconds between the server's pulls while it waits for replies (run config 'poll-interval';
+    0 keeps 0.1 s). In a simulation each pull is a local call and a shorter interval refills the
+    in-flight window sooner: with 1,000 no-op messages through Flower 1.42's engine, 32 in flight,
+    a round took 10.3 s polling every 0.1 s and 8.0 s every 0.02 s (README "Many virtual clients")."""
+    global POLL_INTERVAL
+    POLL_INTERVAL = float(seconds) if seconds > 0 else 0.1
 _PENDING: "weakref.WeakKeyDictionary[Grid, dict[int, tuple[str, float]]]" = weakref.WeakKeyDictionary()
 
 

@@ -719,3 +719,37 @@ def test_max_in_flight_keeps_that_many_messages_unanswered_and_gets_every_reply(
         assert set(ex.bytes_down) == {6, 7} and grid.sent == [6, 7]
     finally:
         set_max_in_flight(0)
+
+
+def test_poll_interval_sets_how_often_the_server_pulls_while_it_waits():
+    """Run config poll-interval: a node that never answers within a 0.3 s round is pulled for about
+    every poll-interval seconds (many pulls at 0.02 s, a few at 0.15 s); 0 restores 0.1 s; a negative
+    value stops the run naming the key."""
+    from app.config import ConfigError, parse_config
+    from strategies import base
+    from strategies.base import set_poll_interval
+
+    class PullCountingGrid(LoopGrid):
+        pulls = 0
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return super().pull_messages(ids)
+
+    handler = lambda nid, c: RecordDict({wire.METRICS: MetricRecord({"n": float(nid)})})  # noqa: E731
+    counts = {}
+    try:
+        for seconds in (0.02, 0.15):
+            set_poll_interval(seconds)
+            grid = PullCountingGrid([1], handler)
+            grid.hold = {1}
+            ex = exchange(grid, {1: info(1)}, timeout=0.3, parse=lambda nid, r: wire.metrics_of(r.content))
+            assert "no reply within" in ex.dropped[1]
+            counts[seconds] = grid.pulls
+        assert counts[0.02] >= 3 * counts[0.15] and counts[0.15] <= 4, counts
+        set_poll_interval(0)
+        assert base.POLL_INTERVAL == 0.1
+    finally:
+        set_poll_interval(0)
+    with pytest.raises(ConfigError, match=r"'poll-interval' = -1"):
+        parse_config({"poll-interval": -1})

@@ -166,3 +166,22 @@ def test_scale_memory_sampler_splits_pss_by_kind_of_process(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.e2e
+def test_engine_floor_runs_no_op_rounds_through_flwr_run_and_reports_each_setting(tmp_path, capsys):
+    """3 virtual SuperNodes, 3 rounds, two in-flight windows: one row per setting with every round's
+    seconds, the median of rounds 2.. and the milliseconds per message derived from it."""
+    import json
+
+    from simulations import engine_floor
+
+    assert engine_floor.main(["--clients", "3", "--rounds", "3", "--window", "2", "0", "--payload-kb", "1",
+                              "--state-kb", "4", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "engine_floor.json").read_text())
+    assert [(r["clients"], r["window"]) for r in rows] == [(3, 2), (3, 0)]
+    for r in rows:
+        assert len(r["round_s"]) == 3 and all(s > 0 for s in r["round_s"])
+        assert r["median_round_s"] == pytest.approx((r["round_s"][1] + r["round_s"][2]) / 2, rel=1e-12)
+        assert r["ms_per_message"] == pytest.approx(1e3 * r["median_round_s"] / 3, rel=1e-12)
+    assert "ms / message" in capsys.readouterr().out
