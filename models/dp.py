@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .losses import WGAN_CLIP, check_loss_kind
-from .steps import generator_step, sample_latent
+from .steps import clip_weights, generator_step, sample_latent
 
 #: Losses whose discriminator objective DP-SGD supports (real term = a per-example sum).
 DP_LOSSES = ("bce", "wgan")
@@ -268,10 +268,7 @@ def dp_discriminator_step(D: nn.Module, opt: torch.optim.Optimizer, real: Tensor
                          max_grad_norm=max_grad_norm, noise_generator=noise_generator)
     opt.step()
     if kind == "wgan":
-        with torch.no_grad():
-            for p in D.parameters():
-                if p.requires_grad:   # a frozen layer (train_only_head) stays exactly as it was
-                    p.clamp_(-clip, clip)
+        clip_weights(D, clip)
     return stats
 
 

@@ -68,22 +68,30 @@ def head_module(module: nn.Module) -> nn.Module:
     discriminator's final convolution, an MLP's output layer."""
     last = None
     for m in module.modules():
-        if any(True for _ in m.parameters(recurse=False)):
+        if next(m.parameters(recurse=False), None) is not None:
             last = m
     if last is None:
         raise ValueError(f"{type(module).__name__} has no parameters")
     return last
 
 
-def train_only_head(module: nn.Module) -> int:
-    """Freeze every parameter except those of :func:`head_module` (``requires_grad``); returns how
-    many parameters stay trainable. Optimizer steps then leave the frozen body exactly as it was
-    (its gradients stay ``None``), and the DP engine computes, clips and noises the head's
-    per-example gradients only (models/dp.py works on the trainable parameters)."""
+def train_only_head(module: nn.Module) -> None:
+    """Freeze every parameter except those of :func:`head_module` (``requires_grad``). Optimizer
+    steps and :func:`clip_weights` then leave the frozen body exactly as it was (its gradients stay
+    ``None``), and the DP engine computes, clips and noises the head's per-example gradients only
+    (models/dp.py works on the trainable parameters)."""
     head = {id(p) for p in head_module(module).parameters(recurse=False)}
     for p in module.parameters():
         p.requires_grad_(id(p) in head)
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def clip_weights(module: nn.Module, clip: float) -> None:
+    """The clipped WGAN's projection after each critic update: every trainable weight into
+    [-clip, clip] (a frozen layer, :func:`train_only_head`, stays exactly as it was)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.clamp_(-clip, clip)
 
 
 # ---------------------------------------------------------------------------
@@ -125,10 +133,7 @@ def discriminator_step(
     loss.backward()
     opt.step()
     if kind == "wgan":
-        with torch.no_grad():
-            for p in D.parameters():
-                if p.requires_grad:   # a frozen layer (train_only_head) stays exactly as it was
-                    p.clamp_(-clip, clip)
+        clip_weights(D, clip)
 
     with torch.no_grad():
         real_out = real_out.detach()

@@ -160,6 +160,9 @@ def said_folder(log: list[str]) -> Path | None:
     return Path(said[-1]) if said else None
 
 
+SIMULATION_POLL_INTERVAL = 0.02   # seconds between the ServerApp's pulls in a simulation (run config poll-interval)
+
+
 def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus: float | None = None,
              app_dir: Path | None = None, ray_cpus: int | None = None) -> Path:
     """Run ``cfg`` with ``num_clients`` virtual clients through ``flwr run`` and the Simulation
@@ -224,9 +227,6 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     if folder is None:
         raise RuntimeError("the simulation finished without creating a run folder")
     return folder
-
-
-SIMULATION_POLL_INTERVAL = 0.02   # seconds between the ServerApp's pulls in a simulation (run config poll-interval)
 
 
 def in_flight_for(num_clients: int, client_cpus: int, client_gpus: float) -> int:

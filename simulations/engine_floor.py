@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import re
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -117,11 +118,6 @@ def write_app(folder: Path) -> Path:
     return folder
 
 
-def median(values: list[float]) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
-
-
 def main(argv: list[str] | None = None) -> int:
     from app.launch import HelpFormatter
     from app.simulation import close_shared, shared_federation
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[engine_floor] {n} clients: the run ended {res.status}; its last lines:\n"
                           + "\n".join(lines[-20:]), file=sys.stderr)
                     return 1
-                med = median(rounds[1:])
+                med = statistics.median(rounds[1:])
                 rows.append({"clients": n, "poll_s": poll, "window": window, "round_s": rounds,
                              "median_round_s": med, "ms_per_message": 1e3 * med / n,
                              "payload_kb": args.payload_kb, "state_kb": args.state_kb})

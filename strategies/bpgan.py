@@ -76,7 +76,7 @@ from torch import nn
 
 from models.losses import (GP_WEIGHT, LOSS_KINDS, WGAN_CLIP, discriminator_loss, generator_loss,
                            gradient_penalty, make_optimizer)
-from models.steps import apply_feedback, generator_feedback, sample_latent
+from models.steps import apply_feedback, clip_weights, generator_feedback, sample_latent
 from models.dp import DPConfig
 from strategies import wire
 from strategies.base import (ClientDP, check_dp_reply, dp_columns, Exchange, Recorder, RunFailed,
@@ -213,9 +213,7 @@ def apply_gradients(D: nn.Module, opt: torch.optim.Optimizer, grads: dict[str, t
             raise KeyError(f"no gradient for D parameter '{name}'")
     opt.step()
     if kind == "wgan":
-        with torch.no_grad():
-            for p in D.parameters():
-                p.clamp_(-clip, clip)
+        clip_weights(D, clip)
 
 
 def generator_optimizer(g_block: str, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:

@@ -58,7 +58,7 @@ from torch import nn
 from models.losses import (GP_WEIGHT, WGAN_CLIP, check_loss_kind, discriminator_loss, generator_loss,
                            gradient_penalty)
 from models.dp import DPConfig
-from models.steps import sample_latent
+from models.steps import clip_weights, sample_latent
 from strategies import wire
 from strategies.base import (ClientDP, check_dp_reply, dp_columns, FederatedSettings, GlobalGANServer, NodeBook,
                              Recorder, apply_with_blame, exchange, log, param_dtype, require_replies,
@@ -146,9 +146,7 @@ def apply_gradients(model: nn.Module, opt: torch.optim.Optimizer, grads: dict[st
             p.grad = grads[name].to(device=p.device, dtype=p.dtype)
     opt.step()
     if clip is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.clamp_(-clip, clip)
+        clip_weights(model, clip)
 
 
 # =====================================================================================
