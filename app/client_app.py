@@ -29,7 +29,7 @@ from app.config import Config, check_dp_data, config_from_context, resolve_devic
 from app.data import ArrayDataset, client_dataset, set_image_cache_dir
 from app.generators import client_generator_mod, node_root
 from app.metrics import ImageEvaluator, ensure_classifier
-from strategies import bpgan, client_eval, dataparallel, fedavg, local, mggan, wire
+from strategies import bpgan, client_eval, cohort, dataparallel, fedavg, local, mggan, wire
 from strategies.base import TRACE_ENV, trace
 from strategies.privacygan import client_discriminate
 
@@ -266,6 +266,37 @@ def trace_mod(msg: Message, context: Context, call_next) -> Message:
               bytes_in=wire.message_bytes(msg), records_in=record_names(msg.content), **out)
 
 
+def cohort_mod(msg: Message, context: Context, call_next) -> Message:
+    """A message for a cohort (run config ``cohort-size`` > 1; strategies/cohort.py) is handled once
+    per client it carries: client j of simulated node p is partition p·M + j of N·M (M the cohort
+    size, N the SuperNodes), with its own slice of the node's state, exactly as a node of its own
+    would handle it. Any other message passes through."""
+    if not cohort.is_cohort(msg.content):
+        return call_next(msg, context)
+    node = context.node_config
+    if node.get("data-path"):
+        raise ValueError("run config 'cohort-size' > 1 is for simulated clients: a node with its own data-path "
+                         "is one client")
+    size = int(msg.content.config_records[cohort.COHORT]["size"])
+    pid, n = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    original = msg.content
+
+    def handle(slot: int, content: RecordDict, state: RecordDict) -> RecordDict:
+        own = Context(run_id=context.run_id, node_id=context.node_id, state=state, run_config=context.run_config,
+                      node_config={**node, "partition-id": pid * size + slot, "num-partitions": n * size})
+        msg.content = content
+        reply = call_next(msg, own)
+        if reply.has_error():
+            raise RuntimeError(reply.error.reason)
+        return reply.content
+
+    try:
+        merged = cohort.run_cohort(original, context.state, handle)
+    finally:
+        msg.content = original
+    return Message(content=merged, reply_to=msg)
+
+
 def record_names(content: RecordDict) -> dict[str, list[str]]:
     """The names in a message's content, by record (what crossed the wire, without the values)."""
     return {name: sorted(rec.keys()) for name, rec in content.items()}
@@ -280,7 +311,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     # innermost mod: after a message that trained this client's own generator (local, MGGAN,
     # BPGAN's generator blocks) in a checkpoint round or the last one, the client writes it
     # (app/generators.py) -- into the run folder in a simulation, its node folder when deployed
-    app = ClientApp(mods=[trace_mod, *(mods or []), client_generator_mod(lambda context: _config(config, context))])
+    app = ClientApp(mods=[trace_mod, cohort_mod, *(mods or []), client_generator_mod(lambda context: _config(config, context))])
 
     @app.train("discriminate")
     def discriminate(msg: Message, context: Context) -> Message:

@@ -134,6 +134,7 @@ class Config:
     max_reply_mb: float = 256.0        # a larger client reply is dropped unread
     max_in_flight: int = 0             # unanswered messages at a time per exchange (0 = all at once)
     poll_interval: float = 0.0         # seconds between the server's pulls for replies (0 = 0.1; simulations 0.02)
+    cohort_size: int = 1               # virtual clients per simulated SuperNode (PrivacyGAN; strategies/cohort.py)
     max_feedback_norm: float = 1000.0  # per-sample L2 bound on feedback as sent (PrivacyGAN, BPGAN)
     max_update_norm: float = 100000.0  # L2 bound on a client's gradient or weight update
     fakes_dtype: str = "float32"
@@ -414,6 +415,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check(cfg.audit_probe >= 0, k("audit-probe"), cfg.audit_probe, ">= 0 (0 = no probe)")
     _check(cfg.audit_probe == 0 or cfg.strategy == "privacygan", k("audit-probe"), cfg.audit_probe,
            "0 unless strategy = privacygan (the probe asks D_i for labels and feedback on chosen inputs)")
+    _check(cfg.cohort_size >= 1, k("cohort-size"), cfg.cohort_size, "an integer >= 1 (1 = a SuperNode per client)")
+    _check(cfg.cohort_size == 1 or cfg.strategy == "privacygan", k("cohort-size"), cfg.cohort_size,
+           "1 unless strategy = privacygan (cohorts of virtual clients per SuperNode are built for it only)")
     _check(cfg.client_d_train == "all" or cfg.strategy == "privacygan", k("client-d-train"), cfg.client_d_train,
            "'all' unless strategy = privacygan (head trains D_i's last layer on the teacher's frozen layers)")
     if cfg.strategy != "privacygan":

@@ -225,7 +225,7 @@ def check_run_config(run_config: str, check_paths: bool = True, num_supernodes: 
         if num_supernodes is not None and cfg.dp:
             from app.client_app import check_dp_partitions
 
-            check_dp_partitions(cfg, num_supernodes)
+            check_dp_partitions(cfg, num_supernodes * cfg.cohort_size)   # each node: a cohort of clients
     except (ConfigError, ValueError) as exc:
         return str(exc)
     return None

@@ -31,6 +31,7 @@ from app.metrics import (EvaluatorMissing, classifier_path, density_plot, descri
 from app.runs import Progress, RunFolder, describe_os_error, eval_sets
 from app.tracking import NullTracker, Tracker, make_tracker
 from strategies.base import RunInterrupted, log, set_max_in_flight, set_poll_interval
+from strategies.cohort import CohortGrid
 from strategies.bpgan import BPGAN, BPGANSettings, resolve_model
 from strategies.centralized import Centralized, CentralizedSettings
 from strategies.dataparallel import DataParallel, DataParallelSettings
@@ -203,7 +204,8 @@ def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, reco
         global_histogram=global_label_histogram(cfg))
     if checkpoint is not None:
         strategy.restore(checkpoint)
-    return strategy.run(grid)
+    # cohort-size M > 1: every SuperNode carries M virtual clients, one merged message per node
+    return strategy.run(CohortGrid(grid, cfg.cohort_size) if cfg.cohort_size > 1 else grid)
 
 
 def mggan_settings(cfg: Config) -> MGGANSettings:

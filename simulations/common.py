@@ -112,14 +112,15 @@ def add_common_flags(p: argparse.ArgumentParser, *, config_default: str = "none,
     words what the script does without ``--config`` / ``--clients``."""
     p.add_argument("--config", help=f"YAML experiment file of run-config keys (default: {config_default})")
     p.add_argument("--clients", type=positive_int,
-                   help=f"number of virtual clients (SuperNodes) (default: {clients_default})")
+                   help=f"number of virtual clients (SuperNodes; with run config cohort-size M, N / M SuperNodes "
+                        f"of M clients each) (default: {clients_default})")
     p.add_argument("--rounds", type=positive_int, help="num-rounds (default: the experiment's)")
     p.add_argument("--output-dir", help="where runs/ goes (default: ./fedgan-output)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="server and client device (default: the experiment's, else auto)")
     p.add_argument("--client-cpus", type=positive_int, default=1, help="CPUs per virtual client (Ray resources)")
     p.add_argument("--client-gpus", type=float, default=None,
-                   help="GPUs per virtual client (fractional; default 0 on CPU machines, 1/clients with CUDA)")
+                   help="GPUs per SuperNode (fractional; default 0 on CPU machines, 1/SuperNodes with CUDA)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any run-config key, e.g. --set fakes-dtype=uint8 (repeatable; default: none)")
 
@@ -170,7 +171,8 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     is started by the first call and reused by the next ones (stopped at exit). ``app_dir``: the
     Flower app to run (default: a slim copy of this project; tests stage one whose ClientApp has
     Flower mods: :func:`app.simulation.stage_app`). ``ray_cpus``: the CPUs Ray offers the
-    virtual clients (default: ``$FEDGAN_RAY_CPUS``, else this machine's).
+    virtual clients (default: ``$FEDGAN_RAY_CPUS``, else this machine's). With run config
+    ``cohort-size`` M the federation has ``num_clients / M`` SuperNodes of M clients each.
 
     Raises RunFailed (the run's own error, from summary.md) when the run fails; a first Ctrl-C /
     SIGTERM asks the ServerApp to stop at its next safe point (SystemExit 130 once it has)."""
@@ -181,13 +183,17 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
 
     if cfg.min_nodes > num_clients:
         raise ConfigError(f"run config 'min-nodes' = {cfg.min_nodes} exceeds --clients {num_clients}")
+    if num_clients % cfg.cohort_size:
+        raise ConfigError(f"run config 'cohort-size' = {cfg.cohort_size} does not divide --clients {num_clients} "
+                          "(each SuperNode carries one cohort of that many virtual clients)")
+    num_nodes = num_clients // cfg.cohort_size
     check_dp_partitions(cfg, num_clients)   # dp-delta < 1/n and a reachable target, per client, before Ray
     if client_gpus is None:
-        client_gpus = (1.0 / num_clients) if torch.cuda.is_available() and cfg.device != "cpu" else 0.0
+        client_gpus = (1.0 / num_nodes) if torch.cuda.is_available() and cfg.device != "cpu" else 0.0
     if client_gpus > 0 and not torch.cuda.is_available():
         raise ConfigError("--client-gpus > 0 but no CUDA device is visible")
     if cfg.max_in_flight == 0:   # keep every actor busy without queueing every message in the engine at once
-        cfg = cfg.replace(max_in_flight=in_flight_for(num_clients, client_cpus, client_gpus))
+        cfg = cfg.replace(max_in_flight=in_flight_for(num_nodes, client_cpus, client_gpus))
     if cfg.poll_interval == 0:   # pulls are local calls here: refill the in-flight window sooner
         cfg = cfg.replace(poll_interval=SIMULATION_POLL_INTERVAL)
     preflight(cfg)
@@ -203,7 +209,7 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
     fed = shared_federation(env, ray_cpus or ray_cpus_from_env())
     with stop_on_signals():
         try:
-            result = fed.run(run_config, num_clients, cpus=client_cpus, gpus=client_gpus,
+            result = fed.run(run_config, num_nodes, cpus=client_cpus, gpus=client_gpus,
                              app_dir=app_dir, stop=STOP, settled=lambda log: summary_status(said_folder(log)))
         except SimulationError as exc:
             raise RunFailed(str(exc)) from None

@@ -12,7 +12,10 @@ batch and the fakes, its labels and feedback, one JRLF step of the student, thes
 * ``batched``         the same, with the clients' D steps and feedback batched too
                       (``discriminators_step``): the whole round as few large computations;
 * ``simulation``      through Flower's Simulation Engine (``simulations/common.py``), N
-                      SuperNodes, the real ServerApp and ClientApp, one CPU per virtual client.
+                      SuperNodes, the real ServerApp and ClientApp, one CPU per virtual client;
+                      with ``--cohort-size 1,10`` once per size M: N / M SuperNodes each carrying
+                      a cohort of M virtual clients (run config ``cohort-size``, one message per
+                      node per round; ``strategies/cohort.py``).
 
 It prints seconds per round (the median of the timed rounds, after one warm-up round),
 milliseconds per client, each mode's throughput relative to ``sequential``, the peak RSS of
@@ -266,7 +269,7 @@ def run_in_process(mode: str, n: int, args: argparse.Namespace, real: torch.Tens
     return out
 
 
-def run_through_engine(n: int, args: argparse.Namespace) -> dict:
+def run_through_engine(n: int, args: argparse.Namespace, cohort: int = 1) -> dict:
     """The same rounds through Flower's Simulation Engine; the median server-side round time of
     rounds 2.. (round 1 starts the actors) from the run's metrics.jsonl."""
     from app.comparison import read_run
@@ -283,7 +286,7 @@ def run_through_engine(n: int, args: argparse.Namespace) -> dict:
         "client-eval": False, "checkpoint-every": 0, "samples-per-client": 1, "seed": args.seed,
         "server-batching": args.server_batching, "device": args.device, "max-in-flight": args.max_in_flight,
         "node-wait-timeout": max(120.0, 1.0 * n), "round-timeout": max(300.0, 2.0 * n),
-        "output-dir": str(Path(args.output_dir) / "runs-scale"),
+        "output-dir": str(Path(args.output_dir) / "runs-scale"), "cohort-size": cohort,
     })
     trace_file = Path(args.output_dir).resolve() / f"trace-{n}.jsonl"
     trace_file.unlink(missing_ok=True)
@@ -360,7 +363,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in MODES:
+    for mode in dict.fromkeys(r["mode"] for r in results):
         pts = sorted((r["clients"], r["round_s"]) for r in results if r["mode"] == mode)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=mode)
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the ServerApp's server-batching in the simulation mode")
     p.add_argument("--max-in-flight", type=int, default=0, help="the simulation's run config max-in-flight "
                    "(0: what simulations/common.py picks, 16 x the actors that run at once)")
+    p.add_argument("--cohort-size", default="1", help="comma-separated: virtual clients per simulated SuperNode "
+                   "(run config cohort-size) for the simulation mode, one simulation per size, e.g. 1,10")
     p.add_argument("--client-gpus", type=float, default=None, help="GPUs per virtual client in the simulation mode "
                    "(default 0 on CPU machines, 1/clients with CUDA)")
     p.add_argument("--output-dir", default="fedgan-output/scale", help="where scale.json, scale.png and the "
@@ -419,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = [int(c) for c in args.clients.split(",") if c.strip()]
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        cohorts = [int(c) for c in args.cohort_size.split(",") if c.strip()]
     except ValueError:
         p.error(f"--clients {args.clients!r}: expected comma-separated integers")
     bad = [m for m in modes if m not in MODES]
+    if not cohorts or min(cohorts) < 1:
+        p.error(f"--cohort-size {args.cohort_size!r}: expected comma-separated integers >= 1")
     if bad or not counts or min(counts) < 1:
         p.error(f"--modes: unknown {bad}" if bad else "--clients: positive integers")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -446,15 +454,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.image_size} digits, batch {args.batch_size}, latent {args.latent_dim}, {args.rounds} timed rounds",
           flush=True)
     for n in counts:
-        for mode in modes:
+        runs = [(m, 1) for m in modes if m != "simulation"]
+        runs += [("simulation", c) for c in cohorts if "simulation" in modes]
+        for mode, cohort in runs:
+            if n % cohort:
+                print(f"[scale] {n} clients: cohorts of {cohort} do not divide them; skipped", flush=True)
+                continue
             t0 = time.monotonic()
             try:
-                r = run_through_engine(n, args) if mode == "simulation" else run_in_process(mode, n, args, real, device)
+                r = run_through_engine(n, args, cohort) if mode == "simulation" else run_in_process(mode, n, args, real,
+                                                                                                   device)
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"[scale] {n} clients, {mode}: out of GPU memory ({str(exc).splitlines()[0]}); "
                       "use fewer clients or smaller --features", flush=True)
                 continue
-            r.update(clients=n, mode=mode, device=str(device), elapsed_s=time.monotonic() - t0)
+            if cohort > 1:
+                mode = f"simulation, cohorts of {cohort}"
+            r.update(clients=n, mode=mode, cohort_size=cohort, device=str(device), elapsed_s=time.monotonic() - t0)
             results.append(r)
             if "breakdown" in r:
                 b = r["breakdown"]

@@ -359,7 +359,7 @@ def collect_late(grid: Grid) -> dict[int, float]:
 
 def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
              parse: Callable[[int, Message], object], max_reply_mb: float = 256.0,
-             poll: float | None = None) -> Exchange:
+             poll: float | None = None, on_reply: Callable[[dict[int, object]], None] | None = None) -> Exchange:
     """Send one message per node, wait at most ``timeout`` s, parse what comes back.
 
     Replies are matched to nodes by ``reply_to_message_id``. A reply that is an error,
@@ -368,8 +368,20 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     the server never crashes on a client's reply. A node still busy with an unanswered
     earlier message is not sent a new one (dropped as "still busy"); late replies are
     discarded. A stop request (:data:`STOP`) ends the wait with :class:`RunInterrupted`.
+    On a :class:`strategies.cohort.CohortGrid` the messages are to virtual nodes: the grid sends
+    one merged message per real node and returns each virtual node's outcome as above.
+
+    ``on_reply(parsed)``, when given, is called with {node: parsed reply} as good replies come in
+    (those of one pull, after the window is refilled; a cohort's good ones at once), while the
+    others are still out: the caller's
+    work on them overlaps the clients' (PrivacyGAN updates those students). A stop request still
+    ends the exchange with RunInterrupted; what was done with the replies before it stays in memory
+    only (an interrupted run resumes from its last checkpoint).
     """
     check_stop()
+    if hasattr(grid, "cohort_exchange"):   # strategies/cohort.py: one merged message per real node
+        return grid.cohort_exchange(messages, timeout=timeout, parse=parse, max_reply_mb=max_reply_mb, poll=poll,
+                                    on_reply=on_reply)
     out = Exchange(late=collect_late(grid))
     pending = _pending(grid)
     busy = pending_nodes(grid)
@@ -402,18 +414,23 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
     deadline = time.monotonic() + timeout
     push_more()
     while waiting or queue:
+        fresh: dict[int, object] = {}
         for reply in grid.pull_messages(list(waiting)) if waiting else []:
             nid = waiting.pop(reply.metadata.reply_to_message_id, None)
             if nid is not None:
                 trace(side="server", event="reply", msg=reply.metadata.reply_to_message_id, node=nid)
                 _take(out, nid, reply, parse, limit, max_reply_mb)
-        push_more()
+                if nid in out.replies:
+                    fresh[nid] = out.replies[nid]
+        push_more()   # the window refilled first: the clients work while the caller handles what came
+        if on_reply is not None and fresh:
+            on_reply(fresh)
         if (not waiting and not queue) or time.monotonic() >= deadline or STOP.is_set():
             break
         time.sleep(POLL_INTERVAL if poll is None else poll)
     for mid, nid in waiting.items():   # their replies are discarded if they still come
         pending[nid] = (mid, pushed_at[mid])
-    check_stop()   # a stop during the wait: the replies that came are not used half-way
+    check_stop()   # a stop during the wait: the round is not completed with the replies that came
     for mid, nid in waiting.items():
         out.dropped[nid] = f"no reply within {timeout:.0f} s (it gets no new message until it answers)"
     for nid, _ in queue:

@@ -426,17 +426,36 @@ class PrivacyGAN:
         messages, latents = {}, {}
         for nid in selected:
             messages[nid], latents[nid] = self.build_message(grid, nid, rnd)
+        rejoined: set[int] = set()
+        teacher_losses: dict[int, list[float] | None] = {}
+
+        def arrived(replies: dict) -> None:
+            """Replies in: note their partitions, then the students' JRLF steps (a rejoined node's
+            feedback was for the fresh student's fakes: skipped once)."""
+            self.nodes.identify({nid: metrics for nid, (_, _, metrics) in replies.items()}, live=nodes)
+            new = self.adopt_rejoined(replies, nodes)
+            rejoined.update(new)
+            teacher_losses.update(self.update_students(
+                {nid: (latents[nid], replies[nid][1]) for nid in replies if nid not in new}))
+
+        # With cohorts (a reply carries several clients: strategies/cohort.py) students are updated as
+        # their replies come in, while other cohorts work -- unless they are to be updated as one
+        # batched computation (server-batching on, or auto having found it faster), and not at the
+        # run's first exchange, where every node must be told apart on all replies at once
+        # (NodeBook.identify). With one client per reply a step per pull gained nothing (README run 7).
+        unbatched = self.s.server_batching == "off" or (
+            self.s.server_batching == "auto" and self.batching_choice is not None and not self.batching_choice[1])
+        streaming = self.nodes.identified and unbatched and getattr(grid, "clients_per_message", 1) > 1
         ex = exchange(grid, messages, timeout=self.s.round_timeout, parse=self.parse_reply,
-                      max_reply_mb=self.s.max_reply_mb)
-        self.nodes.identify({nid: metrics for nid, (_, _, metrics) in ex.replies.items()}, live=nodes)
+                      max_reply_mb=self.s.max_reply_mb, on_reply=arrived if streaming else None)
+        if not streaming:
+            arrived(ex.replies)
 
         clients: dict[str, dict] = {}
         rolled_back: list[int] = []
-        rejoined = self.adopt_rejoined(ex.replies, nodes)
-        todo = [nid for nid in ex.replies if nid not in rejoined]   # a rejoined node's feedback was for
-        if self.s.client_d_init == "teacher":                        # the fresh student's fakes: skip once
+        todo = [nid for nid in ex.replies if nid not in rejoined]
+        if self.s.client_d_init == "teacher":
             self.d_init_sent.update(todo)
-        teacher_losses = self.update_students({nid: (latents[nid], ex.replies[nid][1]) for nid in todo})
         for nid in todo:
             labels, feedback, metrics = ex.replies[nid]
             # a bounded reply can still push G_i or its Adam moments past float range: undone, node blamed
@@ -470,7 +489,7 @@ class PrivacyGAN:
             "replies": len(ex.replies), "dropped": len(ex.dropped),
             "dropped_reasons": {str(n): why for n, why in ex.dropped.items()},
             "bytes_down": sum(ex.bytes_down.values()), "bytes_up": sum(ex.bytes_up.values()),
-            "clients": clients, "server_batching": self.last_batching, "alpha": self.alpha,
+            "clients": clients, "server_batching": self.last_batching, "alpha": self.alpha, "streamed": streaming,
             **({"server_batching_timing": timing} if timing else {}),   # the round "auto" measured in
         }
 

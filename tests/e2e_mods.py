@@ -112,6 +112,7 @@ def tap(msg, context, call_next):
     """Every message a client receives and sends, in full (``taps/``)."""
     reply = call_next(msg, context)
     keep(context, "taps", {"partition": int(context.node_config["partition-id"]), "type": msg.metadata.message_type,
+                           "node": int(context.node_id),
                            "down": describe(msg.content), "up": None if reply.has_error() else describe(reply.content),
                            "error": reply.error.reason if reply.has_error() else None})
     return reply

@@ -83,6 +83,41 @@ def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path, 
     assert list(list_generators(run.path)) == ["student0", "student1", "student2", "teacher"]
 
 
+def test_cohorts_carry_several_clients_per_supernode_with_the_same_messages_and_bytes_per_client(tmp_path, capsys):
+    """cohort-size = 2: 4 virtual clients on 2 SuperNodes. Each client handles its own fakes with its
+    own partition and D_i, sends exactly what a client on a node of its own sends, and is charged the
+    same bytes; the end-of-run report reaches every client through its cohort too."""
+    (tmp_path / "taps").mkdir()
+    cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 2, "fakes-dtype": "float16", "cohort-size": 2,
+                        "output-dir": str(tmp_path / "out"), "min-nodes": 4, "eval-samples": 64,
+                        "evaluator-dir": str(tmp_path / "evaluators")})
+    run = simulate(cfg, 4, "tap_app")
+    records = read_kept(tmp_path / "taps")
+    train = [r for r in records if r["type"] == wire.DISCRIMINATE]
+    assert sorted(r["partition"] for r in train) == [0, 0, 1, 1, 2, 2, 3, 3]
+    nodes = {}
+    for r in train:
+        assert r["error"] is None and set(r["down"]) == {wire.FAKES, wire.CONFIG}
+        assert set(r["up"]) == {wire.REPLY, wire.METRICS}
+        nodes.setdefault(r["node"], set()).add(r["partition"])
+    assert sorted(map(sorted, nodes.values())) == [[0, 1], [2, 3]]   # two SuperNodes, a cohort of two each
+    reports = [r for r in records if r["type"] == client_eval.EVAL_FAKES]
+    assert sorted(r["partition"] for r in reports) == [0, 1, 2, 3] and all(r["error"] is None for r in reports)
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [sorted(c["d_steps_total"] for c in m["clients"].values()) for m in metrics] == [[2] * 4, [4] * 4]
+    # per client and round, the hand arithmetic of a client on a node of its own
+    n = 2 * 8 * 256
+    down = 128 + n * 2 + len("fakes") + (5 + 8) + (4 + 3) + (11 + 7) + (14 + 7) + (17 + 8)
+    up = (128 + 2 * 8 * 4 + 6) + (128 + n * 4 + 8) + sum(8 + len(k) for k in
+                                                        ["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total",
+                                                         "d_fresh", "partition_id"])
+    comm = [row for row in run.read_jsonl("comm.jsonl") if row.get("phase") != "eval"]
+    assert len(comm) == 8 and all(row["down"] == down and row["up"] == up for row in comm)
+    assert sorted(row["partition"] for row in comm) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert "status: **success**" in (run.path / "summary.md").read_text()
+    assert "client 3 (classes 6,7)" in capsys.readouterr().out
+
+
 def check_end_of_run_report(run, cfg, reports, output):
     """The end-of-run report of the embedded default (PrivacyGAN, digits by class, client-eval on,
     eval-every 0): each client got samples of its own student once, at the last round, labelled them
