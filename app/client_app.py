@@ -311,7 +311,8 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     # innermost mod: after a message that trained this client's own generator (local, MGGAN,
     # BPGAN's generator blocks) in a checkpoint round or the last one, the client writes it
     # (app/generators.py) -- into the run folder in a simulation, its node folder when deployed
-    app = ClientApp(mods=[trace_mod, cohort_mod, *(mods or []), client_generator_mod(lambda context: _config(config, context))])
+    app = ClientApp(mods=[trace_mod, cohort_mod, *(mods or []),
+                          client_generator_mod(lambda context: _config(config, context))])
 
     @app.train("discriminate")
     def discriminate(msg: Message, context: Context) -> Message:

@@ -373,8 +373,8 @@ def exchange(grid: Grid, messages: dict[int, Message], *, timeout: float,
 
     ``on_reply(parsed)``, when given, is called with {node: parsed reply} as good replies come in
     (those of one pull, after the window is refilled; a cohort's good ones at once), while the
-    others are still out: the caller's
-    work on them overlaps the clients' (PrivacyGAN updates those students). A stop request still
+    others are still out: the caller's work on them overlaps the clients' (PrivacyGAN updates those
+    students). A stop request still
     ends the exchange with RunInterrupted; what was done with the replies before it stays in memory
     only (an interrupted run resumes from its last checkpoint).
     """

@@ -5,6 +5,7 @@ client -- with one message per node instead of M."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -195,7 +196,7 @@ def test_students_are_updated_as_their_cohorts_reply_unless_batched(monkeypatch,
 
     monkeypatch.setattr(base, "MAX_IN_FLIGHT", 1)
     strat = strategy()
-    strat.s = PrivacyGANSettings(**{**strat.s.__dict__, "server_batching": batching})
+    strat.s = dataclasses.replace(strat.s, server_batching=batching)
     states = {n: RecordDict() for n in (10, 20, 30)}
     moved = []
 
@@ -212,6 +213,6 @@ def test_students_are_updated_as_their_cohorts_reply_unless_batched(monkeypatch,
     assert moved == [[False, False], [streamed] * 2, [streamed] * 2]
     assert [r["streamed"] for r in records] == [False, streamed, streamed]
     one = strategy()
-    one.s = PrivacyGANSettings(**{**one.s.__dict__, "server_batching": "off"})
+    one.s = dataclasses.replace(one.s, server_batching="off")
     plain = LoopGrid([0, 1], lambda nid, content: client(nid, content, RecordDict()))
     assert [one.run_round(plain, rnd, [0, 1])["streamed"] for rnd in (1, 2)] == [False, False]
