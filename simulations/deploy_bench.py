@@ -17,6 +17,7 @@ contact and the FAB install).
 
     python simulations/deploy_bench.py                                    # cold and warm, K = 1 and 8
     python simulations/deploy_bench.py --launchers warm --strategies privacygan --ks 1 --rounds 4
+    python simulations/deploy_bench.py --launchers warm --strategies privacygan --ks 1 --run-config "poll-interval=0.3"
 
 Writes ``<out>/deploy_bench.json`` and ``<out>/deploy_bench.md`` (the tables of
 docs/DEPLOYMENT.md). Timings depend on the machine and on whatever else runs on it.
@@ -107,9 +108,10 @@ def breakdown(trace: list[dict], since: float, until: float, skip_round: str = "
     return out
 
 
-def bench_one(lb: Loopback, strategy: str, k: int, rounds: int, out: Path, trace_path: Path) -> dict:
+def bench_one(lb: Loopback, strategy: str, k: int, rounds: int, out: Path, trace_path: Path,
+              extra: str = "") -> dict:
     run_out = out / f"runs-{strategy}-k{k}"
-    cfg = f"{TINY} {strategy_config(strategy, k, rounds)} min-nodes=2 output-dir={json.dumps(str(run_out))}"
+    cfg = f"{TINY} {strategy_config(strategy, k, rounds)} min-nodes=2 {extra} output-dir={json.dumps(str(run_out))}"
     since = time.time()
     t0 = time.monotonic()
     rc, output, run_id, status = lb.run(cfg, timeout=900)
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6, help="rounds per run (round 1 is left out of the medians)")
     p.add_argument("--launchers", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
                    help="cold: plain flower-superlink/-supernode; warm: fedgan-superlink/-supernode (app/warm.py)")
+    p.add_argument("--run-config", default="", help="extra run config for every run, e.g. \"poll-interval=0.3\"")
     p.add_argument("--out", default="fedgan-output/deploy-bench", help="folder for the deployments, runs and results")
     args = p.parse_args(argv)
     if args.rounds < 2:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in (args.ks if strategy != "bpgan" else [1]):
                     print(f"[deploy-bench] {launcher} SuperLink and SuperNodes, {strategy}, K={k}, {args.rounds} rounds ...",
                           flush=True)
-                    res = bench_one(lb, strategy, k, args.rounds, directory, trace_path)
+                    res = bench_one(lb, strategy, k, args.rounds, directory, trace_path, args.run_config)
                     res["launcher"] = launcher
                     results.append(res)
                     print(f"[deploy-bench]   median {res['median_round_s']:.2f} s/round, "
