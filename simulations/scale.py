@@ -265,8 +265,24 @@ def run_in_process(mode: str, n: int, args: argparse.Namespace, real: torch.Tens
     out = {"round_s": statistics.median(times), "rounds_timed": len(times), "peak_rss_gb": rss.peak / 1e9}
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if getattr(args, "profile", False):
+        out["profile"] = profile_round(world, mode)
     del world
     return out
+
+
+def profile_round(world: "World", mode: str) -> dict:
+    """One more round under torch.profiler (CPU): its self CPU time, the share spent in
+    convolutions (forward and backward: arithmetic that batching cannot remove), and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        world.round(mode)
+    ops = [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()]
+    total = sum(ms for _, ms in ops)
+    conv = sum(ms for name, ms in ops if "convolution" in name)
+    top = sorted(ops, key=lambda kv: -kv[1])[:6]
+    return {"cpu_ms": total, "conv_ms": conv, "top": [[name, ms] for name, ms in top]}
 
 
 def run_through_engine(n: int, args: argparse.Namespace, cohort: int = 1) -> dict:
@@ -418,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default="fedgan-output/scale", help="where scale.json, scale.png and the "
                    "simulation's runs go")
     p.add_argument("--seed", type=int, default=0, help="seed of networks, latents and batches")
+    p.add_argument("--profile", action="store_true", help="profile one more round of each in-process mode "
+                   "(torch.profiler): its CPU time, the convolutions' share and the top ops")
     p.add_argument("--check", action="store_true", help="first check on this device that one batched round "
                    "equals one sequential round (largest parameter difference; default: no check)")
     args = p.parse_args(argv)
@@ -477,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[scale]        a simulated round: server {b['server']:.2f} s, clients' handlers {b['clients_sum']:.2f} s "
                       f"({b['clients_wall']:.2f} s on {b['actors']:.0f} actors; {b['handler_ms']:.1f} ms per message), "
                       f"the engine moving messages {b['engine']:.2f} s", flush=True)
+            if "profile" in r:
+                pr = r["profile"]
+                print(f"[scale]        profiled round: {pr['cpu_ms']:.0f} ms of CPU, convolutions (forward and backward) "
+                      f"{pr['conv_ms']:.0f} ms ({pr['conv_ms'] / max(pr['cpu_ms'], 1e-9):.0%}); top: "
+                      + ", ".join(f"{name} {ms:.0f}" for name, ms in pr["top"]), flush=True)
             if r.get("pss_by_process_gb"):
                 print(f"[scale]        peak PSS {r['peak_pss_gb']:.2f} GB: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in r["pss_by_process_gb"].items()), flush=True)

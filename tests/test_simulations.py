@@ -45,16 +45,21 @@ def test_privacy_cifar_runs_on_the_shared_zip_with_4_clients(tmp_path):
 
 def test_scale_in_process_modes_run_and_the_batched_round_matches_the_sequential_one(tmp_path):
     """simulations/scale.py, the in-process modes with 3 clients: one JSON row per mode, the
-    check's float32 errors against the float64 reference about the same both ways (CPU: ~1e-5)."""
+    check's float32 errors against the float64 reference about the same both ways (CPU: ~1e-5);
+    --profile: each mode's profiled round, its convolutions a part of its CPU time."""
     import json
 
     from simulations import scale
 
     assert scale.main(["--clients", "3", "--modes", "sequential,batched-server,batched", "--rounds", "1",
-                       "--check", "--output-dir", str(tmp_path)]) == 0
+                       "--check", "--profile", "--output-dir", str(tmp_path)]) == 0
     out = json.loads((tmp_path / "scale.json").read_text())
     assert [r["mode"] for r in out["results"]] == ["sequential", "batched-server", "batched"]
     assert all(r["clients"] == 3 and r["round_s"] > 0 and r["peak_rss_gb"] > 0 for r in out["results"])
+    for r in out["results"]:
+        pr = r["profile"]
+        assert 0 < pr["conv_ms"] < pr["cpu_ms"] and len(pr["top"]) == 6, pr
+        assert any("convolution" in name for name, _ in pr["top"]), pr["top"]
     (check,) = out["checks"]
     for key in ("fakes", "d_grads", "feedback", "g_grads"):
         assert check["batched"][key] < 1e-4 and check["sequential"][key] < 1e-4, key
