@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import os
 from functools import lru_cache
+from typing import Callable
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -31,7 +32,7 @@ from app.generators import client_generator_mod, node_root
 from app.metrics import ImageEvaluator, ensure_classifier
 from strategies import bpgan, client_eval, cohort, dataparallel, fedavg, local, mggan, wire
 from strategies.base import TRACE_ENV, trace
-from strategies.privacygan import client_discriminate
+from strategies.privacygan import client_discriminate, client_discriminate_cohort, cohort_can_batch
 
 # --- per-client evaluation (SPEC 6): scores of fakes against this client's own data -------------
 MAX_REAL_FOR_EVAL = 10_000
@@ -266,35 +267,56 @@ def trace_mod(msg: Message, context: Context, call_next) -> Message:
               bytes_in=wire.message_bytes(msg), records_in=record_names(msg.content), **out)
 
 
-def cohort_mod(msg: Message, context: Context, call_next) -> Message:
-    """A message for a cohort (run config ``cohort-size`` > 1; strategies/cohort.py) is handled once
-    per client it carries: client j of simulated node p is partition p·M + j of N·M (M the cohort
-    size, N the SuperNodes), with its own slice of the node's state, exactly as a node of its own
-    would handle it. Any other message passes through."""
-    if not cohort.is_cohort(msg.content):
-        return call_next(msg, context)
-    node = context.node_config
-    if node.get("data-path"):
-        raise ValueError("run config 'cohort-size' > 1 is for simulated clients: a node with its own data-path "
-                         "is one client")
-    size = int(msg.content.config_records[cohort.COHORT]["size"])
-    pid, n = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
-    original = msg.content
+def cohort_mod_with(together: dict[str, Callable]) -> Callable:
+    """The mod that handles a message for a cohort (run config ``cohort-size`` > 1;
+    strategies/cohort.py) once per client it carries: client j of simulated node p is partition
+    p·M + j of N·M (M the cohort size, N the SuperNodes), with its own slice of the node's state,
+    exactly as a node of its own would handle it. Any other message passes through.
 
-    def handle(slot: int, content: RecordDict, state: RecordDict) -> RecordDict:
-        own = Context(run_id=context.run_id, node_id=context.node_id, state=state, run_config=context.run_config,
-                      node_config={**node, "partition-id": pid * size + slot, "num-partitions": n * size})
-        msg.content = content
-        reply = call_next(msg, own)
-        if reply.has_error():
-            raise RuntimeError(reply.error.reason)
-        return reply.content
+    ``together`` maps a message type to ``fn(msg, contexts, contents)`` that may handle all of a
+    cohort's clients at once (slot -> the client's Context and content; returns slot -> reply
+    content, or None to decline): PrivacyGAN's batched D steps."""
 
-    try:
-        merged = cohort.run_cohort(original, context.state, handle)
-    finally:
-        msg.content = original
-    return Message(content=merged, reply_to=msg)
+    def cohort_mod(msg: Message, context: Context, call_next) -> Message:
+        if not cohort.is_cohort(msg.content):
+            return call_next(msg, context)
+        node = context.node_config
+        if node.get("data-path"):
+            raise ValueError("run config 'cohort-size' > 1 is for simulated clients: a node with its own data-path "
+                             "is one client")
+        size = int(msg.content.config_records[cohort.COHORT]["size"])
+        pid, n = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+        original = msg.content
+
+        def own_context(slot: int, state: RecordDict) -> Context:
+            return Context(run_id=context.run_id, node_id=context.node_id, state=state, run_config=context.run_config,
+                           node_config={**node, "partition-id": pid * size + slot, "num-partitions": n * size})
+
+        def handle(slot: int, content: RecordDict, state: RecordDict) -> RecordDict:
+            msg.content = content
+            reply = call_next(msg, own_context(slot, state))
+            if reply.has_error():
+                raise RuntimeError(reply.error.reason)
+            return reply.content
+
+        handle_all, batched = None, []
+        fn = together.get(msg.metadata.message_type)
+        if fn is not None:
+            def handle_all(contents: dict, states: dict) -> dict | None:
+                out = fn(msg, {s: own_context(s, states[s]) for s in contents}, contents)
+                batched.append(out is not None)
+                return out
+
+        try:
+            merged = cohort.run_cohort(original, context.state, handle, handle_all)
+        finally:
+            msg.content = original
+        if fn is not None:   # the timing trace (FEDGAN_TRACE) says whether the cohort was handled at once
+            trace(side="cohort", msg=msg.metadata.message_id, type=msg.metadata.message_type,
+                  clients=len(cohort.split(merged)), batched=bool(batched and batched[0]))
+        return Message(content=merged, reply_to=msg)
+
+    return cohort_mod
 
 
 def record_names(content: RecordDict) -> dict[str, list[str]]:
@@ -308,10 +330,13 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     ``mods`` are Flower client mods (``mod(msg, context, call_next)``), e.g. to inspect
     every message in tests.
     """
-    # innermost mod: after a message that trained this client's own generator (local, MGGAN,
-    # BPGAN's generator blocks) in a checkpoint round or the last one, the client writes it
-    # (app/generators.py) -- into the run folder in a simulation, its node folder when deployed
-    app = ClientApp(mods=[trace_mod, cohort_mod, *(mods or []),
+    # mods, outermost first: the timing trace; a test's ``mods``, which see each message as it
+    # crosses the wire (a cohort's merged one included); cohorts; and innermost, after a message
+    # that trained this client's own generator (local, MGGAN, BPGAN's generator blocks) in a
+    # checkpoint round or the last one, the client writes it (app/generators.py) -- into the run
+    # folder in a simulation, its node folder when deployed
+    together: dict[str, Callable] = {}   # message type -> a cohort's clients handled at once
+    app = ClientApp(mods=[trace_mod, *(mods or []), cohort_mod_with(together),
                           client_generator_mod(lambda context: _config(config, context))])
 
     @app.train("discriminate")
@@ -330,6 +355,24 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid,
             dp=client_dp(cfg, len(x)), real_data=x, reuse=reusable_modules(cfg), train=cfg.client_d_train)
         return Message(content=reply, reply_to=msg)
+
+    def discriminate_cohort(msg: Message, contexts: dict[int, Context], contents: dict[int, RecordDict]):
+        """A cohort's clients' D steps as one computation (run config ``cohort-batching``), when
+        privacygan.cohort_can_batch allows it; else None (each client handled on its own)."""
+        cfg = _config(config, next(iter(contexts.values())))
+        if not cfg.cohort_batching or cohort_can_batch(contents, dp=cfg.dp, train=cfg.client_d_train) is not None:
+            return None
+        samplers, pids = {}, {}
+        for slot, ctx in contexts.items():
+            data, pids[slot] = local_data(cfg, ctx)
+            samplers[slot] = (lambda x: lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)])(data.view)
+        return client_discriminate_cohort(
+            contents, {s: ctx.state for s, ctx in contexts.items()}, sample_real=samplers, partition_ids=pids,
+            build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
+            betas=(cfg.adam_beta1, cfg.adam_beta2), device=resolve_device(cfg.device), seed=cfg.seed,
+            reuse=reusable_modules(cfg))
+
+    together[wire.DISCRIMINATE] = discriminate_cohort
 
     def builders(cfg: Config) -> dict:
         return {"build_generator": lambda: make_generator(cfg),

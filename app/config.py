@@ -134,6 +134,7 @@ class Config:
     max_reply_mb: float = 256.0        # a larger client reply is dropped unread
     max_in_flight: int = 0             # unanswered messages at a time per exchange (0 = all at once)
     poll_interval: float = 0.0         # seconds between the server's pulls for replies (0 = 0.1; simulations 0.02)
+    cohort_batching: bool = True       # a cohort's D steps as one computation where possible (PrivacyGAN)
     cohort_size: int = 1               # virtual clients per simulated SuperNode (PrivacyGAN; strategies/cohort.py)
     max_feedback_norm: float = 1000.0  # per-sample L2 bound on feedback as sent (PrivacyGAN, BPGAN)
     max_update_norm: float = 100000.0  # L2 bound on a client's gradient or weight update

@@ -216,9 +216,9 @@ def discriminators_step(discs: Sequence[tuple[nn.Module, torch.optim.Optimizer]]
     ``real`` and ``fake`` are (N, B, *sample). Returns per client the step's statistics (d_loss,
     d_real_acc, d_fake_acc, d_real_out, d_fake_out), and the labels (N, B, ...) and feedback
     (N, B, *sample). Only losses without a penalty or clipping (bce, hinge): the Wasserstein
-    critics keep their one-by-one step. A moonshot's core (many clients on one simulated node)
-    and the in-process batched baseline of simulations/scale.py; the Flower ClientApp still runs
-    one client per message.
+    critics keep their one-by-one step. What a cohort's clients on one simulated node do
+    (run config ``cohort-batching``; strategies.privacygan.client_discriminate_cohort) and the
+    in-process batched baseline of simulations/scale.py.
     """
     check_loss_kind(kind)
     if kind not in ("bce", "hinge"):

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6, help="rounds per run (round 1 is left out of the medians)")
     p.add_argument("--launchers", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
                    help="cold: plain flower-superlink/-supernode; warm: fedgan-superlink/-supernode (app/warm.py)")
-    p.add_argument("--run-config", default="", help="extra run config for every run, e.g. \"poll-interval=0.3\"")
+    p.add_argument("--run-config", default="",
+                   help="extra run config for every run, e.g. \"poll-interval=0.3\" (default: none)")
     p.add_argument("--out", default="fedgan-output/deploy-bench", help="folder for the deployments, runs and results")
     args = p.parse_args(argv)
     if args.rounds < 2:

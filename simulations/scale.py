@@ -303,6 +303,7 @@ def run_through_engine(n: int, args: argparse.Namespace, cohort: int = 1) -> dic
         "server-batching": args.server_batching, "device": args.device, "max-in-flight": args.max_in_flight,
         "node-wait-timeout": max(120.0, 1.0 * n), "round-timeout": max(300.0, 2.0 * n),
         "output-dir": str(Path(args.output_dir) / "runs-scale"), "cohort-size": cohort,
+        "cohort-batching": args.cohort_batching == "on",
     })
     trace_file = Path(args.output_dir).resolve() / f"trace-{n}.jsonl"
     trace_file.unlink(missing_ok=True)
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(0: what simulations/common.py picks, 16 x the actors that run at once)")
     p.add_argument("--cohort-size", default="1", help="comma-separated: virtual clients per simulated SuperNode "
                    "(run config cohort-size) for the simulation mode, one simulation per size, e.g. 1,10")
+    p.add_argument("--cohort-batching", choices=("on", "off"), default="on",
+                   help="run config cohort-batching in the simulation mode: a cohort's D steps as one computation")
     p.add_argument("--client-gpus", type=float, default=None, help="GPUs per virtual client in the simulation mode "
                    "(default 0 on CPU machines, 1/clients with CUDA)")
     p.add_argument("--output-dir", default="fedgan-output/scale", help="where scale.json, scale.png and the "

@@ -90,17 +90,36 @@ def store_slot_state(state: RecordDict, slot: int, own: RecordDict) -> None:
 
 
 def run_cohort(content: RecordDict, state: RecordDict,
-               handle: Callable[[int, RecordDict, RecordDict], RecordDict]) -> RecordDict:
+               handle: Callable[[int, RecordDict, RecordDict], RecordDict],
+               handle_all: Callable[[dict[int, RecordDict], dict[int, RecordDict]],
+                                    dict[int, RecordDict] | None] | None = None) -> RecordDict:
     """Handle a merged message on the node: ``handle(slot, its content, its state)`` once per
     client, in slot order, each on its own slice of the node's ``state``. Returns the merged reply.
     A client whose handler raises gets an ``error`` record (the others go on) and keeps the state
-    it had before the message."""
+    it had before the message.
+
+    ``handle_all(contents, states)``, when given, may handle every client at once (slot -> content,
+    slot -> its state slice; returns slot -> reply, or None to decline): the ClientApp's batched
+    D steps (run config ``cohort-batching``). If it raises, nothing it did to the states is kept
+    and the clients are handled one by one as above, so a failure stays the failing client's own."""
     cfg = content.config_records[COHORT]
     size = int(cfg["size"])
     parts = split(content)
     bad = [s for s in parts if not 0 <= s < size]
     if bad:
         raise ValueError(f"cohort slots {bad} outside 0..{size - 1}")
+    if handle_all is not None and len(parts) > 1:
+        owns = {slot: slot_state(state, slot) for slot in parts}
+        try:
+            together = handle_all(parts, owns)
+        except Exception as exc:   # noqa: BLE001 -- retried one by one: the failure is found and kept to its client
+            log.warning("cohort: handling %d clients at once failed (%s: %s); each is handled on its own",
+                        len(parts), type(exc).__name__, str(exc)[:300])
+            together = None
+        if together is not None:
+            for slot in parts:
+                store_slot_state(state, slot, owns[slot])
+            return merge(together, size)
     replies: dict[int, RecordDict] = {}
     for slot in sorted(parts):
         own = slot_state(state, slot)

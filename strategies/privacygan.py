@@ -44,7 +44,7 @@ from models.steps import (discriminator_step, forward_keeping_buffers, generator
                           sample_latent, student_update, train_gan_step, train_only_head)
 from strategies import client_eval, wire
 from models.dp import DPConfig
-from models.batched import Stack, can_batch, students_update
+from models.batched import Stack, can_batch, discriminators_step, students_update
 from strategies.base import (ClientDP, Snapshot, all_finite, check_dp_reply, dp_columns, NodeBook, Recorder,
                              check_identities, check_stop, exchange, guarded_update, log, pack_state,
                              require_replies, sample_nodes, should, unpack_state, wait_for_nodes)
@@ -165,6 +165,75 @@ def _load_state(rec: ConfigRecord, D: nn.Module, opt: torch.optim.Optimizer) -> 
     return int(blob["steps"])
 
 
+@dataclass
+class _ClientD:
+    """One client's D_i while it handles a ``train.discriminate`` message."""
+
+    D: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator       # this client's real-batch draws
+    fakes: torch.Tensor        # (K, B, *sample) as decoded
+    loss: str
+    feedback_dtype: str
+    disc_steps: int
+    steps_total: int
+    fresh: bool
+    acc: list                  # each D step's statistics
+    labels: list               # per fake batch, on the CPU
+    feedback: list             # per fake batch, encoded for the wire
+
+
+def _open_client(content: RecordDict, state: RecordDict, *, build_discriminator: Callable[[], nn.Module],
+                 disc_lr: float, betas: tuple[float, float], device: str, seed: int, partition_id: int | None,
+                 reused: nn.Module | None, train: str) -> _ClientD:
+    """D_i and its optimizer from ``state`` (or new: random, or the ``d_init`` weights the server
+    sends once with ``client-d-init=teacher``); ``reused``: a module to load a returning client into."""
+    cfg = content.config_records[wire.CONFIG]
+    loss = str(cfg["loss"])
+    fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), str(cfg["fakes-dtype"]))
+    fresh = CLIENT_STATE not in state.config_records
+    D = reused if not fresh and reused is not None else build_discriminator().to(device)
+    D.train()
+    opt = make_optimizer(loss, D.parameters(), disc_lr, betas)
+    if not fresh:
+        steps_total = _load_state(state.config_records[CLIENT_STATE], D, opt)
+    else:
+        steps_total = 0
+        if wire.D_INIT in content.array_records:
+            D.load_state_dict(content.array_records[wire.D_INIT].to_torch_state_dict())
+    if train == "head":   # (a reused module comes from the same run config: same flags)
+        train_only_head(D)
+    # Real batches are drawn from this client's data only; the draw depends on the
+    # client's own step count so reruns are reproducible.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + steps_total)
+    return _ClientD(D=D, opt=opt, gen=gen, fakes=fakes, loss=loss, feedback_dtype=str(cfg["feedback-dtype"]),
+                    disc_steps=int(cfg["client-disc-steps"]), steps_total=steps_total, fresh=fresh, acc=[],
+                    labels=[], feedback=[])
+
+
+def _close_client(c: _ClientD, state: RecordDict, partition_id: int | None, private=None) -> RecordDict:
+    """Save D_i back into ``state``; the reply: labels, feedback and scalar metrics."""
+    state.config_records[CLIENT_STATE] = _save_state(c.D, c.opt, c.steps_total)
+    if private is not None:
+        private.save()
+    n = len(c.acc)
+    metrics = {
+        "d_loss": sum(s["d_loss"] for s in c.acc) / n,
+        "d_real_acc": sum(s["d_real_acc"] for s in c.acc) / n,
+        "d_fake_acc": sum(s["d_fake_acc"] for s in c.acc) / n,
+        "d_steps_total": c.steps_total,
+        "d_fresh": int(c.fresh),
+        **(private.metrics() if private is not None else {}),
+    }
+    if partition_id is not None:
+        metrics["partition_id"] = int(partition_id)
+    return RecordDict({
+        wire.REPLY: wire.tensor_record(**{wire.LABELS: torch.stack(c.labels).float(),
+                                          wire.FEEDBACK: torch.stack(c.feedback)}),
+        wire.METRICS: MetricRecord(metrics),
+    })
+
+
 def client_discriminate(content: RecordDict, state: RecordDict, *,
                         sample_real: Callable[[int, torch.Generator], torch.Tensor],
                         build_discriminator: Callable[[], nn.Module], disc_lr: float,
@@ -195,73 +264,90 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     (``client-d-init=teacher``). With ``dp`` the noise then falls on the head's few parameters only
     (docs/PRIVACY.md: what that buys).
     """
-    cfg = content.config_records[wire.CONFIG]
-    loss = str(cfg["loss"])
-    fakes_dtype, feedback_dtype = str(cfg["fakes-dtype"]), str(cfg["feedback-dtype"])
-    disc_steps = int(cfg["client-disc-steps"])
-    fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), fakes_dtype)
-    K, B = fakes.shape[0], fakes.shape[1]
-
-    fresh = CLIENT_STATE not in state.config_records
     reusable = reuse is not None and dp is None
-    D = reuse.get("d") if reusable and not fresh else None
-    if D is None:
-        D = build_discriminator().to(device)
-        if reusable:
-            reuse["d"] = D
-    D.train()
-    opt = make_optimizer(loss, D.parameters(), disc_lr, betas)
-    if not fresh:
-        steps_total = _load_state(state.config_records[CLIENT_STATE], D, opt)
-    else:
-        steps_total = 0
-        if wire.D_INIT in content.array_records:
-            D.load_state_dict(content.array_records[wire.D_INIT].to_torch_state_dict())
-    if train == "head":   # (a reused module comes from the same run config: same flags)
-        train_only_head(D)
-
-    # Real batches are drawn from this client's data only; the draw depends on the
-    # client's own step count so reruns are reproducible.
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + steps_total)
-    private, stop = ClientDP.begin(dp, state, real_data, D, loss, batch_size=B, steps_more=K * disc_steps,
+    c = _open_client(content, state, build_discriminator=build_discriminator, disc_lr=disc_lr, betas=betas,
+                     device=device, seed=seed, partition_id=partition_id,
+                     reused=reuse.get("d") if reusable else None, train=train)
+    if reusable:
+        reuse["d"] = c.D
+    K, B = c.fakes.shape[0], c.fakes.shape[1]
+    private, stop = ClientDP.begin(dp, state, real_data, c.D, c.loss, batch_size=B, steps_more=K * c.disc_steps,
                                    seed=seed, partition_id=partition_id, device=device)
     if stop is not None:
         return stop
-    labels, feedback, acc = [], [], []
     for k in range(K):
-        fake_k = fakes[k].to(device)
-        for _ in range(disc_steps):
+        fake_k = c.fakes[k].to(device)
+        for _ in range(c.disc_steps):
             if private is not None:
-                stats = private.discriminator_step(D, opt, fake_k, loss)
+                stats = private.discriminator_step(c.D, c.opt, fake_k, c.loss)
             else:
-                real = sample_real(B, gen).to(device)
-                stats = discriminator_step(D, opt, real, fake_k, loss)
-            steps_total += 1
-            acc.append(stats)
+                real = sample_real(B, c.gen).to(device)
+                stats = discriminator_step(c.D, c.opt, real, fake_k, c.loss)
+            c.steps_total += 1
+            c.acc.append(stats)
         # --- feedback on the fakes the server sent: labels D_i(x̃), f_i = ∂L_G/∂x̃ ---
-        lab, fb = generator_feedback(D, fake_k, loss)
-        labels.append(lab.cpu())
-        feedback.append(wire.encode_feedback(fb, feedback_dtype, B))
+        lab, fb = generator_feedback(c.D, fake_k, c.loss)
+        c.labels.append(lab.cpu())
+        c.feedback.append(wire.encode_feedback(fb, c.feedback_dtype, B))
+    return _close_client(c, state, partition_id, private)
 
-    state.config_records[CLIENT_STATE] = _save_state(D, opt, steps_total)
-    if private is not None:
-        private.save()
-    n = len(acc)
-    metrics = {
-        "d_loss": sum(s["d_loss"] for s in acc) / n,
-        "d_real_acc": sum(s["d_real_acc"] for s in acc) / n,
-        "d_fake_acc": sum(s["d_fake_acc"] for s in acc) / n,
-        "d_steps_total": steps_total,
-        "d_fresh": int(fresh),
-        **(private.metrics() if private is not None else {}),
-    }
-    if partition_id is not None:
-        metrics["partition_id"] = int(partition_id)
-    return RecordDict({
-        wire.REPLY: wire.tensor_record(**{wire.LABELS: torch.stack(labels).float(),
-                                          wire.FEEDBACK: torch.stack(feedback)}),
-        wire.METRICS: MetricRecord(metrics),
-    })
+
+def cohort_can_batch(contents: dict[int, RecordDict], *, dp: bool, train: str) -> str | None:
+    """Why a cohort's ``train.discriminate`` messages cannot be handled as one computation
+    (:func:`client_discriminate_cohort`), or None when they can."""
+    if dp:
+        return "dp (per-example clipping runs one client at a time)"
+    if train != "all":
+        return f"client-d-train = {train!r}"
+    cfgs = [c.config_records[wire.CONFIG] for c in contents.values()]
+    if {str(c["loss"]) for c in cfgs} - {"bce", "hinge"}:
+        return "a Wasserstein loss (clipping / gradient penalty)"
+    if any(int(c["client-disc-steps"]) != 1 for c in cfgs):
+        return "client-disc-steps > 1"
+    if len({(str(c["loss"]), str(c["fakes-dtype"]), str(c["feedback-dtype"])) for c in cfgs}) > 1:
+        return "clients with different settings"
+    shapes = {tuple(c.array_records[wire.FAKES][wire.FAKES].shape) for c in contents.values()}
+    if len(shapes) > 1:
+        return "fakes of different shapes"
+    return None
+
+
+def client_discriminate_cohort(contents: dict[int, RecordDict], states: dict[int, RecordDict], *,
+                               sample_real: dict[int, Callable[[int, torch.Generator], torch.Tensor]],
+                               partition_ids: dict[int, int | None],
+                               build_discriminator: Callable[[], nn.Module], disc_lr: float,
+                               betas: tuple[float, float], device: str, seed: int,
+                               reuse: dict | None = None) -> dict[int, RecordDict]:
+    """:func:`client_discriminate` for the clients of a cohort (run config ``cohort-size``) at once:
+    for each fake batch k, every client's D_i step and feedback as one computation
+    (models.batched.discriminators_step: D_i's stacked, one vmapped pass), each client with its own
+    state, data, real-batch draws and reply. Equal to handling them one by one up to float
+    rounding (tests/test_cohort.py). Only where :func:`cohort_can_batch` says so."""
+    slots = sorted(contents)
+    pool = reuse.setdefault("cohort-d", []) if reuse is not None else []
+    opened: dict[int, _ClientD] = {}
+    for i, slot in enumerate(slots):
+        c = _open_client(contents[slot], states[slot], build_discriminator=build_discriminator, disc_lr=disc_lr,
+                         betas=betas, device=device, seed=seed, partition_id=partition_ids[slot],
+                         reused=pool[i] if i < len(pool) else None, train="all")
+        if reuse is not None:
+            pool[i:i + 1] = [c.D]
+        opened[slot] = c
+    K, B = opened[slots[0]].fakes.shape[:2]
+    loss, feedback_dtype = opened[slots[0]].loss, opened[slots[0]].feedback_dtype
+    discs = [(opened[s].D, opened[s].opt) for s in slots]
+    for k in range(K):
+        real = torch.stack([sample_real[s](B, opened[s].gen).to(device) for s in slots])
+        fake = torch.stack([opened[s].fakes[k] for s in slots]).to(device)
+        # --- each D_i: min L_D(D_i(real_i), D_i(x̃_i)); then labels D_i(x̃_i) and f_i = ∂L_G/∂x̃_i ---
+        stats, labels, feedback = discriminators_step(discs, real, fake, loss)
+        for i, s in enumerate(slots):
+            c = opened[s]
+            c.steps_total += 1
+            c.acc.append(stats[i])
+            c.labels.append(labels[i].cpu())
+            c.feedback.append(wire.encode_feedback(feedback[i], feedback_dtype, B))
+    return {s: _close_client(opened[s], states[s], partition_ids[s]) for s in slots}
 
 
 # =====================================================================================

@@ -16,7 +16,8 @@ from models import DCGANDiscriminator, DCGANGenerator
 from strategies import cohort, wire
 from strategies.base import NullRecorder, exchange
 from strategies.cohort import CohortGrid, merge, run_cohort, split
-from strategies.privacygan import CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, client_discriminate
+from strategies.privacygan import (CLIENT_STATE, PrivacyGAN, PrivacyGANSettings, client_discriminate,
+                                   client_discriminate_cohort, cohort_can_batch, load_client_state)
 
 from test_faults import FakeMessage, LoopGrid   # Flower's push/pull interface in process; a server-built message
 
@@ -216,3 +217,93 @@ def test_students_are_updated_as_their_cohorts_reply_unless_batched(monkeypatch,
     one.s = dataclasses.replace(one.s, server_batching="off")
     plain = LoopGrid([0, 1], lambda nid, content: client(nid, content, RecordDict()))
     assert [one.run_round(plain, rnd, [0, 1])["streamed"] for rnd in (1, 2)] == [False, False]
+
+
+def batched_client(pids: dict[int, int], contents, states, reuse=None):
+    """A cohort's clients at once (the ClientApp's cohort-batching path), each client's D_i
+    initialised as ``client`` initialises it and drawing from its own data."""
+    order = iter([pids[s] for s in sorted(contents)])
+
+    def build():
+        torch.manual_seed(123 + next(order))
+        return DCGANDiscriminator(C, SIDE, F)
+
+    samplers = {s: (lambda d: lambda b, g: d[torch.randint(len(d), (b,), generator=g)])(DATA[pids[s]])
+                for s in contents}
+    return client_discriminate_cohort(contents, states, sample_real=samplers, partition_ids={s: pids[s] for s in contents},
+                                      build_discriminator=build, disc_lr=1e-3, betas=(0.5, 0.999), device="cpu",
+                                      seed=0, reuse=reuse)
+
+
+@pytest.mark.parametrize("reuse", [None, {}])
+def test_a_cohorts_batched_d_steps_equal_its_clients_on_nodes_of_their_own(reuse):
+    """cohort-batching: 4 clients as 2 nodes whose cohort of 2 takes its D steps as one vmapped
+    computation, against 4 nodes of their own: after three rounds (K = 2) the same students and D_i
+    (to 1e-5), the same bytes per client, and each D_i in its own slice of its node's state. With
+    ``reuse`` the modules of the previous message are loaded, not rebuilt."""
+    states = {p: RecordDict() for p in range(4)}
+    alone = LoopGrid([0, 1, 2, 3], lambda nid, content: client(nid, content, states[nid]))
+    strat_a, rec_a = rounds(alone)
+
+    node_states = {100: RecordDict(), 200: RecordDict()}
+    index = {100: 0, 200: 1}
+    calls = []
+
+    def together(nid):
+        def handle_all(contents, owns):
+            calls.append(sorted(contents))
+            return batched_client({s: 2 * index[nid] + s for s in contents}, contents, owns, reuse)
+        return handle_all
+
+    def refuse(slot, c, s):
+        raise AssertionError("the batched path handles every message here")
+
+    real = LoopGrid([200, 100], lambda nid, content: run_cohort(content, node_states[nid], refuse, together(nid)))
+    strat_b, rec_b = rounds(CohortGrid(real, 2))
+    assert calls == [[0, 1]] * 6
+    for vid in range(4):
+        Ga, Gb = strat_a.student(vid)[0], strat_b.student(vid)[0]
+        for name, pa in Ga.state_dict().items():
+            torch.testing.assert_close(Gb.state_dict()[name], pa, rtol=1e-5, atol=1e-5, msg=f"student {vid} {name}")
+        Da = load_client_state(states[vid][CLIENT_STATE])["d"]
+        Db = load_client_state(node_states[100 if vid < 2 else 200][f"c{vid % 2}/{CLIENT_STATE}"])["d"]
+        for name, pa in Da.items():
+            torch.testing.assert_close(torch.as_tensor(Db[name]), torch.as_tensor(pa), rtol=1e-5, atol=1e-5)
+    for ra, rb in zip(rec_a, rec_b):
+        assert ra["replies"] == rb["replies"] == 4 and ra["bytes_up"] == rb["bytes_up"]
+        assert ra["d_loss"] == pytest.approx(rb["d_loss"], rel=1e-5)
+    assert strat_a.comm.rows == strat_b.comm.rows
+
+
+def test_a_failing_batched_cohort_is_retried_one_client_at_a_time_and_keeps_no_state():
+    """handle_all raises after writing a state slice: nothing of it is kept, every client is
+    handled on its own, and a client that fails there fails alone."""
+    state = RecordDict({"c0/mine": ConfigRecord({"v": 1})})
+
+    def handle_all(contents, owns):
+        owns[0]["mine"] = ConfigRecord({"v": -99})
+        raise RuntimeError("stack mismatch")
+
+    def handle(slot, content, own):
+        if slot == 1:
+            raise ValueError("bad fakes")
+        own["mine"] = ConfigRecord({"v": int(own["mine"]["v"]) + 1})
+        return RecordDict({"metrics": MetricRecord({"ok": 1.0})})
+
+    msg = merge({s: RecordDict({"config": ConfigRecord({"round": 1})}) for s in (0, 1)}, size=2)
+    reply = split(run_cohort(msg, state, handle, handle_all))
+    assert state["c0/mine"]["v"] == 2 and reply[0].metric_records["metrics"]["ok"] == 1.0
+    assert "bad fakes" in reply[1].config_records[cohort.ERROR]["reason"]
+
+
+def test_cohort_batching_is_declined_where_the_steps_cannot_be_batched():
+    strat = strategy()
+    content, _ = strat.build_content(0, 1)
+    assert cohort_can_batch({0: content, 1: content}, dp=False, train="all") is None
+    assert "dp" in cohort_can_batch({0: content}, dp=True, train="all")
+    assert "client-d-train" in cohort_can_batch({0: content}, dp=False, train="head")
+    for key, value, why in (("loss", "wgan-gp", "Wasserstein"), ("client-disc-steps", 2, "client-disc-steps")):
+        other = copy.deepcopy(content)
+        other.config_records[wire.CONFIG][key] = value
+        assert why in cohort_can_batch({0: content, 1: other}, dp=False, train="all")
+    assert parse_config({}).cohort_batching is True and parse_config({"cohort-batching": False}).cohort_batching is False

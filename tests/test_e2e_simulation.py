@@ -2,13 +2,16 @@
 frozen, D_i state kept on its client, bytes logged, bad replies survived."""
 
 
+import json
+
 import pytest
 import torch
 
 from app.config import parse_config
 from app.data import client_dataset
 from app.runs import RunFolder
-from strategies import client_eval, wire
+from strategies import client_eval, cohort, wire
+from strategies.base import TRACE_ENV
 from strategies.base import RunFailed
 
 from e2e_mods import read_kept, simulate
@@ -83,26 +86,43 @@ def test_messages_carry_only_fakes_labels_feedback_config_and_metrics(tmp_path, 
     assert list(list_generators(run.path)) == ["student0", "student1", "student2", "teacher"]
 
 
-def test_cohorts_carry_several_clients_per_supernode_with_the_same_messages_and_bytes_per_client(tmp_path, capsys):
-    """cohort-size = 2: 4 virtual clients on 2 SuperNodes. Each client handles its own fakes with its
-    own partition and D_i, sends exactly what a client on a node of its own sends, and is charged the
-    same bytes; the end-of-run report reaches every client through its cohort too."""
+def test_cohorts_carry_several_clients_per_supernode_with_the_same_messages_and_bytes_per_client(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """cohort-size = 2: 4 virtual clients on 2 SuperNodes, their D steps batched (cohort-batching, the
+    default). What crosses the wire is one message per node and round, holding each client's own
+    records (``c<j>/<name>``); each client handles its fakes with its own partition and D_i, sends
+    exactly what a client on a node of its own sends, and is charged the same bytes; the end-of-run
+    report reaches every client through its cohort too."""
     (tmp_path / "taps").mkdir()
     cfg = parse_config({**TINY, "num-rounds": 2, "steps-per-round": 2, "fakes-dtype": "float16", "cohort-size": 2,
                         "output-dir": str(tmp_path / "out"), "min-nodes": 4, "eval-samples": 64,
                         "evaluator-dir": str(tmp_path / "evaluators")})
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace.jsonl"))
     run = simulate(cfg, 4, "tap_app")
-    records = read_kept(tmp_path / "taps")
+    records = read_kept(tmp_path / "taps")   # the tap sees each message as it crosses the wire
+    handled = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    handled = [t for t in handled if t.get("side") == "cohort"]
+    assert len(handled) == 4 and all(t["batched"] and t["clients"] == 2 for t in handled)   # D steps at once
+
+    def clients_of(r, kind):
+        """partition ids of the clients a merged message carried (from their own metrics replies)."""
+        assert r["error"] is None and r["down"][cohort.COHORT]["size"] == 2
+        down = {f"c{j}/{name}" for j in (0, 1) for name in kind[0]}
+        up = {f"c{j}/{name}" for j in (0, 1) for name in kind[1]}
+        assert set(r["down"]) == down | {cohort.COHORT} and set(r["up"]) == up | {cohort.COHORT}
+        return sorted(int(r["up"][f"c{j}/{wire.METRICS}"]["partition_id"]) for j in (0, 1))
+
     train = [r for r in records if r["type"] == wire.DISCRIMINATE]
-    assert sorted(r["partition"] for r in train) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len(train) == 4                                            # 2 rounds x 2 SuperNodes
     nodes = {}
     for r in train:
-        assert r["error"] is None and set(r["down"]) == {wire.FAKES, wire.CONFIG}
-        assert set(r["up"]) == {wire.REPLY, wire.METRICS}
-        nodes.setdefault(r["node"], set()).add(r["partition"])
+        pids = clients_of(r, ({wire.FAKES, wire.CONFIG}, {wire.REPLY, wire.METRICS}))
+        assert pids == [2 * r["partition"], 2 * r["partition"] + 1]   # node p carries clients 2p and 2p + 1
+        nodes.setdefault(r["node"], set()).update(pids)
     assert sorted(map(sorted, nodes.values())) == [[0, 1], [2, 3]]   # two SuperNodes, a cohort of two each
     reports = [r for r in records if r["type"] == client_eval.EVAL_FAKES]
-    assert sorted(r["partition"] for r in reports) == [0, 1, 2, 3] and all(r["error"] is None for r in reports)
+    assert sorted(p for r in reports for p in clients_of(r, ({wire.FAKES, wire.CONFIG}, {wire.METRICS}))) \
+        == [0, 1, 2, 3]
     metrics = run.read_jsonl("metrics.jsonl")
     assert [sorted(c["d_steps_total"] for c in m["clients"].values()) for m in metrics] == [[2] * 4, [4] * 4]
     # per client and round, the hand arithmetic of a client on a node of its own
