@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from app.builders import dp_settings, geometry, image_evaluator, make_discriminator, make_generator
 from app.config import Config, check_dp_data, config_from_context, resolve_device
-from app.data import ArrayDataset, client_dataset, set_image_cache_dir
+from app.data import ArrayDataset, batch_sampler, client_dataset, set_image_cache_dir
 from app.generators import client_generator_mod, node_root
 from app.metrics import ImageEvaluator, ensure_classifier
 from strategies import bpgan, client_eval, cohort, dataparallel, fedavg, local, mggan, wire
@@ -313,7 +313,7 @@ def cohort_mod_with(together: dict[str, Callable]) -> Callable:
             msg.content = original
         if fn is not None:   # the timing trace (FEDGAN_TRACE) says whether the cohort was handled at once
             trace(side="cohort", msg=msg.metadata.message_id, type=msg.metadata.message_type,
-                  clients=len(cohort.split(merged)), batched=bool(batched and batched[0]))
+                  clients=len(original.config_records[cohort.COHORT]["slots"]), batched=bool(batched and batched[0]))
         return Message(content=merged, reply_to=msg)
 
     return cohort_mod
@@ -345,12 +345,8 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         data, pid = local_data(cfg, context)
         device = resolve_device(cfg.device)
         x = data.view   # float rows converted as sampled (uint8 storage: no float copy)
-
-        def sample_real(batch: int, gen: torch.Generator) -> torch.Tensor:
-            return x[torch.randint(len(x), (batch,), generator=gen)]
-
         reply = client_discriminate(
-            msg.content, context.state, sample_real=sample_real,
+            msg.content, context.state, sample_real=batch_sampler(x),
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
             betas=(cfg.adam_beta1, cfg.adam_beta2), device=device, seed=cfg.seed, partition_id=pid,
             dp=client_dp(cfg, len(x)), real_data=x, reuse=reusable_modules(cfg), train=cfg.client_d_train)
@@ -365,7 +361,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
         samplers, pids = {}, {}
         for slot, ctx in contexts.items():
             data, pids[slot] = local_data(cfg, ctx)
-            samplers[slot] = (lambda x: lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)])(data.view)
+            samplers[slot] = batch_sampler(data.view)
         return client_discriminate_cohort(
             contents, {s: ctx.state for s, ctx in contexts.items()}, sample_real=samplers, partition_ids=pids,
             build_discriminator=lambda: make_discriminator(cfg), disc_lr=cfg.lr_for(cfg.loss, cfg.client_disc_lr),
@@ -382,7 +378,7 @@ def make_client_app(config: Config | None = None, mods: list | None = None) -> C
     def with_data(cfg: Config, context: Context) -> dict:
         data, pid = local_data(cfg, context)
         x = data.view   # float rows converted as sampled (uint8 storage: no float copy)
-        return {"sample_real": lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], "partition_id": pid,
+        return {"sample_real": batch_sampler(x), "partition_id": pid,
                 "num_examples": len(x), "real_data": x, "dp": client_dp(cfg, len(x))}
 
     def handler(fn, *, data: bool):

@@ -35,7 +35,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +106,12 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------
 # Container
 # ---------------------------------------------------------------------------
+
+
+def batch_sampler(x) -> "Callable[[int, torch.Generator], torch.Tensor]":
+    """``sample(b, gen)``: ``b`` rows of ``x`` (a tensor or an ArrayDataset's ``view``) drawn
+    uniformly with replacement from ``gen`` -- how every training step here draws its real batch."""
+    return lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)]
 
 
 def pixels_to_unit(pixels: torch.Tensor) -> torch.Tensor:

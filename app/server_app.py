@@ -24,7 +24,7 @@ from app.builders import geometry, image_evaluator, make_discriminator, make_gen
 from app.config import (RESUMABLE, Config, ConfigError, check_tracking, config_from_context, parse_config,
                         resolve_device)
 from app import data as data_module
-from app.data import client_dataset, mode_means, partition_summary, server_dataset, test_dataset
+from app.data import batch_sampler, client_dataset, mode_means, partition_summary, server_dataset, test_dataset
 from app.generators import export_server_generators, flower_run_id_of, mark_flower_run
 from app.metrics import (EvaluatorMissing, classifier_path, density_plot, describe_scores, ensure_classifier,
                          mode_metrics)
@@ -151,7 +151,7 @@ def prepare_teacher(cfg: Config, folder: RunFolder, device: str) -> tuple[torch.
         if step % every == 0 or step == cfg.teacher_steps:
             progress.update(step, {"g_loss": stats["g_loss"], "d_loss": stats["d_loss"]})
 
-    train_teacher(G, D, lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)], steps=cfg.teacher_steps,
+    train_teacher(G, D, batch_sampler(x), steps=cfg.teacher_steps,
                   loss=cfg.loss, gen_lr=cfg.lr_for(cfg.loss, cfg.teacher_gen_lr),
                   disc_lr=cfg.lr_for(cfg.loss, cfg.teacher_disc_lr), betas=(cfg.adam_beta1, cfg.adam_beta2),
                   batch_size=cfg.batch_size, seed=cfg.seed, on_step=on_step, d_steps=cfg.disc_steps_for(cfg.loss))
@@ -361,7 +361,7 @@ def run_centralized(grid, cfg, folder, device, recorder, checkpoint=None) -> dic
     x = union_of_clients(cfg)
     say(f"centralized reference: one GAN on the union of {cfg.min_nodes} clients' data ({len(x)} samples)")
     return Centralized(_settings(CentralizedSettings, cfg, **_on_server_lrs(cfg)),
-                       sample_real=lambda b, gen: x[torch.randint(len(x), (b,), generator=gen)],
+                       sample_real=batch_sampler(x),
                        make_generator=lambda: make_generator(cfg), make_discriminator=lambda: make_discriminator(cfg),
                        **_common(cfg, device, recorder)).run(grid)
 

@@ -265,7 +265,7 @@ def run_in_process(mode: str, n: int, args: argparse.Namespace, real: torch.Tens
     out = {"round_s": statistics.median(times), "rounds_timed": len(times), "peak_rss_gb": rss.peak / 1e9}
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    if getattr(args, "profile", False):
+    if args.profile:
         out["profile"] = profile_round(world, mode)
     del world
     return out
@@ -273,7 +273,7 @@ def run_in_process(mode: str, n: int, args: argparse.Namespace, real: torch.Tens
 
 def profile_round(world: "World", mode: str) -> dict:
     """One more round under torch.profiler (CPU): its self CPU time, the share spent in
-    convolutions (forward and backward: arithmetic that batching cannot remove), and the top ops."""
+    convolutions (forward and backward: arithmetic that batching barely shortens), and the top ops."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
