@@ -415,9 +415,10 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
     (B = ``batch-size``, S = one sample's shape, K = ``steps-per-round``, |x| = the
     framing of :func:`array_bytes` / :func:`config_bytes` / :func:`metric_bytes`):
 
-    * ``privacygan`` — down |fakes (K,B,*S) fakes-dtype| + |config| (+ |D_T| once with
-      ``client-d-init=teacher``); up |labels (K,B) f32| + |feedback (K,B,*S) feedback-dtype|
-      + 6 metrics. K generator steps per round.
+    * ``privacygan`` — down |fakes (K,B,*S) fakes-dtype| (+ |negatives (K,M,*S) uint8| with
+      ``server-negatives`` = M > 0) + |config| (+ |D_T| once with ``client-d-init=teacher``); up
+      |labels (K,B) f32| + |feedback (K,B,*S) feedback-dtype| + 6 metrics (7 with negatives:
+      ``d_neg_acc``). K generator steps per round.
     * ``bpgan`` (N/2 pairs) — DB: down |D weights| + |fakes (B,*S)| + |config|, up |D grads|
       + |labels (B,)| + |feedback (B,*S)| + metrics; GB: down |config| (+ |labels| +
       |feedback| when it relays), up |fakes| + metrics. Pipelined: a priming GB exchange in
@@ -459,8 +460,11 @@ def analytic_bytes(config: Mapping[str, Any], num_clients: int, rounds: int | No
         down = array_bytes("fakes", (K, B, *S), fake_size) + config_bytes(
             {"round": 0, "loss": cfg.loss, "fakes-dtype": cfg.fakes_dtype, "feedback-dtype": cfg.feedback_dtype,
              "client-disc-steps": 0})
+        M = cfg.server_negatives
+        down += array_bytes("negatives", (K, M, *S), 1) if M > 0 else 0
         up = (array_bytes("labels", (K, B), 4) + array_bytes("feedback", (K, B, *S), fb_size)
-              + metric_bytes(["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total", "d_fresh", "partition_id"]))
+              + metric_bytes(["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total", "d_fresh", "partition_id"]
+                             + (["d_neg_acc"] if M > 0 else [])))
         d_init = entries_bytes(sizes["d_state"]) if cfg.client_d_init == "teacher" and R > 0 else 0
         for i in range(N):
             t.add(f"client {i}", R * down + d_init, R * up)

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from app.data import DATASETS, PARTITIONS, SERVER_DATA, DataSpec
 from app.metrics import EXTRACTORS
 from app.tracking import INSTALL_HINT, TRACKERS, missing_package
-from models.losses import LOSS_KINDS
+from models.losses import LOSS_KINDS, NEGATIVE_LOSSES
 from strategies.fedavg import VARIANTS as FEDAVG_VARIANTS
 from strategies.wire import FAKE_DTYPES, FEEDBACK_DTYPES
 
@@ -80,6 +80,7 @@ class Config:
     student_init: str = "teacher"
     client_d_init: str = "random"
     client_d_train: str = "all"         # all | head: which of D_i's layers its client trains (head: the last)
+    server_negatives: int = 0           # the server's own images per fake batch that D_i learns to reject (issue #17)
     server_gen_lr: float = 0.0002
     server_disc_lr: float = 0.0002
     client_disc_lr: float = 0.0002
@@ -419,6 +420,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check(cfg.cohort_size >= 1, k("cohort-size"), cfg.cohort_size, "an integer >= 1 (1 = a SuperNode per client)")
     _check(cfg.cohort_size == 1 or cfg.strategy == "privacygan", k("cohort-size"), cfg.cohort_size,
            "1 unless strategy = privacygan (cohorts of virtual clients per SuperNode are built for it only)")
+    _check(cfg.server_negatives >= 0, k("server-negatives"), cfg.server_negatives, "an integer >= 0 (0 = none)")
+    _check(cfg.server_negatives == 0 or cfg.strategy == "privacygan", k("server-negatives"), cfg.server_negatives,
+           "0 unless strategy = privacygan (the server's images go with the fakes it sends each D_i)")
     _check(cfg.client_d_train == "all" or cfg.strategy == "privacygan", k("client-d-train"), cfg.client_d_train,
            "'all' unless strategy = privacygan (head trains D_i's last layer on the teacher's frozen layers)")
     if cfg.strategy != "privacygan":
@@ -426,6 +430,13 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check(cfg.client_d_train == "all" or cfg.client_d_init == "teacher", k("client-d-train"), cfg.client_d_train,
            "'all' unless client-d-init = 'teacher' (head keeps D_i's other layers as initialised: the teacher's "
            "D_T, not random ones)")
+    _check(cfg.server_negatives == 0 or cfg.server_data != "none", k("server-negatives"), cfg.server_negatives,
+           "0 when server-data = 'none' (the negatives are the server's own images)")
+    _check(cfg.server_negatives == 0 or cfg.loss in NEGATIVE_LOSSES, k("server-negatives"), cfg.server_negatives,
+           f"0 unless loss is one of {', '.join(NEGATIVE_LOSSES)} (a Wasserstein critic's fake term has no "
+           "per-sample target)")
+    _check(cfg.server_negatives == 0 or not cfg.dp, k("server-negatives"), cfg.server_negatives,
+           "0 with dp = true (the DP step of D_i has no negative term yet)")
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or (cfg.alpha == 1.0 and cfg.alpha_final in (0.0, 1.0)),
            k("teacher-steps"), cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1 (and alpha-final "
            "is 0 or 1)")

@@ -187,6 +187,18 @@ def privacygan_settings(cfg: Config) -> PrivacyGANSettings:
                                  "client_disc_steps": cfg.disc_steps_for(cfg.loss)})
 
 
+def negatives_sampler(cfg: Config):
+    """``server-negatives`` > 0: a sampler of the server's own images (the teacher's data), which the
+    server sends with each fake batch for D_i to reject; None otherwise."""
+    if cfg.server_negatives == 0:
+        return None
+    data = server_dataset(cfg.data_spec())
+    if len(data) == 0:
+        raise ValueError(f"run config 'server-negatives' = {cfg.server_negatives} needs images of the server's own "
+                         f"('server-data' = {cfg.server_data!r} leaves it none)")
+    return batch_sampler(data.view)
+
+
 def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, recorder: RunRecorder,
                    checkpoint: dict | None = None) -> dict:
     if checkpoint is None:
@@ -201,7 +213,7 @@ def run_privacygan(grid: Grid, cfg: Config, folder: RunFolder, device: str, reco
         make_gen_optimizer=lambda G: optimizer_for(cfg, G, cfg.lr_for(cfg.loss, cfg.server_gen_lr)),
         recorder=recorder, device=device, sample_shape=geometry(cfg).sample_shape,
         describe_partition=partition_labeller(cfg), evaluate=sample_evaluator(cfg, device),
-        global_histogram=global_label_histogram(cfg))
+        global_histogram=global_label_histogram(cfg), sample_negatives=negatives_sampler(cfg))
     if checkpoint is not None:
         strategy.restore(checkpoint)
     # cohort-size M > 1: every SuperNode carries M virtual clients, one merged message per node

@@ -62,6 +62,26 @@ def discriminator_loss(kind: str, real_out: Tensor, fake_out: Tensor) -> Tensor:
     return fake_out.mean() - real_out.mean()
 
 
+#: the losses whose fake half is a per-sample "this is not data" term (:func:`negative_loss`)
+NEGATIVE_LOSSES = ("bce", "hinge")
+
+
+def negative_loss(kind: str, neg_out: Tensor) -> Tensor:
+    """The fake half of :func:`discriminator_loss` on *negatives*: real images that are not the
+    discriminator's data (PrivacyGAN's ``server-negatives``, issue #17), to be minimised.
+
+    bce:   softplus(neg).mean()   (binary cross-entropy with target 0)
+    hinge: relu(1 + neg).mean()
+    Not defined for the Wasserstein critics, whose fake term has no per-sample target.
+    """
+    check_loss_kind(kind)
+    if kind == "bce":
+        return F.softplus(neg_out).mean()
+    if kind == "hinge":
+        return F.relu(1.0 + neg_out).mean()
+    raise ValueError(f"negatives need a loss in {NEGATIVE_LOSSES}, got {kind!r}")
+
+
 def gradient_penalty(D: nn.Module, real: Tensor, fake: Tensor) -> Tensor:
     """WGAN-GP penalty E[(||grad_x D(x_hat)||_2 - 1)^2].
 
@@ -102,10 +122,12 @@ def make_optimizer(
 __all__ = [
     "GP_WEIGHT",
     "LOSS_KINDS",
+    "NEGATIVE_LOSSES",
     "WGAN_CLIP",
     "check_loss_kind",
     "discriminator_loss",
     "generator_loss",
     "gradient_penalty",
     "make_optimizer",
+    "negative_loss",
 ]

@@ -26,6 +26,7 @@ from .losses import (
     discriminator_loss,
     generator_loss,
     gradient_penalty,
+    negative_loss,
 )
 
 
@@ -98,6 +99,8 @@ def clip_weights(module: nn.Module, clip: float) -> None:
 # Discriminator update
 #   objective: min_D  L_D(D(real), D(fake))             (losses.discriminator_loss)
 #              + gp_weight * GP(D, real, fake)          (wgan-gp only)
+#              + L_neg(D(negatives))                    (only when negatives are given:
+#                                                        real images that are not D's data)
 #   then, for wgan only, project the weights onto [-clip, clip].
 # ---------------------------------------------------------------------------
 def discriminator_step(
@@ -109,11 +112,18 @@ def discriminator_step(
     *,
     clip: float = WGAN_CLIP,
     gp_weight: float = GP_WEIGHT,
+    negatives: Tensor | None = None,
 ) -> dict[str, float]:
     """One optimizer update of ``D`` on ``real`` and ``fake.detach()``.
 
     Real and fake samples go through ``D`` in two separate forward passes, so
     that BatchNorm sees homogeneous batches (DCGAN practice).
+
+    ``negatives`` (bce / hinge only): real images that are *not* D's data, e.g. the
+    PrivacyGAN server's own images of every class (run config ``server-negatives``). They go
+    through ``D`` in a third forward pass and add :func:`losses.negative_loss` to the
+    objective, so D learns to reject realistic images unlike its data, not only fakes;
+    the statistics then add ``d_neg_acc`` (the share of negatives scored below 0).
 
     Returns Python floats: ``d_loss`` (the full minimised objective, penalty
     included), ``d_real_out`` / ``d_fake_out`` (mean raw outputs) and
@@ -130,6 +140,10 @@ def discriminator_step(
     loss = discriminator_loss(kind, real_out, fake_out)
     if kind == "wgan-gp":
         loss = loss + gp_weight * gradient_penalty(D, real, fake)
+    neg_out = None
+    if negatives is not None:
+        neg_out = D(negatives)
+        loss = loss + negative_loss(kind, neg_out)
     loss.backward()
     opt.step()
     if kind == "wgan":
@@ -144,13 +158,16 @@ def discriminator_step(
             t = 0.5 * (real_mean + fake_mean)
         else:
             t = torch.zeros((), dtype=real_out.dtype, device=real_out.device)
-        return {
+        stats = {
             "d_loss": float(loss.detach()),
             "d_real_acc": float((real_out > t).float().mean()),
             "d_fake_acc": float((fake_out < t).float().mean()),
             "d_real_out": float(real_mean),
             "d_fake_out": float(fake_mean),
         }
+        if neg_out is not None:
+            stats["d_neg_acc"] = float((neg_out.detach() < t).float().mean())
+        return stats
 
 
 # ---------------------------------------------------------------------------

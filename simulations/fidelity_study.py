@@ -78,6 +78,10 @@ LEVERS = {
     "student steps x3": {"num-rounds": 3},                      # (a factor)
     "student steps x9": {"num-rounds": 9},                      # (a factor)
     "student lr x3": {"server-gen-lr": 3},                      # (a factor) the students move 3x faster
+    # the server's own images (every class) go with each fake batch and D_i learns to reject them too,
+    # so it must tell its client's classes from the others, not only real from fake (issue #17)
+    "server negatives 16": {"server-negatives": 16},
+    "server negatives 32": {"server-negatives": 32},
     "local-only": {"strategy": "local"},
 }
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -173,6 +173,7 @@ class _ClientD:
     opt: torch.optim.Optimizer
     gen: torch.Generator       # this client's real-batch draws
     fakes: torch.Tensor        # (K, B, *sample) as decoded
+    negatives: torch.Tensor | None   # (K, M, *sample): the server's own images for D_i to reject (server-negatives)
     loss: str
     feedback_dtype: str
     disc_steps: int
@@ -191,6 +192,12 @@ def _open_client(content: RecordDict, state: RecordDict, *, build_discriminator:
     cfg = content.config_records[wire.CONFIG]
     loss = str(cfg["loss"])
     fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), str(cfg["fakes-dtype"]))
+    negatives = None
+    if wire.NEGATIVES in content.array_records[wire.FAKES]:
+        negatives = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.NEGATIVES), "uint8")
+        if negatives.shape[0] != fakes.shape[0] or negatives.shape[2:] != fakes.shape[2:]:
+            raise ValueError(f"negatives of shape {tuple(negatives.shape)} do not go with fakes of shape "
+                             f"{tuple(fakes.shape)}: (K, M, *sample) expected")
     fresh = CLIENT_STATE not in state.config_records
     D = reused if not fresh and reused is not None else build_discriminator().to(device)
     D.train()
@@ -206,8 +213,8 @@ def _open_client(content: RecordDict, state: RecordDict, *, build_discriminator:
     # Real batches are drawn from this client's data only; the draw depends on the
     # client's own step count so reruns are reproducible.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + steps_total)
-    return _ClientD(D=D, opt=opt, gen=gen, fakes=fakes, loss=loss, feedback_dtype=str(cfg["feedback-dtype"]),
-                    disc_steps=int(cfg["client-disc-steps"]), steps_total=steps_total, fresh=fresh, acc=[],
+    return _ClientD(D=D, opt=opt, gen=gen, fakes=fakes, negatives=negatives, loss=loss,
+                    feedback_dtype=str(cfg["feedback-dtype"]), disc_steps=int(cfg["client-disc-steps"]), steps_total=steps_total, fresh=fresh, acc=[],
                     labels=[], feedback=[])
 
 
@@ -223,6 +230,7 @@ def _close_client(c: _ClientD, state: RecordDict, partition_id: int | None, priv
         "d_fake_acc": sum(s["d_fake_acc"] for s in c.acc) / n,
         "d_steps_total": c.steps_total,
         "d_fresh": int(c.fresh),
+        **({"d_neg_acc": sum(s["d_neg_acc"] for s in c.acc) / n} if c.negatives is not None and private is None else {}),
         **(private.metrics() if private is not None else {}),
     }
     if partition_id is not None:
@@ -271,6 +279,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     if reusable:
         reuse["d"] = c.D
     K, B = c.fakes.shape[0], c.fakes.shape[1]
+    if dp is not None and c.negatives is not None:
+        raise ValueError("server-negatives with dp: the DP step has no negative term (the run config refuses this)")
     private, stop = ClientDP.begin(dp, state, real_data, c.D, c.loss, batch_size=B, steps_more=K * c.disc_steps,
                                    seed=seed, partition_id=partition_id, device=device)
     if stop is not None:
@@ -282,7 +292,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
                 stats = private.discriminator_step(c.D, c.opt, fake_k, c.loss)
             else:
                 real = sample_real(B, c.gen).to(device)
-                stats = discriminator_step(c.D, c.opt, real, fake_k, c.loss)
+                neg_k = c.negatives[k].to(device) if c.negatives is not None else None
+                stats = discriminator_step(c.D, c.opt, real, fake_k, c.loss, negatives=neg_k)
             c.steps_total += 1
             c.acc.append(stats)
         # --- feedback on the fakes the server sent: labels D_i(x̃), f_i = ∂L_G/∂x̃ ---
@@ -299,6 +310,8 @@ def cohort_can_batch(contents: dict[int, RecordDict], *, dp: bool, train: str) -
         return "dp (per-example clipping runs one client at a time)"
     if train != "all":
         return f"client-d-train = {train!r}"
+    if any(wire.NEGATIVES in c.array_records[wire.FAKES] for c in contents.values()):
+        return "server-negatives (a third forward pass per D step)"
     cfgs = [c.config_records[wire.CONFIG] for c in contents.values()]
     if {str(c["loss"]) for c in cfgs} - {"bce", "hinge"}:
         return "a Wasserstein loss (clipping / gradient penalty)"
@@ -380,6 +393,7 @@ class PrivacyGANSettings:
     feedback_dtype: str = "float32"
     student_init: str = "teacher"
     client_d_init: str = "random"
+    server_negatives: int = 0           # the server's own images sent with each fake batch for D_i to reject
     sample_every: int = 25
     samples_per_client: int = 16
     eval_every: int = 0
@@ -408,10 +422,15 @@ class PrivacyGAN:
                  recorder: Recorder, device: str = "cpu", sample_shape: tuple[int, ...] | None = None,
                  describe_partition: Callable[[int, int], str] | None = None,
                  evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None,
-                 global_histogram: list[int] | None = None) -> None:
+                 global_histogram: list[int] | None = None,
+                 sample_negatives: Callable[[int, torch.Generator], torch.Tensor] | None = None) -> None:
         """``evaluate(sets)`` scores sample sets on the server (e.g. FID against the test set);
-        ``global_histogram`` is the population's label histogram for the clients' ``tv_global``."""
+        ``global_histogram`` is the population's label histogram for the clients' ``tv_global``;
+        ``sample_negatives(n, gen)`` draws n of the server's own images (``server-negatives`` > 0)."""
+        if settings.server_negatives > 0 and sample_negatives is None:
+            raise ValueError("server_negatives > 0 needs sample_negatives: the server's own images")
         self.s = settings
+        self.sample_negatives = sample_negatives
         self.evaluate = evaluate
         self.global_histogram = global_histogram
         self.eval_comm = wire.CommLog()  # evaluation traffic: logged, kept out of the training totals
@@ -476,8 +495,11 @@ class PrivacyGAN:
         G, _ = self.student(nid)
         z = sample_latent(K * B, self.s.latent_dim, generator=self.torch_gen, device=self.device).reshape(K, B, -1)
         fakes = generate_batches(G, z).reshape(K, B, *self.sample_shape)
+        arrays = {wire.FAKES: wire.encode_fakes(fakes, self.s.fakes_dtype)}
+        if self.s.server_negatives > 0:
+            arrays[wire.NEGATIVES] = wire.encode_fakes(self.negatives(nid, rnd), "uint8")
         content = RecordDict({
-            wire.FAKES: wire.tensor_record(**{wire.FAKES: wire.encode_fakes(fakes, self.s.fakes_dtype)}),
+            wire.FAKES: wire.tensor_record(**arrays),
             wire.CONFIG: ConfigRecord({
                 "round": rnd, "loss": self.s.loss, "fakes-dtype": self.s.fakes_dtype,
                 "feedback-dtype": self.s.feedback_dtype, "client-disc-steps": self.s.client_disc_steps,
@@ -486,6 +508,16 @@ class PrivacyGAN:
         if self.s.client_d_init == "teacher" and nid not in self.d_init_sent and self.teacher_d is not None:
             content[wire.D_INIT] = ArrayRecord(self.teacher_d.state_dict())
         return content, z
+
+    def negatives(self, nid: int, rnd: int) -> torch.Tensor:
+        """(K, M, *sample): ``server-negatives`` = M of the server's own images per fake batch, which
+        D_i learns to reject next to the fakes (models.steps.discriminator_step). Real images of
+        every class that are not the client's data teach D_i to tell its client's classes from the
+        others, which rejecting fakes alone does not (issue #17, README). Drawn from (seed, round,
+        node) alone, so a resumed run sends the same ones."""
+        K, M = self.s.steps_per_round, self.s.server_negatives
+        gen = torch.Generator().manual_seed((self.s.seed * 1_000_003 + rnd * 7919 + nid) % (2 ** 63))
+        return self.sample_negatives(K * M, gen).reshape(K, M, *self.sample_shape)
 
     def parse_reply(self, nid: int, reply: Message) -> tuple[torch.Tensor, torch.Tensor, dict]:
         return self.parse_content(reply.content)

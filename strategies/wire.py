@@ -27,6 +27,7 @@ INFO = "query.info"                  # which partition a node holds (only when a
 
 # --- record names inside a message's RecordDict -----------------------------------
 FAKES = "fakes"          # ArrayRecord {FAKES: (K, B, *sample)} server -> client
+NEGATIVES = "negatives"  # in the FAKES record with server-negatives > 0: (K, M, *sample) uint8, the server's images
 CONFIG = "config"        # ConfigRecord of per-round settings, server -> client
 D_INIT = "d_init"        # ArrayRecord of initial discriminator weights (client-d-init=teacher), once
 REPLY = "reply"          # ArrayRecord {LABELS: (K, B), FEEDBACK: (K, B, *sample)} client -> server

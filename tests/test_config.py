@@ -41,6 +41,19 @@ def test_the_audit_probe_is_privacygan_only_and_not_negative(raw, needle):
     assert parse_config({"audit-probe": 24}).audit_probe == 24
 
 
+@pytest.mark.parametrize("raw, needle", [
+    ({"server-negatives": -1}, ">= 0"),
+    ({"server-negatives": 8, "strategy": "local"}, "unless strategy = privacygan"),
+    ({"server-negatives": 8, "server-data": "none", "teacher-path": "t.pt"}, "server-data = 'none'"),
+    ({"server-negatives": 8, "loss": "wgan-gp"}, "bce, hinge"),
+    ({"server-negatives": 8, "dp": True, "dp-noise-multiplier": 1.0, "client-d-init": "random"}, "dp = true"),
+])
+def test_server_negatives_bad_values_stop_at_start_naming_the_key(raw, needle):
+    with pytest.raises(ConfigError, match=f"'server-negatives' = .*{needle}"):
+        parse_config(raw)
+    assert parse_config({"server-negatives": 16}).server_negatives == 16
+
+
 def test_a_schedule_below_one_needs_a_teacher():
     with pytest.raises(ConfigError, match="'teacher-steps' = 0"):
         parse_config({"alpha": 1.0, "alpha-final": 0.5, "teacher-steps": 0})

@@ -372,3 +372,97 @@ def test_client_d_train_head_needs_privacygan_and_the_teachers_d():
     with pytest.raises(ConfigError, match=r"'client-d-train' = 'last'"):
         parse_config({"client-d-train": "last", "client-d-init": "teacher"})
     assert parse_config({"client-d-train": "head", "client-d-init": "teacher"}).client_d_train == "head"
+
+
+# --- server-negatives (issue #17): the server's own images for D_i to reject ------------------
+def server_images(n=40, seed=5):
+    """The server's 'own data': images on the 8-bit grid (as decoded datasets are), so the
+    uint8 wire encoding carries them exactly."""
+    pixels = torch.randint(0, 256, (n, C, SIDE, SIDE), generator=torch.Generator().manual_seed(seed))
+    return pixels.float() / 127.5 - 1.0
+
+
+def negatives_strategy(K=2, M=3, **kw):
+    G_T, D_T, _ = nets()
+    images = server_images()
+    s = PrivacyGANSettings(latent_dim=NZ, batch_size=8, samples_per_client=4, steps_per_round=K,
+                           server_negatives=M, **kw)
+    strat = PrivacyGAN(s, teacher_g=G_T, teacher_d=D_T, make_generator=lambda: DCGANGenerator(NZ, C, SIDE, F),
+                       make_gen_optimizer=lambda G: torch.optim.SGD(G.parameters(), lr=1.0),
+                       recorder=NullRecorder(), sample_shape=(C, SIDE, SIDE),
+                       sample_negatives=lambda b, gen: images[torch.randint(len(images), (b,), generator=gen)])
+    return strat, images
+
+
+def test_server_negatives_are_the_servers_images_and_d_i_is_trained_to_reject_them():
+    """What goes down: (K, M) of the server's own images as uint8 next to the fakes; what the
+    client does with them: each D step adds the negatives' term (replayed here by hand with
+    models.steps.discriminator_step, the same real batches, seeds and optimizer); what comes
+    back: labels and feedback for the fakes only, plus d_neg_acc."""
+    from models.losses import make_optimizer
+    from models.steps import discriminator_step, generator_feedback
+    K, M, B = 2, 3, 8
+    strat, images = negatives_strategy(K, M)
+    content, _ = strat.build_content(1, 1)
+    sent = wire.get_tensor(content.array_records[wire.FAKES], wire.NEGATIVES)
+    assert sent.dtype == torch.uint8 and tuple(sent.shape) == (K, M, C, SIDE, SIDE)
+    decoded = wire.decode_fakes(sent, "uint8")
+    for img in decoded.reshape(K * M, C, SIDE, SIDE):
+        assert any(torch.equal(img, s) for s in images)          # one of the server's own images, exactly
+    state = RecordDict()
+    reply = client(content, state)
+    assert set(reply.array_records[wire.REPLY].keys()) == {wire.LABELS, wire.FEEDBACK}
+    labels, _, metrics = strat.parse_content(reply)
+    assert tuple(labels.shape) == (K, B) and 0.0 <= metrics["d_neg_acc"] <= 1.0
+
+    torch.manual_seed(123)
+    D = DCGANDiscriminator(C, SIDE, F)
+    opt = make_optimizer("bce", D.parameters(), 1e-3, (0.5, 0.999))
+    gen, sample = torch.Generator().manual_seed(0), real_sampler()
+    fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), "float32")
+    for k in range(K):
+        discriminator_step(D, opt, sample(B, gen), fakes[k], "bce", negatives=decoded[k])
+        generator_feedback(D, fakes[k], "bce")       # the feedback pass (BatchNorm statistics move too)
+    for (key, mine), theirs in zip(D.state_dict().items(), client_d(state).state_dict().values()):
+        assert torch.allclose(mine.float(), theirs.float(), atol=1e-6), key
+    # ... and it is not what the client would have done without them
+    plain = RecordDict({wire.FAKES: wire.tensor_record(**{wire.FAKES: fakes}),
+                        wire.CONFIG: content.config_records[wire.CONFIG]})
+    state_plain = RecordDict()
+    client(plain, state_plain)
+    assert not all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in
+                   zip(client_d(state_plain).state_dict().values(), client_d(state).state_dict().values()))
+
+
+def test_server_negatives_bytes_equal_hand_arithmetic_and_resume_draws_the_same_ones():
+    K, M, B = 2, 3, 8
+    strat, _ = negatives_strategy(K, M)
+    content, _ = strat.build_content(1, 1)
+    n = K * B * C * SIDE * SIDE
+    config = {"round": 8, "loss": 3, "fakes-dtype": 7, "feedback-dtype": 7, "client-disc-steps": 8}
+    down = (128 + n * 4 + len("fakes")) + (128 + K * M * C * SIDE * SIDE * 1 + len("negatives")) \
+        + sum(len(k) + v for k, v in config.items())
+    assert wire.record_bytes(content) == down
+    metric_keys = ["d_loss", "d_real_acc", "d_fake_acc", "d_steps_total", "d_fresh", "d_neg_acc", "partition_id"]
+    up = (128 + K * B * 4 + len("labels")) + (128 + n * 4 + len("feedback")) + sum(8 + len(k) for k in metric_keys)
+    assert wire.record_bytes(client(content, RecordDict())) == up
+    # drawn from (seed, round, node) alone: a restarted server sends the same negatives
+    again, _ = negatives_strategy(K, M)
+    assert torch.equal(again.negatives(1, 1), strat.negatives(1, 1))
+    assert not torch.equal(strat.negatives(1, 2), strat.negatives(1, 1))
+    assert not torch.equal(strat.negatives(2, 1), strat.negatives(1, 1))
+
+
+def test_server_negatives_need_a_sampler_and_are_refused_with_dp():
+    G_T, D_T, _ = nets()
+    with pytest.raises(ValueError, match="needs sample_negatives"):
+        make_strategy(G_T, D_T, server_negatives=4)
+    strat, _ = negatives_strategy()
+    content, _ = strat.build_content(1, 1)
+    from models.dp import DPConfig
+    with pytest.raises(ValueError, match="server-negatives with dp"):
+        client_discriminate(content, RecordDict(), sample_real=real_sampler(),
+                            build_discriminator=lambda: DCGANDiscriminator(C, SIDE, F, norm="layer"),
+                            disc_lr=1e-3, betas=(0.5, 0.999), device="cpu", seed=0, partition_id=0,
+                            dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5),
+                            real_data=torch.zeros(20, C, SIDE, SIDE))

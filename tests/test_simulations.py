@@ -85,35 +85,45 @@ def test_fidelity_study_levers_change_only_their_keys():
     assert fs.lever_config(base, "alpha 0.5->1") == {**base, "alpha-final": 1.0}
     assert fs.lever_config(base, "teacher steps x3")["teacher-steps"] == 3 * base["teacher-steps"]
     assert fs.lever_config(base, "student steps x3")["num-rounds"] == 3 * base["num-rounds"]
+    assert fs.lever_config(base, "server negatives 16") == {**base, "server-negatives": 16}
     with pytest.raises(ConfigError, match="unknown lever 'alpha=2'"):
         fs.lever_config(base, "alpha=2")
     # cells that differ only in what the students do share one teacher; teacher steps do not
     assert fs.teacher_key(fs.lever_config(base, "alpha=1")) == fs.teacher_key(base)
+    assert fs.teacher_key(fs.lever_config(base, "server negatives 16")) == fs.teacher_key(base)
     assert fs.teacher_key(fs.lever_config(base, "teacher steps x3")) != fs.teacher_key(base)
 
 
 @pytest.mark.e2e
 def test_fidelity_study_end_to_end_on_digits_shares_the_teacher_and_skips_finished_cells(tmp_path, capsys):
-    """Two cells through the Simulation Engine (2 clients, 2 rounds): the baseline trains the
-    teacher and is scored with it, local-only runs alone; study.json/md/png and the sample grid
+    """Two cells through the Simulation Engine (2 clients, 2 rounds): a PrivacyGAN lever (server
+    negatives: the server's images go down with the fakes and every D_i step rejects them) trains
+    the teacher and is scored with it, local-only runs alone; study.json/md/png and the sample grid
     are written, and the same command again runs nothing."""
     import json
 
     from simulations import fidelity_study as fs
 
     argv = ["--set", "dataset=digits", "--set", "image-size=16", "--rounds", "2", "--set", "teacher-steps=10",
-            "--set", "eval-samples=100", "--levers", "baseline", "local-only", "--clients", "2",
+            "--set", "eval-samples=100", "--levers", "server negatives 16", "local-only", "--clients", "2",
+            "--grid-lever", "server negatives 16",
             "--output-dir", str(tmp_path), "--out", str(tmp_path / "study")]
     assert fs.main(argv) == 0
     study = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert sorted(study["cells"]) == ["baseline @ seed 0", "local-only @ seed 0"]
+    assert sorted(study["cells"]) == ["local-only @ seed 0", "server negatives 16 @ seed 0"]
     for cell in study["cells"].values():
         assert sorted(cell["clients"]) == ["0", "1"] and cell["bytes_per_client"] > 0
         assert all(0 <= c["own_share"] <= 1 and c["fid"] >= 0 for c in cell["clients"].values())
     assert sorted(study["teachers"]["seed 0"]) == ["0", "1"]
+    # the negatives crossed the wire as the analytic formula counts them (uint8 (K, 16, *S) per message)
+    from app import comparison as cmp
+    run = cmp.read_run(study["cells"]["server negatives 16 @ seed 0"]["run"])
+    got, expected = cmp.measured_bytes(run), cmp.analytic_bytes(run.config, 2, len(run.metrics))
+    assert (got["down_total"], got["up_total"]) == (expected["down_total"], expected["up_total"])
+    assert run.config["server-negatives"] == 16
     assert Path(study["cells"]["local-only @ seed 0"]["run"]).name.endswith("local-digits")
     md = (tmp_path / "study" / "study.md").read_text()
-    assert "| teacher |" in md and "| baseline |" in md and "| local-only |" in md
+    assert "| teacher |" in md and "| server negatives 16 |" in md and "| local-only |" in md
     assert (tmp_path / "study" / "study.png").stat().st_size > 0
     assert (tmp_path / "study" / "samples.png").stat().st_size > 0   # teacher + 2 students + 2 local rows
     capsys.readouterr()

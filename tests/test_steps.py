@@ -436,3 +436,42 @@ def test_discriminator_step_separate_real_and_fake_passes():
     assert stats["d_real_out"] == pytest.approx(sep_real, abs=1e-5)
     assert stats["d_fake_out"] == pytest.approx(sep_fake, abs=1e-5)
     assert abs(joint[:BATCH].mean().item() - sep_real) > 1e-3  # the check is meaningful
+
+
+@pytest.mark.parametrize("kind", ["bce", "hinge"])
+def test_discriminator_step_with_negatives_equals_the_hand_written_objective(kind):
+    """Negatives (PrivacyGAN's server-negatives) add the fake half of the loss on a third
+    forward pass: L_D(D(real), D(fake)) + L_neg(D(neg)), with L_neg = softplus(o) (bce) or
+    relu(1 + o) (hinge). One SGD step equals that objective's gradient step, and differs from
+    the step without negatives."""
+    _, D = _dcgan_pair()
+    real, fake, neg = (torch.rand(BATCH, 1, 16, 16) * 2 - 1 for _ in range(3))
+    by_hand, without = copy.deepcopy(D), copy.deepcopy(D)
+    stats = discriminator_step(D, torch.optim.SGD(D.parameters(), lr=0.1), real, fake, kind, negatives=neg)
+
+    r, f, n = by_hand(real), by_hand(fake), by_hand(neg)
+    if kind == "bce":
+        loss = F.softplus(-r).mean() + F.softplus(f).mean() + F.softplus(n).mean()
+    else:
+        loss = F.relu(1 - r).mean() + F.relu(1 + f).mean() + F.relu(1 + n).mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in by_hand.parameters():
+            p -= 0.1 * p.grad
+    discriminator_step(without, torch.optim.SGD(without.parameters(), lr=0.1), real, fake, kind)
+
+    assert stats["d_loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert stats["d_neg_acc"] == pytest.approx(float((n < 0).float().mean()))
+    for a, b, c in zip(D.parameters(), by_hand.parameters(), without.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, c, atol=1e-6) for a, c in zip(D.parameters(), without.parameters()))
+    # buffers: BatchNorm saw the three batches one after another, as in the hand-written passes
+    for (k, a), (_, b) in zip(D.named_buffers(), by_hand.named_buffers()):
+        assert torch.allclose(a.float(), b.float()), k
+
+
+def test_negatives_are_refused_for_wasserstein_critics():
+    _, D = _dcgan_pair(norm="layer")
+    x = torch.zeros(BATCH, 1, 16, 16)
+    with pytest.raises(ValueError, match="negatives need a loss in"):
+        discriminator_step(D, torch.optim.SGD(D.parameters(), lr=0.1), x, x, "wgan", negatives=x)
