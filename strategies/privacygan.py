@@ -191,10 +191,11 @@ def _open_client(content: RecordDict, state: RecordDict, *, build_discriminator:
     sends once with ``client-d-init=teacher``); ``reused``: a module to load a returning client into."""
     cfg = content.config_records[wire.CONFIG]
     loss = str(cfg["loss"])
-    fakes = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.FAKES), str(cfg["fakes-dtype"]))
+    sent = content.array_records[wire.FAKES]
+    fakes = wire.decode_fakes(wire.get_tensor(sent, wire.FAKES), str(cfg["fakes-dtype"]))
     negatives = None
-    if wire.NEGATIVES in content.array_records[wire.FAKES]:
-        negatives = wire.decode_fakes(wire.get_tensor(content.array_records[wire.FAKES], wire.NEGATIVES), "uint8")
+    if wire.NEGATIVES in sent:
+        negatives = wire.decode_fakes(wire.get_tensor(sent, wire.NEGATIVES), "uint8")
         if negatives.shape[0] != fakes.shape[0] or negatives.shape[2:] != fakes.shape[2:]:
             raise ValueError(f"negatives of shape {tuple(negatives.shape)} do not go with fakes of shape "
                              f"{tuple(fakes.shape)}: (K, M, *sample) expected")
@@ -214,8 +215,8 @@ def _open_client(content: RecordDict, state: RecordDict, *, build_discriminator:
     # client's own step count so reruns are reproducible.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + (partition_id or 0) * 7919 + steps_total)
     return _ClientD(D=D, opt=opt, gen=gen, fakes=fakes, negatives=negatives, loss=loss,
-                    feedback_dtype=str(cfg["feedback-dtype"]), disc_steps=int(cfg["client-disc-steps"]), steps_total=steps_total, fresh=fresh, acc=[],
-                    labels=[], feedback=[])
+                    feedback_dtype=str(cfg["feedback-dtype"]), disc_steps=int(cfg["client-disc-steps"]),
+                    steps_total=steps_total, fresh=fresh, acc=[], labels=[], feedback=[])
 
 
 def _close_client(c: _ClientD, state: RecordDict, partition_id: int | None, private=None) -> RecordDict:
@@ -230,7 +231,7 @@ def _close_client(c: _ClientD, state: RecordDict, partition_id: int | None, priv
         "d_fake_acc": sum(s["d_fake_acc"] for s in c.acc) / n,
         "d_steps_total": c.steps_total,
         "d_fresh": int(c.fresh),
-        **({"d_neg_acc": sum(s["d_neg_acc"] for s in c.acc) / n} if c.negatives is not None and private is None else {}),
+        **({"d_neg_acc": sum(s["d_neg_acc"] for s in c.acc) / n} if c.negatives is not None else {}),
         **(private.metrics() if private is not None else {}),
     }
     if partition_id is not None:
