@@ -68,6 +68,20 @@ def resolve_output_dir(output_dir: str | Path) -> Path:
     return (base / path).absolute()
 
 
+def run_folders(output_dir: str | Path) -> list[Path]:
+    """The run folders under ``<output_dir>/runs``, oldest name first ([] when there is none).
+
+    Only folders whose names do not start with a dot: a dot-name there is not a run (e.g. the
+    short-lived write probe of :func:`ensure_writable_dir`, which another process listing the
+    folder at that moment would otherwise take for one)."""
+    root = resolve_output_dir(output_dir) / "runs"
+    try:
+        entries = list(root.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(p for p in entries if not p.name.startswith(".") and p.is_dir())
+
+
 def _sanitize(text: str, max_len: int = 60) -> str:
     """Reduce ``text`` to characters that are safe in a folder name."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._-")

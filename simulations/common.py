@@ -249,10 +249,9 @@ def in_flight_for(num_clients: int, client_cpus: int, client_gpus: float) -> int
 
 
 def _runs(cfg: Config) -> set[Path]:
-    from app.runs import resolve_output_dir
+    from app.runs import run_folders
 
-    root = resolve_output_dir(cfg.output_dir) / "runs"
-    return set(root.iterdir()) if root.is_dir() else set()
+    return set(run_folders(cfg.output_dir))
 
 
 def run_from_args(load_base: Callable[[], dict[str, Any]], args: argparse.Namespace, flag_keys: dict[str, str],

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.config import STRATEGIES, ConfigError, parse_config  # noqa: E402
 from app import comparison as cmp  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
+from app.runs import run_folders  # noqa: E402
 from simulations.common import CONFIGS, SHARED_CIFAR, parse_sets, read_experiment  # noqa: E402
 
 DEFAULT_CONFIG = CONFIGS / "compare_digits.yaml"
@@ -165,7 +166,7 @@ def run_one(entry: dict, clients: int, args, log_dir: Path) -> tuple[Path | None
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{entry['raw']['run-name']}.log"
     started = time.monotonic()
-    before = set((Path(entry["raw"]["output-dir"]) / "runs").glob("*"))
+    before = set(run_folders(entry["raw"]["output-dir"]))
     with open(log, "w", encoding="utf-8") as fh:
         redirect = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(fh)
         try:
@@ -177,7 +178,7 @@ def run_one(entry: dict, clients: int, args, log_dir: Path) -> tuple[Path | None
         except BaseException as exc:  # noqa: BLE001 - a failed run is a row of the table, not the end
             fh.write(traceback.format_exc())
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-            new = sorted(set((Path(entry["raw"]["output-dir"]) / "runs").glob("*")) - before)
+            new = sorted(set(run_folders(entry["raw"]["output-dir"])) - before)
             return (new[-1] if new else None), time.monotonic() - started, f"{type(exc).__name__}: {reason}"
 
 

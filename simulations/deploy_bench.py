@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.comparison import read_run  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.loopback import Loopback, export_digits_folders  # noqa: E402
+from app.runs import run_folders  # noqa: E402
 from strategies.base import TRACE_ENV  # noqa: E402
 
 TINY = ("teacher-steps=5 gen-features=8 disc-features=8 batch-size=8 sample-every=0 samples-per-client=4 "
@@ -120,7 +121,7 @@ def bench_one(lb: Loopback, strategy: str, k: int, rounds: int, out: Path, trace
     if status != "finished:completed":
         tail = output[-3000:]
         raise SystemExit(f"[deploy-bench] {strategy} K={k}: run {run_id} ended {status}:\n{tail}")
-    metrics = read_run(sorted((run_out / "runs").iterdir())[-1]).metrics
+    metrics = read_run(run_folders(run_out)[-1]).metrics
     walls = [float(m["wall_time"]) for m in metrics if int(m["round"]) >= 2]
     median = statistics.median(walls)
     steps = generator_steps(strategy, k)

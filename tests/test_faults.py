@@ -26,6 +26,7 @@ from torch import nn
 
 from app.config import ConfigError, parse_config
 from app.loopback import _cmdline, process_alive
+from app.runs import run_folders
 from models import DCGANDiscriminator, DCGANGenerator
 from strategies import wire
 from strategies.base import (NodeBook, NullRecorder, RunFailed, _last_line, apply_with_blame, exchange,
@@ -576,7 +577,7 @@ def start_run(out_dir: Path, *extra: str) -> subprocess.Popen:
 def wait_for_rounds(out_dir: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = list((out_dir / "runs").glob("*")) if (out_dir / "runs").is_dir() else []
+        runs = run_folders(out_dir)
         if runs and (runs[0] / "metrics.jsonl").is_file() and \
                 len((runs[0] / "metrics.jsonl").read_text().splitlines()) >= n:
             return runs[0]

@@ -17,7 +17,7 @@ import torch
 
 from app.comparison import analytic_bytes, read_run
 from app.config import ConfigError, parse_config
-from app.runs import RunFolder
+from app.runs import RunFolder, run_folders
 from app.server_app import open_for_resume
 
 from e2e_mods import simulation_processes
@@ -62,7 +62,7 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
     deadline = time.monotonic() + 300
     run = None
     while time.monotonic() < deadline:
-        runs = list((out / "runs").glob("*")) if (out / "runs").is_dir() else []
+        runs = run_folders(out)
         if runs:
             run = runs[0]
             rounds = RunFolder.open(run).read_jsonl("metrics.jsonl")

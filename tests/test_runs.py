@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from app import runs
-from app.runs import Progress, RunFolder, resolve_output_dir
+from app.runs import Progress, RunFolder, ensure_writable_dir, resolve_output_dir, run_folders
 
 
 @pytest.fixture
@@ -77,6 +77,21 @@ def test_create_relative_output_dir_under_fedgan_home(tmp_path, monkeypatch):
     run = RunFolder.create("outs", "fedprox", "cifar10", {})
     assert run.path.parent == tmp_path / "outs" / "runs"
     assert re.fullmatch(r"\d{8}-\d{6}-fedprox-cifar10", run.path.name)
+
+
+def test_run_folders_lists_runs_only_never_the_write_probe(tmp_path):
+    # the write probe of ensure_writable_dir lives for a moment in <out>/runs; a listing taken then
+    # (a test or compare_strategies waiting for the run folder) must not take it for a run
+    assert run_folders(tmp_path) == []                       # no runs/ yet
+    first = RunFolder.create(tmp_path, "fedavg", "digits", {}, run_name="a")
+    second = RunFolder.create(tmp_path, "fedavg", "digits", {}, run_name="b")
+    (tmp_path / "runs" / ".fedgan-write-test.abc123").write_bytes(b"0")
+    (tmp_path / "runs" / ".hidden").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("x")
+    assert run_folders(tmp_path) == sorted([first.path, second.path])
+    ensure_writable_dir(tmp_path / "runs")                   # and the probe does not stay behind
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(".fedgan")) == [
+        ".fedgan-write-test.abc123"]
 
 
 def test_create_appends_counter_when_name_exists(tmp_path, monkeypatch):
