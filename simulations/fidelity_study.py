@@ -82,6 +82,9 @@ LEVERS = {
     # so it must tell its client's classes from the others, not only real from fake (issue #17)
     "server negatives 16": {"server-negatives": 16},
     "server negatives 32": {"server-negatives": 32},
+    # with negatives D_i has more to learn per fake batch (which classes, not only real vs fake): give it
+    # 3 steps per batch -- client compute only, the bytes are those of "server negatives 16"
+    "server negatives 16, D_i steps 3": {"server-negatives": 16, "client-disc-steps": 3},
     "local-only": {"strategy": "local"},
 }
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -86,6 +86,8 @@ def test_fidelity_study_levers_change_only_their_keys():
     assert fs.lever_config(base, "teacher steps x3")["teacher-steps"] == 3 * base["teacher-steps"]
     assert fs.lever_config(base, "student steps x3")["num-rounds"] == 3 * base["num-rounds"]
     assert fs.lever_config(base, "server negatives 16") == {**base, "server-negatives": 16}
+    assert fs.lever_config(base, "server negatives 16, D_i steps 3") == {**base, "server-negatives": 16,
+                                                                         "client-disc-steps": 3}
     with pytest.raises(ConfigError, match="unknown lever 'alpha=2'"):
         fs.lever_config(base, "alpha=2")
     # cells that differ only in what the students do share one teacher; teacher steps do not
