@@ -7,8 +7,10 @@ batch and the fakes, its labels and feedback, one JRLF step of the student, thes
 * ``sequential``      in this process, one client after another, written directly against
                       ``models/steps.py`` (``discriminator_step``, ``generator_feedback``,
                       ``student_update``): the work without any federation;
-* ``batched-server``  the same, with all students' JRLF steps as one vmapped computation
-                      (``models/batched.py``; what the ServerApp does with ``server-batching``);
+* ``batched-server``  the same, with the students' JRLF steps as stacked computations
+                      (``models/batched.py``: grouped layers on the CPU, vmap on CUDA; 32
+                      networks per stack on the CPU, ``--stack-chunk``; what the ServerApp does
+                      with ``server-batching``);
 * ``batched``         the same, with the clients' D steps and feedback batched too
                       (``discriminators_step``): the whole round as few large computations;
 * ``simulation``      through Flower's Simulation Engine (``simulations/common.py``), N
@@ -52,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.batched import Stack, discriminators_step, students_update  # noqa: E402
+from models.batched import Stack, chunk_slices, discriminators_step, students_update  # noqa: E402
 from models.factory import build_discriminator, build_generator  # noqa: E402
 from models.losses import make_optimizer  # noqa: E402
 from models.steps import discriminator_step, generator_feedback, sample_latent, student_update  # noqa: E402
@@ -194,18 +196,22 @@ class World:
                 student_update(G, opt, z[i], feedback, self.teacher_d, alpha, "bce")   # server: JRLF
                 out.append((fakes, feedback))
             return torch.stack([f for f, _ in out]), torch.stack([f for _, f in out])
-        stack = Stack([G for G, _ in self.students])
+        chunk = self.args.stack_chunk or None
+        stacks = [(sl, Stack([G for G, _ in self.students[sl]], path=self.args.stack_path))
+                  for sl in chunk_slices(self.n, self.device, chunk)]
         with torch.no_grad():
-            fakes = stack(z)
-        stack.write_buffers()
+            fakes = torch.cat([stack(z[sl]) for sl, stack in stacks])
+        for _, stack in stacks:
+            stack.write_buffers()
         if mode == "batched":
-            _, _, feedback = discriminators_step(self.discs, real, fakes, "bce")
+            _, _, feedback = discriminators_step(self.discs, real, fakes, "bce", path=self.args.stack_path, chunk=chunk)
         else:   # batched-server: the clients one by one, as separate ClientApps would
             feedback = torch.empty_like(fakes)
             for i, (D, d_opt) in enumerate(self.discs):
                 discriminator_step(D, d_opt, real[i], fakes[i], "bce")
                 _, feedback[i] = generator_feedback(D, fakes[i], "bce")
-        students_update(self.students, z, feedback, self.teacher_d, alpha, "bce", stack=stack)
+        for sl, stack in stacks:
+            students_update(self.students[sl], z[sl], feedback[sl], self.teacher_d, alpha, "bce", stack=stack)
         return fakes, feedback
 
 
@@ -424,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where the in-process modes run")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process modes (one CPU, "
                    "as one virtual client gets)")
+    p.add_argument("--stack-path", choices=("auto", "grouped", "vmap"), default="auto",
+                   help="how the batched modes compute the stacked networks (models.batched.Stack): grouped "
+                   "layers, vmap of functional_call, or auto (grouped on the CPU, vmap on CUDA)")
+    p.add_argument("--stack-chunk", type=int, default=0, help="networks per stacked computation in the batched "
+                   "modes (0: models.batched's default, 32 on the CPU, all at once on CUDA)")
     p.add_argument("--server-batching", choices=("auto", "on", "off"), default="auto",
                    help="the ServerApp's server-batching in the simulation mode")
     p.add_argument("--max-in-flight", type=int, default=0, help="the simulation's run config max-in-flight "
@@ -471,9 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             e = c[name]
             print(f"[scale]   {name:<10} fakes {e['fakes']:.1e}  D_i gradients {e['d_grads']:.1e}  feedback "
                   f"{e['feedback']:.1e}  student gradients {e['g_grads']:.1e}", flush=True)
+    stack_path = args.stack_path if args.stack_path != "auto" else ("grouped layers" if device.type == "cpu" else "vmap")
+    stack_path = {"grouped": "grouped layers"}.get(stack_path, stack_path)
     print(f"[scale] device {device}, DCGANs with {args.features} feature maps on {args.channels}x{args.image_size}x"
-          f"{args.image_size} digits, batch {args.batch_size}, latent {args.latent_dim}, {args.rounds} timed rounds",
-          flush=True)
+          f"{args.image_size} digits, batch {args.batch_size}, latent {args.latent_dim}, {args.rounds} timed rounds; "
+          f"batched modes stack the networks as {stack_path}, "
+          f"{args.stack_chunk or ('32' if device.type == 'cpu' else 'all')} at a time", flush=True)
     for n in counts:
         runs = [(m, 1) for m in modes if m != "simulation"]
         runs += [("simulation", c) for c in cohorts if "simulation" in modes]

@@ -44,7 +44,7 @@ from models.steps import (discriminator_step, forward_keeping_buffers, generator
                           sample_latent, student_update, train_gan_step, train_only_head)
 from strategies import client_eval, wire
 from models.dp import DPConfig
-from models.batched import Stack, can_batch, discriminators_step, students_update
+from models.batched import Stack, can_batch, chunk_slices, discriminators_step, students_update
 from strategies.base import (ClientDP, Snapshot, all_finite, check_dp_reply, dp_columns, NodeBook, Recorder,
                              check_identities, check_stop, exchange, guarded_update, log, pack_state,
                              require_replies, sample_nodes, should, unpack_state, wait_for_nodes)
@@ -618,9 +618,10 @@ class PrivacyGAN:
         latent), feedback (K, B, *sample))). Returns node -> its K teacher losses, or None for a
         student whose update left it (or its optimizer) non-finite: that one is rolled back.
 
-        ``server-batching``: "off" updates the students one after another; "on" as one vmapped
-        computation (models/batched.py; the same numbers to 1e-5); "auto" times both once, on
-        copies of this round's students, and keeps the faster (logged, and in metrics.jsonl).
+        ``server-batching``: "off" updates the students one after another; "on" as stacked
+        computations (models/batched.py: grouped layers or vmap, 32 students per stack on the
+        CPU, all at once on CUDA; the same numbers to 1e-5); "auto" times both once, on copies of
+        this round's students, and keeps the faster (logged, and in metrics.jsonl).
         """
         if not work:
             return {}
@@ -645,13 +646,14 @@ class PrivacyGAN:
         z = torch.stack([work[nid][0] for nid in nids], dim=1)                       # (K, N, B, latent)
         fb = torch.stack([work[nid][1] for nid in nids], dim=1).to(self.device)      # (K, N, B, *sample)
         losses = {nid: [] for nid in nids}
-        stack = Stack([G for G, _ in students])
+        stacks = [(sl, Stack([G for G, _ in students[sl]])) for sl in chunk_slices(len(students), self.device)]
         for k in range(self.s.steps_per_round):
-            if k:
-                stack.restack_params()
-            for nid, loss in zip(nids, students_update(students, z[k], fb[k], self.teacher_d, self.alpha,
-                                                       self.s.loss, stack=stack)):
-                losses[nid].append(loss)
+            for sl, stack in stacks:
+                if k:
+                    stack.restack_params()
+                for nid, loss in zip(nids[sl], students_update(students[sl], z[k][sl], fb[k][sl], self.teacher_d,
+                                                               self.alpha, self.s.loss, stack=stack)):
+                    losses[nid].append(loss)
         out = {}
         for nid, (G, opt), snap in zip(nids, students, snaps):
             if all_finite([G], [opt]):
