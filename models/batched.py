@@ -93,9 +93,10 @@ class Stack:
         if path not in PATHS:
             raise ValueError(f"Stack path must be one of {PATHS}, got {path!r}")
         self.modules = list(modules)
-        self.base = copy.deepcopy(self.modules[0]).to("meta")   # the architecture, without storage
         self.params, self.buffers = stack_module_state(self.modules)
         self.param_names = list(self.params)
+        self._module_params = [dict(m.named_parameters()) for m in self.modules]
+        self._module_buffers = [dict(m.named_buffers()) for m in self.modules]
         plan = grouped_plan(self.modules[0])
         on_cpu = all(t.device.type == "cpu" for t in self.params.values())
         if path == "grouped" and plan is None:
@@ -103,13 +104,14 @@ class Stack:
                              "discriminators of Conv/ConvTranspose/BatchNorm/GroupNorm(1, C) layers only)")
         self.path = "grouped" if (path == "grouped" or (path == "auto" and plan is not None and on_cpu)) else "vmap"
         self.plan = plan
+        # the architecture without storage, for functional_call (the vmapped path only)
+        self.base = copy.deepcopy(self.modules[0]).to("meta") if self.path == "vmap" else None
 
     def restack_params(self) -> None:
         """Fresh leaf stacks of the modules' current parameters (after their optimizers stepped)."""
         with torch.no_grad():
             for name in self.param_names:
-                self.params[name] = torch.stack([dict(m.named_parameters())[name] for m in self.modules]
-                                                ).requires_grad_(True)
+                self.params[name] = torch.stack([mp[name] for mp in self._module_params]).requires_grad_(True)
 
     def __call__(self, x: Tensor) -> Tensor:
         """``torch.stack([m(x[n]) for n, m in enumerate(modules)])`` as one computation; running
@@ -123,15 +125,16 @@ class Stack:
 
     def grads_to_modules(self) -> None:
         """Each module's ``p.grad`` = its slice of the stacked gradient (a view, no copy)."""
-        for n, m in enumerate(self.modules):
-            for name, p in m.named_parameters():
-                g = self.params[name].grad
+        grads = {name: self.params[name].grad for name in self.param_names}
+        for n, mp in enumerate(self._module_params):
+            for name, p in mp.items():
+                g = grads[name]
                 p.grad = None if g is None else g[n]
 
     def write_buffers(self) -> None:
         with torch.no_grad():
-            for n, m in enumerate(self.modules):
-                for name, b in m.named_buffers():
+            for n, mb in enumerate(self._module_buffers):
+                for name, b in mb.items():
                     b.copy_(self.buffers[name][n])
 
 
@@ -226,8 +229,9 @@ def grouped_forward(plan: list[tuple[str, nn.Module]], params: dict[str, Tensor]
     n, b = x.shape[0], x.shape[1]
     if x.dim() == 3:                                     # generator: (N, B, L) -> (B, N·L, 1, 1)
         x = x.transpose(0, 1).reshape(b, n * x.shape[2], 1, 1)
-    else:                                                # discriminator: (N, B, C, H, W) -> (B, N·C, H, W)
-        x = x.transpose(0, 1).reshape(b, n * x.shape[2], *x.shape[3:])
+    else:   # discriminator: (N, B, C, H, W) -> (B, N·C, H, W), laid out channels-last in one copy
+        c, h, w = x.shape[2:]
+        x = x.permute(1, 3, 4, 0, 2).reshape(b, h, w, n * c).permute(0, 3, 1, 2)
     for prefix, layer in plan:
         if isinstance(layer, nn.Conv2d):
             bias = params.get(prefix + "bias")
@@ -247,9 +251,9 @@ def grouped_forward(plan: list[tuple[str, nn.Module]], params: dict[str, Tensor]
         elif isinstance(layer, nn.GroupNorm):
             x = F.group_norm(x, n, params[prefix + "weight"].reshape(-1), params[prefix + "bias"].reshape(-1), layer.eps)
         elif isinstance(layer, nn.LeakyReLU):
-            x = F.leaky_relu(x, layer.negative_slope)
+            x = F.leaky_relu(x, layer.negative_slope, inplace=layer.inplace)
         elif isinstance(layer, nn.ReLU):
-            x = F.relu(x)
+            x = F.relu(x, inplace=layer.inplace)
         elif isinstance(layer, nn.Tanh):
             x = torch.tanh(x)
     if scores:                                           # (B, N, 1, 1) -> (N, B)
