@@ -50,7 +50,8 @@ from models.dcgan import DCGANDiscriminator, DCGANGenerator
 from models.losses import check_loss_kind, generator_loss
 from models.steps import jrlf_feedback
 
-__all__ = ["CPU_CHUNK", "PATHS", "Stack", "can_batch", "chunk_slices", "grouped_plan", "discriminators_step", "step_optimizers", "students_update", "teacher_feedback_batched"]
+__all__ = ["CPU_CHUNK", "PATHS", "Stack", "can_batch", "chunk_slices", "discriminators_step", "grouped_plan",
+           "step_optimizers", "students_update", "teacher_feedback_batched"]
 
 # the hyper-parameters that must agree for several Adams to step as one call
 _ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
@@ -73,6 +74,8 @@ def chunk_slices(n: int, device: torch.device | str, chunk: int | None = None) -
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk!r}")
     return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
 _ACTIVATIONS = (nn.LeakyReLU, nn.ReLU, nn.Tanh, nn.Identity)
 
 
@@ -90,20 +93,12 @@ class Stack:
     def __init__(self, modules: Sequence[nn.Module], path: str = "auto") -> None:
         if not modules:
             raise ValueError("Stack needs at least one module")
-        if path not in PATHS:
-            raise ValueError(f"Stack path must be one of {PATHS}, got {path!r}")
+        self.path, self.plan = _choose_path(path, modules[0])
         self.modules = list(modules)
         self.params, self.buffers = stack_module_state(self.modules)
         self.param_names = list(self.params)
         self._module_params = [dict(m.named_parameters()) for m in self.modules]
         self._module_buffers = [dict(m.named_buffers()) for m in self.modules]
-        plan = grouped_plan(self.modules[0])
-        on_cpu = all(t.device.type == "cpu" for t in self.params.values())
-        if path == "grouped" and plan is None:
-            raise ValueError(f"{type(self.modules[0]).__name__} has no grouped path (DCGAN generators and "
-                             "discriminators of Conv/ConvTranspose/BatchNorm/GroupNorm(1, C) layers only)")
-        self.path = "grouped" if (path == "grouped" or (path == "auto" and plan is not None and on_cpu)) else "vmap"
-        self.plan = plan
         # the architecture without storage, for functional_call (the vmapped path only)
         self.base = copy.deepcopy(self.modules[0]).to("meta") if self.path == "vmap" else None
 
@@ -170,6 +165,20 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _choose_path(path: str, module: nn.Module) -> tuple[str, list[tuple[str, nn.Module]] | None]:
+    """(the path that runs ``module``'s stack, its :func:`grouped_plan` when that is "grouped"):
+    ``"auto"`` is grouped for a supported network on the CPU, else vmap."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    plan = grouped_plan(module) if path != "vmap" else None
+    if path == "grouped" and plan is None:
+        raise ValueError(f"{type(module).__name__} has no grouped path (DCGAN generators and discriminators of "
+                         "Conv/ConvTranspose/BatchNorm/GroupNorm(1, C) layers only)")
+    if path == "auto" and _device_of(module).type != "cpu":
+        plan = None
+    return ("grouped", plan) if plan is not None else ("vmap", None)
+
+
 def _flat(t: Tensor) -> Tensor:
     """A stacked (N, a, b, ...) parameter as the (N·a, b, ...) weight of one grouped layer."""
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
@@ -188,12 +197,14 @@ _FEW_CHANNELS = 8
 
 def _grouped_conv(x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.Conv2d) -> Tensor:
     w = _flat(weight).contiguous(memory_format=torch.channels_last)
+    bias = None if bias is None else bias.reshape(-1)
     return F.conv2d(x.contiguous(memory_format=torch.channels_last), w, bias, layer.stride, layer.padding, 1,
                     weight.shape[0])
 
 
 def _grouped_conv_transpose(x: Tensor, weight: Tensor, bias: Tensor | None, layer: nn.ConvTranspose2d) -> Tensor:
     n, cin, cout = weight.shape[:3]
+    bias = None if bias is None else bias.reshape(-1)
     if cout >= _FEW_CHANNELS:
         return F.conv_transpose2d(x.contiguous(), _flat(weight), bias, layer.stride, layer.padding, 0, n)
     # col2im: network n's columns = W_n^T (Cout·kh·kw, Cin) @ its inputs (Cin, B·H·W), summed into place by fold
@@ -234,17 +245,15 @@ def grouped_forward(plan: list[tuple[str, nn.Module]], params: dict[str, Tensor]
         x = x.permute(1, 3, 4, 0, 2).reshape(b, h, w, n * c).permute(0, 3, 1, 2)
     for prefix, layer in plan:
         if isinstance(layer, nn.Conv2d):
-            bias = params.get(prefix + "bias")
-            x = _grouped_conv(x, params[prefix + "weight"], None if bias is None else bias.reshape(-1), layer)
+            x = _grouped_conv(x, params[prefix + "weight"], params.get(prefix + "bias"), layer)
         elif isinstance(layer, nn.ConvTranspose2d):
-            bias = params.get(prefix + "bias")
-            x = _grouped_conv_transpose(x, params[prefix + "weight"], None if bias is None else bias.reshape(-1), layer)
+            x = _grouped_conv_transpose(x, params[prefix + "weight"], params.get(prefix + "bias"), layer)
         elif isinstance(layer, nn.BatchNorm2d):
-            update = layer.training and not keep_buffers
-            use_running = not layer.training
-            rm = buffers[prefix + "running_mean"].reshape(-1) if (update or use_running) else None
-            rv = buffers[prefix + "running_var"].reshape(-1) if (update or use_running) else None
-            if update:
+            # eval mode normalises with the running statistics; train mode updates them unless kept
+            use_buffers = not (layer.training and keep_buffers)
+            rm = buffers[prefix + "running_mean"].reshape(-1) if use_buffers else None
+            rv = buffers[prefix + "running_var"].reshape(-1) if use_buffers else None
+            if layer.training and use_buffers:
                 buffers[prefix + "num_batches_tracked"].add_(1)
             x = F.batch_norm(x, rm, rv, params[prefix + "weight"].reshape(-1), params[prefix + "bias"].reshape(-1),
                              layer.training, layer.momentum, layer.eps)
@@ -281,14 +290,8 @@ def teacher_feedback_batched(D: nn.Module, x: Tensor, kind: str, path: str = "au
     :func:`models.steps.generator_feedback` with ``keep_buffers=True`` does for one batch).
     ``path`` as for :class:`Stack`."""
     check_loss_kind(kind)
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     n = x.shape[0]
-    plan = grouped_plan(D) if path != "vmap" else None
-    if path == "grouped" and plan is None:
-        raise ValueError(f"{type(D).__name__} has no grouped path")
-    if path == "auto" and x.device.type != "cpu":
-        plan = None
+    _, plan = _choose_path(path, D)
     if plan is not None:   # the grouped path with the teacher's weights repeated N times (see the module docstring)
         params = {name: p.detach().unsqueeze(0).expand(n, *p.shape) for name, p in D.named_parameters()}
         buffers = {name: b.detach().unsqueeze(0).expand(n, *b.shape) for name, b in D.named_buffers()}
@@ -424,14 +427,13 @@ def discriminators_step(discs: Sequence[tuple[nn.Module, torch.optim.Optimizer]]
         raise ValueError(f"discriminators_step supports bce and hinge, not {kind!r} (penalty / clipping)")
     from models.losses import discriminator_loss   # local: the module's public names stay the JRLF ones
 
-    slices = chunk_slices(len(discs), _device_of(discs[0][0]), chunk) if stack is None else []
-    if len(slices) > 1:
-        parts = [discriminators_step(discs[sl], real[sl], fake[sl], kind, path=path, chunk=len(discs))
-                 for sl in slices]
+    if stack is None:
+        parts = [discriminators_step(discs[sl], real[sl], fake[sl], kind, stack=Stack([D for D, _ in discs[sl]], path=path))
+                 for sl in chunk_slices(len(discs), _device_of(discs[0][0]), chunk)]
+        if len(parts) == 1:
+            return parts[0]
         return ([st for part in parts for st in part[0]], torch.cat([part[1] for part in parts]),
                 torch.cat([part[2] for part in parts]))
-    if stack is None:
-        stack = Stack([D for D, _ in discs], path=path)
     fake = fake.detach()
     # --- D_n update: min L_D(D_n(real_n), D_n(fake_n)), real and fake in separate passes (BatchNorm) ---
     for p in stack.params.values():

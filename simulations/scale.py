@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.batched import Stack, chunk_slices, discriminators_step, students_update  # noqa: E402
+from models.batched import CPU_CHUNK, Stack, chunk_slices, discriminators_step, students_update  # noqa: E402
 from models.factory import build_discriminator, build_generator  # noqa: E402
 from models.losses import make_optimizer  # noqa: E402
 from models.steps import discriminator_step, generator_feedback, sample_latent, student_update  # noqa: E402
@@ -482,12 +482,13 @@ def main(argv: list[str] | None = None) -> int:
             e = c[name]
             print(f"[scale]   {name:<10} fakes {e['fakes']:.1e}  D_i gradients {e['d_grads']:.1e}  feedback "
                   f"{e['feedback']:.1e}  student gradients {e['g_grads']:.1e}", flush=True)
-    stack_path = args.stack_path if args.stack_path != "auto" else ("grouped layers" if device.type == "cpu" else "vmap")
-    stack_path = {"grouped": "grouped layers"}.get(stack_path, stack_path)
+    on_cpu = device.type == "cpu"
+    stack_path = {"auto": "grouped layers" if on_cpu else "vmap", "grouped": "grouped layers"}.get(args.stack_path,
+                                                                                                 args.stack_path)
     print(f"[scale] device {device}, DCGANs with {args.features} feature maps on {args.channels}x{args.image_size}x"
           f"{args.image_size} digits, batch {args.batch_size}, latent {args.latent_dim}, {args.rounds} timed rounds; "
           f"batched modes stack the networks as {stack_path}, "
-          f"{args.stack_chunk or ('32' if device.type == 'cpu' else 'all')} at a time", flush=True)
+          f"{args.stack_chunk or (CPU_CHUNK if on_cpu else 'all')} at a time", flush=True)
     for n in counts:
         runs = [(m, 1) for m in modes if m != "simulation"]
         runs += [("simulation", c) for c in cohorts if "simulation" in modes]
