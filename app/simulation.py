@@ -191,6 +191,7 @@ class LocalFederation:
         self.flwr_home = Path(flwr_home or self._tmp)
         self.ray_cpus = ray_cpus or os.cpu_count() or 1
         self.ray_dir = self.flwr_home / "ray"
+        self.gcs_port: int | None = None   # the Ray cluster's port, once this federation started one
         self.env = _env(self.flwr_home)
         self.port, self.control_port = str(free_port()), str(free_port())
         self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = self.port
@@ -345,7 +346,7 @@ class LocalFederation:
         # a caller that dies without closing (SIGKILL, a crash) must not leave the SuperLink, its
         # ServerApp and Ray running: a watchdog outside both stops them when the caller is gone
         self._watchdog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(os.getpid()),
-                                           str(proc.pid), str(self.ray_dir)], cwd=str(PROJECT), stdin=subprocess.DEVNULL,
+                                           str(proc.pid), str(self.ray_dir), str(self.gcs_port or 0)], cwd=str(PROJECT), stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.healthy():
@@ -368,10 +369,16 @@ class LocalFederation:
         if "RAY_ADDRESS" in self.env:
             return None
         self.ray_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = self.gcs_port = free_port()
+        # every port from the OS, none of `ray start`'s fixed defaults (Ray Client server 10001,
+        # dashboard 8265, dashboard agent 52365, workers from 10002 up): two clusters on one
+        # machine (two scripts, a script beside a test run) would otherwise bind the same ones and
+        # one run fails ("Failed to start the grpc server. The specified port is 10003")
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(port),
                "--num-cpus", str(self.ray_cpus), "--include-dashboard=false", "--disable-usage-stats",
-               "--temp-dir", str(self.ray_dir)]
+               "--min-worker-port", "0", "--max-worker-port", "0",
+               "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
+               "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(self.ray_dir)]
         with open(self.flwr_home / "ray-start.log", "wb") as log:
             proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
@@ -390,8 +397,9 @@ class LocalFederation:
             raise SimulationError(f"`ray start` exited with code {rc} (see {self.flwr_home / 'ray-start.log'})")
 
     def ray_processes(self) -> list[psutil.Process]:
-        """The processes of this federation's Ray cluster (their command lines name its folder)."""
-        return processes_naming(str(self.ray_dir))
+        """The processes of this federation's Ray cluster: those whose command lines name its
+        folder, and its Ray Client server, which names only the cluster's address (its GCS port)."""
+        return ray_cluster_processes(str(self.ray_dir), self.gcs_port)
 
     def processes(self) -> list[psutil.Process]:
         """The SuperLink and every process under it (ServerApp, simulation, Ray): not descendants
@@ -466,6 +474,28 @@ def processes_naming(marker: str) -> list[psutil.Process]:
         if p.pid != os.getpid() and marker in " ".join(p.info.get("cmdline") or []):
             out.append(p)
     return out
+
+
+def ray_cluster_processes(ray_dir: str, gcs_port: int | None) -> list[psutil.Process]:
+    """The processes of the Ray cluster whose files are under ``ray_dir`` and whose GCS listens
+    on ``gcs_port`` (None: unknown, the folder alone decides); this process excluded."""
+    procs = processes_naming(ray_dir)
+    if gcs_port is not None:
+        seen = {p.pid for p in procs}
+        procs += [p for p in processes_naming(f":{gcs_port}")
+                  if p.pid not in seen and _is_ray_client_server(p, gcs_port)]
+    return procs
+
+
+def _is_ray_client_server(p: psutil.Process, gcs_port: int) -> bool:
+    """Whether ``p`` is the Ray Client server of the cluster at ``gcs_port`` (``ray start`` starts
+    it detached; its command line has ``--address=<ip>:<gcs port>`` but not the cluster's folder)."""
+    try:
+        args = p.cmdline()
+    except psutil.Error:
+        return False
+    return "ray.util.client.server" in args and any(
+        a.startswith("--address=") and a.endswith(f":{gcs_port}") for a in args)
 
 
 def stop_process_tree(roots: list[psutil.Process], timeout: float = 10.0) -> None:
@@ -571,10 +601,11 @@ __all__ = ["LocalFederation", "stage_app", "SimulationResult", "SimulationError"
            "request_stop", "stop_request_path", "watch_stop_requests", "absolute_paths", "write_run_config",
            "summary_error", "summary_status", "stop_process_tree", "processes_naming", "watchdog", "PATH_KEYS", "STOP_REQUESTS"]
 
-def watchdog(caller: int, root: int, marker: str = "", every: float = 0.5) -> None:
+def watchdog(caller: int, root: int, marker: str = "", gcs_port: int = 0, every: float = 0.5) -> None:
     """Wait until process ``caller`` is gone, then stop process ``root`` and everything under it,
-    and the processes whose command line names ``marker`` (the federation's Ray cluster)
-    (:meth:`LocalFederation.start` runs this in a process of its own); returns early when
+    and the Ray cluster whose command lines name ``marker`` (its folder) or, for its Ray Client
+    server, its GCS port ``gcs_port`` (0: none) (:func:`ray_cluster_processes`;
+    :meth:`LocalFederation.start` runs this in a process of its own); returns early when
     ``root`` ends first."""
     try:
         top = psutil.Process(root)
@@ -593,11 +624,11 @@ def watchdog(caller: int, root: int, marker: str = "", every: float = 0.5) -> No
     if top.is_running():
         stop_process_tree([top])
     if marker:
-        stop_process_tree([p for p in processes_naming(marker) if p.pid != os.getpid()])
+        stop_process_tree([p for p in ray_cluster_processes(marker, gcs_port or None) if p.pid != os.getpid()])
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "watchdog":
-        watchdog(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
+    if len(sys.argv) in (4, 5, 6) and sys.argv[1] == "watchdog":
+        watchdog(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5], *map(int, sys.argv[5:6]))
     else:
         sys.exit("app/simulation.py is a library; run simulations/run.py")

@@ -228,7 +228,9 @@ def simulate(cfg: Config, num_clients: int, *, client_cpus: int = 1, client_gpus
         print("[fedgan] interrupted; see summary.md in the run folder for how to resume", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT)
     if not result.ok:
-        why = summary_error(folder) or next((ln for ln in reversed(result.log) if ln.strip()), "no log")
+        # no summary error: the ServerApp did not fail itself (e.g. the simulation process or Ray did)
+        why = summary_error(folder) or ("the ServerApp recorded no error; its last log line: "
+                                        + next((ln for ln in reversed(result.log) if ln.strip()), "none"))
         raise RunFailed(f"the run ended {result.status}: {why}" + (f" (run folder: {folder})" if folder else ""))
     if folder is None:
         raise RuntimeError("the simulation finished without creating a run folder")

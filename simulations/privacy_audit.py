@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                 report["setup"]["seconds"] = round(time.monotonic() - started, 1)
                 write_report(out_dir, report)   # after every cell: a crash later loses nothing
                 say(f"{strategy}: {cell['seconds']:.0f} s")
-    plot(curves, out_dir / "roc.png")
+    plotted = plot(curves, out_dir / "roc.png")
     print("\n| strategy | epsilon | attack | client (images) | AUC [95 % CI] | TPR@1%FPR | TPR@0.1%FPR |\n"
           "|---|---|---|---|---|---|---|")
     for r in report["results"]:
@@ -246,8 +246,9 @@ def main(argv=None) -> int:
               f"{r['tpr_at_0.1pct_fpr']:.3f} |")
     print("\n" + grid_table(report["cells"], report["results"], report["utility"]))
     failed = [c for c in report["cells"] if "error" in c]
-    say(f"{len(report['results'])} attack results in {out_dir / 'audit.json'}; the grid in {out_dir / 'grid.md'}; "
-        f"ROC curves in {out_dir / 'roc.png'} ({report['setup']['seconds']:.0f} s)"
+    say(f"{len(report['results'])} attack results in {out_dir / 'audit.json'}; the grid in {out_dir / 'grid.md'}"
+        + (f"; ROC curves in {out_dir / 'roc.png'}" if plotted else "; no ROC curves (no cell was attacked)")
+        + f" ({report['setup']['seconds']:.0f} s)"
         + (f"; {len(failed)} cell(s) FAILED" if failed else ""))
     return 1 if failed else 0
 
@@ -372,7 +373,11 @@ def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> s
     return "\n".join(lines)
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, path: Path) -> bool:
+    """One ROC panel per (strategy, epsilon, client size, attack) into ``path``; False (and no
+    file) when there is nothing to draw, e.g. every cell failed."""
+    if not curves:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,6 +402,7 @@ def plot(curves: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

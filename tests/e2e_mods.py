@@ -61,7 +61,8 @@ def simulation_processes(since: float) -> set[int]:
     import psutil
 
     names = ("flower-superlink", "fedgan-superlink", "warm.py serve", "flwr-serverapp", "flwr-simulation",
-             "raylet", "gcs_server", "ray::", "app.simulation watchdog")
+             "raylet", "gcs_server", "ray::", "app.simulation watchdog", "ray.util.client.server",
+             "ray/dashboard/", "log_monitor.py", "autoscaler/_private/monitor.py")
     out = set()
     for p in psutil.process_iter(["cmdline", "create_time"]):
         line = " ".join(p.info.get("cmdline") or [])

@@ -194,3 +194,94 @@ def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly():
         for p in (caller, root):
             if p.poll() is None:
                 p.kill()
+
+
+def test_the_watchdog_also_stops_its_clusters_ray_client_server_and_no_other():
+    """``ray start`` leaves its Ray Client server detached, with only the cluster's address
+    (``--address=<ip>:<GCS port>``) on its command line, not the cluster's folder: the watchdog's
+    5th argument (the GCS port) finds it; another cluster's (another port) is left alone."""
+    import subprocess
+    import sys
+
+    from app.simulation import free_port
+
+    port, other = free_port(), free_port()
+
+    def fake_server(p):   # a process whose command line reads like Ray's Client server
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "ray.util.client.server",
+                                 f"--address=192.0.2.2:{p}", "--port=10001"], start_new_session=True)
+
+    caller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    root = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    mine, theirs = fake_server(port), fake_server(other)
+    try:
+        dog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(caller.pid), str(root.pid),
+                                "/nonexistent/fedgan-ray-dir", str(port)], cwd=PROJECT)
+        time.sleep(1.0)
+        assert mine.poll() is None and dog.poll() is None
+        caller.kill()
+        caller.wait()
+        assert dog.wait(timeout=30) == 0
+        assert mine.wait(timeout=15) is not None and root.wait(timeout=5) is not None
+        time.sleep(0.5)
+        assert theirs.poll() is None
+    finally:
+        for p in (caller, root, mine, theirs):
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.e2e
+def test_a_federations_ray_cluster_binds_no_fixed_port_and_close_stops_all_of_it(tmp_path):
+    """Two federations on one machine (two scripts; a script beside a test run) each start a Ray
+    cluster. `ray start`'s defaults bind fixed ports -- Ray Client server 10001, dashboard 8265,
+    dashboard agent 52365, workers from 10002 up -- so the second cluster's driver or workers
+    could find theirs taken and its run failed ("Failed to start the grpc server. The specified
+    port is 10003"; 2 of 3 runs started together failed so). After a run, every port the
+    federation's processes listen on must be one the OS handed out (the ephemeral range), and
+    close() must stop all of it, the detached Ray Client server included."""
+    import threading
+
+    import psutil
+    from e2e_mods import simulate
+
+    from app.config import parse_config
+    from app.loopback import process_alive
+    from app.server_app import last_status
+    from app.simulation import close_shared, shared_processes
+
+    cfg = parse_config({"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 5,
+                        "samples-per-client": 4, "steps-per-round": 1, "num-rounds": 3,
+                        "output-dir": str(tmp_path / "out")})
+    outcome = []
+    run = threading.Thread(target=lambda: outcome.append(last_status(simulate(cfg, 2).path)), daemon=True)
+    run.start()
+    listening, seen, workers = {}, {}, False
+    while run.is_alive():   # the driver and the actors live only while the run does: look meanwhile
+        for p in shared_processes():
+            try:
+                line = " ".join(p.cmdline())
+                seen[p.pid] = p
+                workers |= "ClientAppActor" in line
+                for c in p.net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listening[c.laddr.port] = line[:80]
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    run.join()
+    assert outcome == ["success"]
+    assert workers, "no ClientApp actor seen while the run went on"
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    fixed = {10001, 8265, 52365} | set(range(10002, 20000))
+    assert listening
+    taken = {port: who for port, who in listening.items() if port in fixed and not low <= port <= high}
+    assert not taken, taken
+    procs = shared_processes() + list(seen.values())
+    assert any("ray.util.client.server" in " ".join(p.cmdline()) for p in procs if process_alive(p.pid))
+    close_shared()
+    deadline = time.monotonic() + 20
+    while [p for p in procs if process_alive(p.pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p.pid for p in procs if process_alive(p.pid)]
+    assert not left, left

@@ -135,6 +135,17 @@ def test_grid_sizes_and_dp_budgets_are_derived_from_the_data():
     assert spent == pytest.approx(3.0, abs=0.05) and spent <= 3.0 + 1e-3
 
 
+def test_the_roc_plot_draws_every_panel_and_nothing_when_no_cell_was_attacked(tmp_path):
+    """A grid whose cells all failed has no curves: no plot and no crash (the report still ends
+    the run, with exit code 1 for the failed cells)."""
+    from simulations.privacy_audit import plot
+
+    assert plot({}, tmp_path / "none.png") is False and not (tmp_path / "none.png").exists()
+    curve = (np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.8, 1.0]))
+    assert plot({("privacygan", 10.0, 100, "probe", 0): curve}, tmp_path / "roc.png") is True
+    assert (tmp_path / "roc.png").stat().st_size > 0
+
+
 @pytest.mark.e2e
 def test_the_audit_script_probes_through_the_clientapp_and_writes_its_report(tmp_path):
     from simulations.privacy_audit import main
