@@ -435,8 +435,6 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     _check(cfg.server_negatives == 0 or cfg.loss in NEGATIVE_LOSSES, k("server-negatives"), cfg.server_negatives,
            f"0 unless loss is one of {', '.join(NEGATIVE_LOSSES)} (a Wasserstein critic's fake term has no "
            "per-sample target)")
-    _check(cfg.server_negatives == 0 or not cfg.dp, k("server-negatives"), cfg.server_negatives,
-           "0 with dp = true (the DP step of D_i has no negative term yet)")
     _check(cfg.teacher_steps > 0 or cfg.teacher_path != "" or (cfg.alpha == 1.0 and cfg.alpha_final in (0.0, 1.0)),
            k("teacher-steps"), cfg.teacher_steps, "> 0 unless teacher-path is given or alpha = 1 (and alpha-final "
            "is 0 or 1)")

@@ -15,7 +15,9 @@ and only the real term touches private data. DP-SGD (Abadi et al., 2016) on that
 3. clipping: g_i <- g_i * min(1, C / ||g_i||_2);
 4. sum, add Gaussian noise N(0, sigma^2 C^2) per coordinate, divide by the *expected* batch
    size q*n (the standard estimator under Poisson sampling);
-5. add the ordinary, unclipped gradient of the fake term (mean over the fakes).
+5. add the ordinary, unclipped gradient of the fake term (mean over the fakes) and, with
+   PrivacyGAN's ``server-negatives``, of the negative term (the server's own images with target
+   "fake", :func:`models.losses.negative_loss`).
 
 Step 5 depends only on the current D (itself the output of earlier private steps) and on
 inputs the server chose or a generator produced, never on a real record, so the whole step
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .losses import WGAN_CLIP, check_loss_kind
+from .losses import WGAN_CLIP, check_loss_kind, negative_loss
 from .steps import clip_weights, generator_step, sample_latent
 
 #: Losses whose discriminator objective DP-SGD supports (real term = a per-example sum).
@@ -202,7 +204,8 @@ def private_real_gradient(D: nn.Module, real: Tensor, kind: str, *, expected_bat
 # ---------------------------------------------------------------------------
 # The DP discriminator gradient / step
 # ---------------------------------------------------------------------------
-def _stats(kind: str, real_out: Tensor, fake_out: Tensor, loss: float) -> dict[str, float]:
+def _stats(kind: str, real_out: Tensor, fake_out: Tensor, loss: float,
+           neg_out: Tensor | None = None) -> dict[str, float]:
     """The statistics of :func:`models.steps.discriminator_step`; an empty real batch reports
     0 for its real-side numbers (they must stay finite on the wire)."""
     with torch.no_grad():
@@ -212,18 +215,25 @@ def _stats(kind: str, real_out: Tensor, fake_out: Tensor, loss: float) -> dict[s
             t = 0.5 * (real_mean + fake_mean) if real_out.numel() else fake_mean
         else:
             t = torch.zeros((), dtype=fake_out.dtype, device=fake_out.device)
-        return {"d_loss": float(loss),
-                "d_real_acc": float((real_out > t).float().mean()) if real_out.numel() else 0.0,
-                "d_fake_acc": float((fake_out < t).float().mean()),
-                "d_real_out": float(real_mean), "d_fake_out": float(fake_mean)}
+        stats = {"d_loss": float(loss),
+                 "d_real_acc": float((real_out > t).float().mean()) if real_out.numel() else 0.0,
+                 "d_fake_acc": float((fake_out < t).float().mean()),
+                 "d_real_out": float(real_mean), "d_fake_out": float(fake_mean)}
+        if neg_out is not None:
+            stats["d_neg_acc"] = float((neg_out < t).float().mean())
+        return stats
 
 
 def dp_discriminator_gradient(D: nn.Module, real: Tensor, fake: Tensor, kind: str, *, expected_batch: float,
                               noise_multiplier: float, max_grad_norm: float,
-                              noise_generator: torch.Generator | None = None) -> tuple[dict[str, Tensor],
-                                                                                        dict[str, float]]:
+                              noise_generator: torch.Generator | None = None,
+                              negatives: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
     """DP gradient of the discriminator objective: the private real term
     (:func:`private_real_gradient`) plus the ordinary gradient of the fake term (post-processing).
+
+    ``negatives`` (bce only under DP): public images that are not the client's, e.g. PrivacyGAN's
+    ``server-negatives``; their term :func:`models.losses.negative_loss` is added unclipped, like
+    the fake term (it reads no real record), and the stats then add ``d_neg_acc``.
 
     Returns ``({parameter name: gradient}, stats)`` with the keys of
     :func:`models.steps.discriminator_step` (``d_loss`` is the non-private objective value on
@@ -237,6 +247,11 @@ def dp_discriminator_gradient(D: nn.Module, real: Tensor, fake: Tensor, kind: st
     with torch.enable_grad():
         fake_out = D(fake.detach())
         f_loss = fake_term(kind, fake_out)
+        neg_out = None
+        if negatives is not None:
+            # --- public negative term: min_D negative_loss(D(negatives)), unclipped ---
+            neg_out = D(negatives.detach())
+            f_loss = f_loss + negative_loss(kind, neg_out)
         f_grads = torch.autograd.grad(f_loss, [p for _, p in named], allow_unused=True)
     for (k, p), g in zip(named, f_grads):
         if g is not None:
@@ -244,7 +259,8 @@ def dp_discriminator_gradient(D: nn.Module, real: Tensor, fake: Tensor, kind: st
     with torch.no_grad():
         real_out = D(real) if real.shape[0] > 0 else fake_out.new_zeros(0)
         r_loss = float(real_term(kind, real_out).mean()) if real_out.numel() else 0.0
-    return grads, _stats(kind, real_out, fake_out.detach(), r_loss + float(f_loss.detach()))
+    return grads, _stats(kind, real_out, fake_out.detach(), r_loss + float(f_loss.detach()),
+                         neg_out.detach() if neg_out is not None else None)
 
 
 def fill_dp_grad(D: nn.Module, real: Tensor, fake: Tensor, kind: str, **dp) -> dict[str, float]:
@@ -259,13 +275,15 @@ def fill_dp_grad(D: nn.Module, real: Tensor, fake: Tensor, kind: str, **dp) -> d
 
 def dp_discriminator_step(D: nn.Module, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor, kind: str, *,
                           expected_batch: float, noise_multiplier: float, max_grad_norm: float,
-                          noise_generator: torch.Generator | None = None, clip: float = WGAN_CLIP) -> dict[str, float]:
+                          noise_generator: torch.Generator | None = None, clip: float = WGAN_CLIP,
+                          negatives: Tensor | None = None) -> dict[str, float]:
     """The DP counterpart of :func:`models.steps.discriminator_step`: one optimizer update of
     ``D`` with the DP gradient (then, for ``wgan``, the usual weight clipping — post-processing).
-    Same stats dict: ``d_loss``, ``d_real_acc``, ``d_fake_acc``, ``d_real_out``, ``d_fake_out``."""
+    Same stats dict: ``d_loss``, ``d_real_acc``, ``d_fake_acc``, ``d_real_out``, ``d_fake_out``
+    (+ ``d_neg_acc`` with ``negatives``, see :func:`dp_discriminator_gradient`)."""
     opt.zero_grad(set_to_none=True)
     stats = fill_dp_grad(D, real, fake, kind, expected_batch=expected_batch, noise_multiplier=noise_multiplier,
-                         max_grad_norm=max_grad_norm, noise_generator=noise_generator)
+                         max_grad_norm=max_grad_norm, noise_generator=noise_generator, negatives=negatives)
     opt.step()
     if kind == "wgan":
         clip_weights(D, clip)

@@ -738,9 +738,11 @@ class ClientDP:
         self.account.step(self.sigma, self.q)
 
     def discriminator_step(self, D: nn.Module, opt: torch.optim.Optimizer, fake: torch.Tensor,
-                           kind: str) -> dict[str, float]:
-        """One DP-SGD step of ``D`` on a fresh Poisson batch and ``fake`` (counted)."""
-        stats = dp_discriminator_step(D, opt, self.real_batch(param_dtype(D)), fake, kind, **self._kw())
+                           kind: str, negatives: torch.Tensor | None = None) -> dict[str, float]:
+        """One DP-SGD step of ``D`` on a fresh Poisson batch and ``fake`` (counted); ``negatives``:
+        public images D learns to reject, an unclipped term like the fakes' (models.dp)."""
+        stats = dp_discriminator_step(D, opt, self.real_batch(param_dtype(D)), fake, kind, negatives=negatives,
+                                      **self._kw())
         self._count()
         return stats
 

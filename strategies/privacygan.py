@@ -280,8 +280,6 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     if reusable:
         reuse["d"] = c.D
     K, B = c.fakes.shape[0], c.fakes.shape[1]
-    if dp is not None and c.negatives is not None:
-        raise ValueError("server-negatives with dp: the DP step has no negative term (the run config refuses this)")
     private, stop = ClientDP.begin(dp, state, real_data, c.D, c.loss, batch_size=B, steps_more=K * c.disc_steps,
                                    seed=seed, partition_id=partition_id, device=device)
     if stop is not None:
@@ -289,11 +287,11 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
     for k in range(K):
         fake_k = c.fakes[k].to(device)
         for _ in range(c.disc_steps):
+            neg_k = c.negatives[k].to(device) if c.negatives is not None else None
             if private is not None:
-                stats = private.discriminator_step(c.D, c.opt, fake_k, c.loss)
+                stats = private.discriminator_step(c.D, c.opt, fake_k, c.loss, negatives=neg_k)
             else:
                 real = sample_real(B, c.gen).to(device)
-                neg_k = c.negatives[k].to(device) if c.negatives is not None else None
                 stats = discriminator_step(c.D, c.opt, real, fake_k, c.loss, negatives=neg_k)
             c.steps_total += 1
             c.acc.append(stats)

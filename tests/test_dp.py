@@ -122,6 +122,25 @@ def test_fake_term_is_added_unclipped():
         torch.testing.assert_close(grads[name], r, atol=1e-6, rtol=1e-6)
 
 
+def test_negative_term_is_added_unclipped_and_changes_nothing_private():
+    """server-negatives under DP: the gradient with negatives is the gradient without them plus
+    the autograd gradient of negative_loss on D(negatives) -- same real batch, same noise seed."""
+    D = mlp_d()
+    real, fake, neg = DATA[:5], torch.randn(6, DIM), torch.randn(7, DIM) * 3
+    kw = dict(expected_batch=5.0, noise_multiplier=0.8, max_grad_norm=0.5)
+    plain, s_plain = dp_discriminator_gradient(D, real, fake, "bce", noise_generator=torch.Generator().manual_seed(4),
+                                               **kw)
+    with_neg, s_neg = dp_discriminator_gradient(D, real, fake, "bce", negatives=neg,
+                                                noise_generator=torch.Generator().manual_seed(4), **kw)
+    ref = torch.autograd.grad(torch.nn.functional.softplus(D(neg)).mean(), list(D.parameters()))
+    for (name, _), r in zip(D.named_parameters(), ref):
+        torch.testing.assert_close(with_neg[name], plain[name] + r, atol=1e-6, rtol=1e-6)
+    assert "d_neg_acc" not in s_plain
+    with torch.no_grad():
+        assert s_neg["d_neg_acc"] == pytest.approx(float((D(neg) < 0).float().mean()))
+    assert s_neg["d_real_acc"] == s_plain["d_real_acc"] and s_neg["d_fake_acc"] == s_plain["d_fake_acc"]
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) accounting
 # ---------------------------------------------------------------------------------------------

@@ -453,16 +453,20 @@ def test_server_negatives_bytes_equal_hand_arithmetic_and_resume_draws_the_same_
     assert not torch.equal(strat.negatives(2, 1), strat.negatives(1, 1))
 
 
-def test_server_negatives_need_a_sampler_and_are_refused_with_dp():
+def test_server_negatives_need_a_sampler_and_go_through_the_dp_step_with_dp():
     G_T, D_T, _ = nets()
     with pytest.raises(ValueError, match="needs sample_negatives"):
         make_strategy(G_T, D_T, server_negatives=4)
     strat, _ = negatives_strategy()
     content, _ = strat.build_content(1, 1)
     from models.dp import DPConfig
-    with pytest.raises(ValueError, match="server-negatives with dp"):
-        client_discriminate(content, RecordDict(), sample_real=real_sampler(),
-                            build_discriminator=lambda: DCGANDiscriminator(C, SIDE, F, norm="layer"),
-                            disc_lr=1e-3, betas=(0.5, 0.999), device="cpu", seed=0, partition_id=0,
-                            dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5),
-                            real_data=torch.zeros(20, C, SIDE, SIDE))
+
+    def no_sampling(*_a, **_k):
+        raise AssertionError("the non-DP real-batch sampler was used with dp on")
+    reply = client_discriminate(content, RecordDict(), sample_real=no_sampling,
+                                build_discriminator=lambda: DCGANDiscriminator(C, SIDE, F, norm="layer"),
+                                disc_lr=1e-3, betas=(0.5, 0.999), device="cpu", seed=0, partition_id=0,
+                                dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5),
+                                real_data=torch.zeros(20, C, SIDE, SIDE))
+    metrics = reply.metric_records[wire.METRICS]
+    assert 0.0 <= metrics["d_neg_acc"] <= 1.0 and metrics["dp_epsilon"] > 0
