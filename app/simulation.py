@@ -346,8 +346,9 @@ class LocalFederation:
         # a caller that dies without closing (SIGKILL, a crash) must not leave the SuperLink, its
         # ServerApp and Ray running: a watchdog outside both stops them when the caller is gone
         self._watchdog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(os.getpid()),
-                                           str(proc.pid), str(self.ray_dir), str(self.gcs_port or 0)], cwd=str(PROJECT), stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                                           str(proc.pid), str(self.ray_dir), str(self.gcs_port or 0)],
+                                          cwd=str(PROJECT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if proc.poll() is not None:
