@@ -485,25 +485,19 @@ RAY_STOP_GRACE_S = 2.0
 
 
 def ray_cluster_processes(ray_dir: str, gcs_port: int | None) -> list[psutil.Process]:
-    """The processes of the Ray cluster whose files are under ``ray_dir`` and whose GCS listens
-    on ``gcs_port`` (None: unknown, the folder alone decides); this process excluded."""
-    procs = processes_naming(ray_dir)
-    if gcs_port is not None:
-        seen = {p.pid for p in procs}
-        procs += [p for p in processes_naming(f":{gcs_port}")
-                  if p.pid not in seen and _is_ray_client_server(p, gcs_port)]
-    return procs
-
-
-def _is_ray_client_server(p: psutil.Process, gcs_port: int) -> bool:
-    """Whether ``p`` is the Ray Client server of the cluster at ``gcs_port`` (``ray start`` starts
-    it detached; its command line has ``--address=<ip>:<gcs port>`` but not the cluster's folder)."""
-    try:
-        args = p.cmdline()
-    except psutil.Error:
-        return False
-    return "ray.util.client.server" in args and any(
-        a.startswith("--address=") and a.endswith(f":{gcs_port}") for a in args)
+    """The processes of the Ray cluster whose files are under ``ray_dir`` (their command lines
+    name it) and, when ``gcs_port`` is known, its Ray Client server, which ``ray start`` leaves
+    detached with only ``--address=<ip>:<gcs port>`` on its command line; this process excluded."""
+    server_arg = re.compile(rf"--address=\S+:{gcs_port}$") if gcs_port is not None else None
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        args = p.info.get("cmdline") or []
+        if p.pid == os.getpid():
+            continue
+        if ray_dir in " ".join(args) or (server_arg is not None and "ray.util.client.server" in args
+                                         and any(server_arg.match(a) for a in args)):
+            out.append(p)
+    return out
 
 
 def stop_process_tree(roots: list[psutil.Process], timeout: float = 10.0) -> None:

@@ -286,8 +286,8 @@ def client_discriminate(content: RecordDict, state: RecordDict, *,
         return stop
     for k in range(K):
         fake_k = c.fakes[k].to(device)
+        neg_k = c.negatives[k].to(device) if c.negatives is not None else None
         for _ in range(c.disc_steps):
-            neg_k = c.negatives[k].to(device) if c.negatives is not None else None
             if private is not None:
                 stats = private.discriminator_step(c.D, c.opt, fake_k, c.loss, negatives=neg_k)
             else:
