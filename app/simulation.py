@@ -468,15 +468,6 @@ def superlinks_on(port: str) -> list[psutil.Process]:
     return out
 
 
-def processes_naming(marker: str) -> list[psutil.Process]:
-    """Processes whose command line contains ``marker`` (this process excluded)."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid != os.getpid() and marker in " ".join(p.info.get("cmdline") or []):
-            out.append(p)
-    return out
-
-
 #: How long a federation's Ray daemons get to end after SIGTERM before SIGKILL: Ray 2.x's
 #: gcs_server and autoscaler monitor outlive a SIGTERM by more than 10 s (measured), and a
 #: throwaway cluster whose files are deleted next has nothing to save, so every script's exit
@@ -601,7 +592,7 @@ def summary_error(folder: Path | None) -> str | None:
 __all__ = ["LocalFederation", "stage_app", "SimulationResult", "SimulationError", "shared_federation", "close_shared",
            "shared_processes",
            "request_stop", "stop_request_path", "watch_stop_requests", "absolute_paths", "write_run_config",
-           "summary_error", "summary_status", "stop_process_tree", "processes_naming", "watchdog", "PATH_KEYS", "STOP_REQUESTS"]
+           "summary_error", "summary_status", "stop_process_tree", "watchdog", "PATH_KEYS", "STOP_REQUESTS"]
 
 def watchdog(caller: int, root: int, marker: str = "", gcs_port: int = 0, every: float = 0.5) -> None:
     """Wait until process ``caller`` is gone, then stop process ``root`` and everything under it,
