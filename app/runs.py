@@ -528,6 +528,7 @@ class RunFolder:
 QUALITY_PANELS = (
     ("eval", "fid", "FID vs test set (server)"),
     ("client_eval", "fid", "FID vs own data (on each client)"),
+    ("client_eval", "own_share", "own-class share (fakes labelled as the client's classes)"),
     ("eval", "kid", "KID vs test set (server)"),
     ("client_eval", "tv_own", "TV(fake labels, own labels)"),
     ("client_eval", "tv_global", "TV(fake labels, global labels)"),

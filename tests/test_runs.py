@@ -311,7 +311,7 @@ def test_progress_long_runs_and_custom_label(capsys):
 
 
 def test_quality_plot_has_one_line_per_set_and_client_and_names_the_extractor(tmp_path):
-    from app.runs import quality_series
+    from app.runs import QUALITY_PANELS, quality_series
 
     folder = RunFolder.create(tmp_path, "privacygan", "digits", {})
     assert folder.plot_quality() is None                    # never evaluated: no plot
@@ -319,12 +319,17 @@ def test_quality_plot_has_one_line_per_set_and_client_and_names_the_extractor(tm
         folder.log_metrics({"round": rnd, "g_loss": 1.0,
                             "eval": {"teacher": {"fid": fid, "extractor": "classifier", "num_samples": 500},
                                      "client 0": {"fid": fid + 1, "extractor": "classifier", "num_samples": 500}},
-                            "client_eval": {"client 0": {"fid": fid / 2, "tv_own": 0.1, "num_fake": 500}}})
+                            "client_eval": {"client 0": {"fid": fid / 2, "tv_own": 0.1, "own_share": fid / 100,
+                                                         "num_fake": 500}}})
     series, note = quality_series(folder.read_jsonl("metrics.jsonl"), "eval", "fid")
     assert series == {"teacher": [(1, 30.0), (2, 20.0)], "client 0": [(1, 31.0), (2, 21.0)]}
     assert note == "classifier features, 500 samples"
     assert quality_series(folder.read_jsonl("metrics.jsonl"), "client_eval", "tv_own")[0] == {
         "client 0": [(1, 0.1), (2, 0.1)]}
+    # the own-class share each client reports (issue #17: how it grows with training steps) is a panel
+    assert ("client_eval", "own_share") in [(group, key) for group, key, _ in QUALITY_PANELS]
+    assert quality_series(folder.read_jsonl("metrics.jsonl"), "client_eval", "own_share")[0] == {
+        "client 0": [(1, 0.3), (2, 0.2)]}
     path = folder.plot_quality()
     assert path == folder.path / "quality.png" and path.stat().st_size > 10_000
 
