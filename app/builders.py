@@ -58,7 +58,8 @@ def dp_settings(cfg: Config) -> DPConfig | None:
     if not cfg.dp:
         return None
     return DPConfig(noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_max_grad_norm,
-                    delta=cfg.dp_delta, target_epsilon=cfg.dp_target_epsilon, planned_steps=cfg.dp_planned_steps())
+                    delta=cfg.dp_delta, target_epsilon=cfg.dp_target_epsilon, planned_steps=cfg.dp_planned_steps(),
+                    clip_public=cfg.dp_clip_fakes)
 
 
 def optimizer_for(cfg: Config, module: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -155,6 +155,7 @@ class Config:
     dp_max_grad_norm: float = 1.0       # C, per-example L2 clipping bound over all of D's parameters
     dp_delta: float = 1e-5              # delta of the reported (epsilon, delta); must be < 1/n per client
     dp_target_epsilon: float = 0.0      # > 0: sigma derived per client for the planned steps; stop at it
+    dp_clip_fakes: bool = False         # clip each fake's / negative's D gradient to C too (no noise, free)
     # --- the curious-server audit (simulations/privacy_audit.py, docs/PRIVACY.md) ---------------
     audit_probe: int = 0                # > 0 (PrivacyGAN): after training, probe each D_i with this many members
     audit_seed: int = 0                 # and as many non-members, drawn with this seed; audit_probe.pt

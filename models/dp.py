@@ -15,9 +15,12 @@ and only the real term touches private data. DP-SGD (Abadi et al., 2016) on that
 3. clipping: g_i <- g_i * min(1, C / ||g_i||_2);
 4. sum, add Gaussian noise N(0, sigma^2 C^2) per coordinate, divide by the *expected* batch
    size q*n (the standard estimator under Poisson sampling);
-5. add the ordinary, unclipped gradient of the fake term (mean over the fakes) and, with
-   PrivacyGAN's ``server-negatives``, of the negative term (the server's own images with target
-   "fake", :func:`models.losses.negative_loss`).
+5. add the gradient of the fake term (mean over the fakes) and, with PrivacyGAN's
+   ``server-negatives``, of the negative term (the server's own images with target "fake",
+   :func:`models.losses.negative_loss`): ordinary and unclipped by default; with
+   ``clip_public`` (run config ``dp-clip-fakes``) each fake's and negative's own gradient is
+   clipped to the same bound C too — no noise and not counted, only so that the public terms
+   pull on D at the scale of the clipped real term (:func:`public_gradient`).
 
 Step 5 depends only on the current D (itself the output of earlier private steps) and on
 inputs the server chose or a generator produced, never on a real record, so the whole step
@@ -76,6 +79,7 @@ class DPConfig:
     delta: float = 1e-5
     target_epsilon: float = 0.0
     planned_steps: int = 0
+    clip_public: bool = False   # clip the fakes' (and negatives') per-example gradients to C as well
 
 
 # ---------------------------------------------------------------------------
@@ -142,17 +146,20 @@ def _trainable(D: nn.Module) -> dict[str, Tensor]:
     return {k: p.detach() for k, p in D.named_parameters() if p.requires_grad}
 
 
-def per_example_grads(D: nn.Module, real: Tensor, kind: str) -> dict[str, Tensor]:
-    """{parameter name: (B, *shape)} gradients of ``real_term(kind, D(x_i))`` per example,
-    by ``torch.func`` (each example through D alone; D's buffers are read, not updated)."""
+def per_example_grads(D: nn.Module, real: Tensor, kind: str,
+                      term: Callable[[str, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """{parameter name: (B, *shape)} gradients of ``term(kind, D(x_i))`` per example (default
+    :func:`real_term`), by ``torch.func`` (each example through D alone; D's buffers are read,
+    not updated)."""
     check_dp_loss(kind)
     check_dp_module(D)
+    term = real_term if term is None else term
     params = _trainable(D)
     buffers = {k: b.detach() for k, b in D.named_buffers()}
 
     def loss_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
         out = functional_call(D, (p, buffers), (x.unsqueeze(0),))
-        return real_term(kind, out).sum()
+        return term(kind, out).sum()
 
     return vmap(grad(loss_one), in_dims=(None, 0), randomness="different")(params, real)
 
@@ -201,6 +208,17 @@ def private_real_gradient(D: nn.Module, real: Tensor, kind: str, *, expected_bat
     return out
 
 
+def public_gradient(D: nn.Module, images: Tensor, kind: str, term: Callable[[str, Tensor], Tensor],
+                    max_grad_norm: float) -> dict[str, Tensor]:
+    """The mean over ``images`` of each image's gradient of ``term(kind, D(image))`` clipped to
+    L2 norm ``max_grad_norm`` — the public terms' counterpart of the real term's clipping, with
+    no noise: the images are fakes or the server's own, so nothing here is counted. Without it a
+    fake's gradient may be many times C while every real record's is at most C, and D learns
+    "everything is fake" (``d_real_acc`` 0, docs/PRIVACY.md "Clipped fakes")."""
+    clipped, _ = clip_per_example(per_example_grads(D, images.detach(), kind, term), max_grad_norm)
+    return {k: g.mean(0) for k, g in clipped.items()}
+
+
 # ---------------------------------------------------------------------------
 # The DP discriminator gradient / step
 # ---------------------------------------------------------------------------
@@ -227,13 +245,18 @@ def _stats(kind: str, real_out: Tensor, fake_out: Tensor, loss: float,
 def dp_discriminator_gradient(D: nn.Module, real: Tensor, fake: Tensor, kind: str, *, expected_batch: float,
                               noise_multiplier: float, max_grad_norm: float,
                               noise_generator: torch.Generator | None = None,
-                              negatives: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+                              negatives: Tensor | None = None,
+                              clip_public: bool = False) -> tuple[dict[str, Tensor], dict[str, float]]:
     """DP gradient of the discriminator objective: the private real term
-    (:func:`private_real_gradient`) plus the ordinary gradient of the fake term (post-processing).
+    (:func:`private_real_gradient`) plus the gradient of the fake term (post-processing).
 
     ``negatives`` (bce only under DP): public images that are not the client's, e.g. PrivacyGAN's
-    ``server-negatives``; their term :func:`models.losses.negative_loss` is added unclipped, like
-    the fake term (it reads no real record), and the stats then add ``d_neg_acc``.
+    ``server-negatives``; their term :func:`models.losses.negative_loss` is added like the fake
+    term (it reads no real record), and the stats then add ``d_neg_acc``.
+
+    ``clip_public``: the fake (and negative) term's gradient is the mean of per-image gradients
+    each clipped to ``max_grad_norm`` (:func:`public_gradient`) instead of the plain mean — the
+    same objective's gradient on the real term's scale; still no noise and not counted.
 
     Returns ``({parameter name: gradient}, stats)`` with the keys of
     :func:`models.steps.discriminator_step` (``d_loss`` is the non-private objective value on
@@ -244,14 +267,21 @@ def dp_discriminator_gradient(D: nn.Module, real: Tensor, fake: Tensor, kind: st
     grads = private_real_gradient(D, real, kind, expected_batch=expected_batch, noise_multiplier=noise_multiplier,
                                   max_grad_norm=max_grad_norm, noise_generator=noise_generator)
     named = [(k, p) for k, p in D.named_parameters() if p.requires_grad]
-    with torch.enable_grad():
+    with torch.set_grad_enabled(not clip_public):
         fake_out = D(fake.detach())
         f_loss = fake_term(kind, fake_out)
         neg_out = None
         if negatives is not None:
-            # --- public negative term: min_D negative_loss(D(negatives)), unclipped ---
+            # --- public negative term: min_D negative_loss(D(negatives)) ---
             neg_out = D(negatives.detach())
             f_loss = f_loss + negative_loss(kind, neg_out)
+    if clip_public:
+        # --- public terms, each image's gradient clipped to C like a real record's (no noise) ---
+        public = [public_gradient(D, fake, kind, fake_term, max_grad_norm)]
+        if negatives is not None:
+            public.append(public_gradient(D, negatives, kind, negative_loss, max_grad_norm))
+        f_grads = [sum(part[k] for part in public) if k in public[0] else None for k, _ in named]
+    else:
         f_grads = torch.autograd.grad(f_loss, [p for _, p in named], allow_unused=True)
     for (k, p), g in zip(named, f_grads):
         if g is not None:
@@ -276,14 +306,15 @@ def fill_dp_grad(D: nn.Module, real: Tensor, fake: Tensor, kind: str, **dp) -> d
 def dp_discriminator_step(D: nn.Module, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor, kind: str, *,
                           expected_batch: float, noise_multiplier: float, max_grad_norm: float,
                           noise_generator: torch.Generator | None = None, clip: float = WGAN_CLIP,
-                          negatives: Tensor | None = None) -> dict[str, float]:
+                          negatives: Tensor | None = None, clip_public: bool = False) -> dict[str, float]:
     """The DP counterpart of :func:`models.steps.discriminator_step`: one optimizer update of
     ``D`` with the DP gradient (then, for ``wgan``, the usual weight clipping — post-processing).
     Same stats dict: ``d_loss``, ``d_real_acc``, ``d_fake_acc``, ``d_real_out``, ``d_fake_out``
     (+ ``d_neg_acc`` with ``negatives``, see :func:`dp_discriminator_gradient`)."""
     opt.zero_grad(set_to_none=True)
     stats = fill_dp_grad(D, real, fake, kind, expected_batch=expected_batch, noise_multiplier=noise_multiplier,
-                         max_grad_norm=max_grad_norm, noise_generator=noise_generator, negatives=negatives)
+                         max_grad_norm=max_grad_norm, noise_generator=noise_generator, negatives=negatives,
+                         clip_public=clip_public)
     opt.step()
     if kind == "wgan":
         clip_weights(D, clip)
@@ -295,7 +326,7 @@ def dp_train_gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, 
                       expected_batch: float, noise_multiplier: float, max_grad_norm: float,
                       generator: torch.Generator | None = None,
                       noise_generator: torch.Generator | None = None,
-                      on_d_step: Callable[[], None] | None = None) -> dict[str, float]:
+                      on_d_step: Callable[[], None] | None = None, clip_public: bool = False) -> dict[str, float]:
     """The DP counterpart of :func:`models.steps.train_gan_step`: ``d_steps`` DP discriminator
     steps, each on a fresh Poisson batch from ``draw_real()`` and ``batch_size`` fakes
     (``on_d_step`` is called after each, e.g. to step the accountant), then one ordinary
@@ -311,7 +342,7 @@ def dp_train_gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, 
             fake = G(z)
         stats = dp_discriminator_step(D, opt_d, real, fake, kind, expected_batch=expected_batch,
                                       noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                      noise_generator=noise_generator)
+                                      noise_generator=noise_generator, clip_public=clip_public)
         if on_d_step is not None:
             on_d_step()
         for key, value in stats.items():
@@ -420,5 +451,5 @@ class DPAccount:
 
 __all__ = ["DPConfig", "DPAccount", "DP_LOSSES", "MAX_NOISE_MULTIPLIER", "check_dp_loss", "check_dp_module",
            "sample_rate", "poisson_sample", "real_term", "fake_term", "per_example_grads", "clip_per_example",
-           "private_real_gradient", "dp_discriminator_gradient", "fill_dp_grad", "dp_discriminator_step",
+           "private_real_gradient", "public_gradient", "dp_discriminator_gradient", "fill_dp_grad", "dp_discriminator_step",
            "dp_train_gan_step"]

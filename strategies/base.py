@@ -732,7 +732,8 @@ class ClientDP:
 
     def _kw(self) -> dict:
         return {"expected_batch": self.q * self.n, "noise_multiplier": self.sigma,
-                "max_grad_norm": self.cfg.max_grad_norm, "noise_generator": self.noise_gen}
+                "max_grad_norm": self.cfg.max_grad_norm, "noise_generator": self.noise_gen,
+                "clip_public": self.cfg.clip_public}
 
     def _count(self) -> None:
         self.account.step(self.sigma, self.q)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from app.builders import make_discriminator
+from app.builders import dp_settings, make_discriminator
 from app.config import ConfigError, check_dp_data, parse_config
 from models import MLPDiscriminator, MLPGenerator
 from models.dcgan import DCGANDiscriminator
@@ -139,6 +139,72 @@ def test_negative_term_is_added_unclipped_and_changes_nothing_private():
     with torch.no_grad():
         assert s_neg["d_neg_acc"] == pytest.approx(float((D(neg) < 0).float().mean()))
     assert s_neg["d_real_acc"] == s_plain["d_real_acc"] and s_neg["d_fake_acc"] == s_plain["d_fake_acc"]
+
+
+def _clipped_mean_of_single_image_grads(D, images, loss_of_out, C):
+    """Reference for dp-clip-fakes: one autograd pass per image, each gradient scaled to norm
+    <= C by hand, then the mean (and how many of them were clipped)."""
+    params = list(D.parameters())
+    total, clipped = [torch.zeros_like(p) for p in params], 0
+    for x in images:
+        g = torch.autograd.grad(loss_of_out(D(x.unsqueeze(0))).sum(), params)
+        norm = float(torch.sqrt(sum(t.pow(2).sum() for t in g)))
+        scale = min(1.0, C / norm)
+        clipped += scale < 1.0
+        total = [a + t * scale for a, t in zip(total, g)]
+    return [t / len(images) for t in total], clipped
+
+
+def test_clip_fakes_clips_each_public_image_like_a_record_and_adds_no_noise():
+    """dp-clip-fakes: the DP gradient is the same private real term (same batch, same noise seed)
+    plus the mean of the fakes' and the negatives' per-image gradients, each clipped to C."""
+    D = mlp_d()
+    real, fake, neg = DATA[:5], torch.randn(9, DIM) * 5, torch.randn(7, DIM) * 3
+    C = 0.3
+    kw = dict(expected_batch=5.0, noise_multiplier=0.8, max_grad_norm=C)
+    got, s_got = dp_discriminator_gradient(D, real, fake, "bce", negatives=neg, clip_public=True,
+                                           noise_generator=torch.Generator().manual_seed(4), **kw)
+    private = private_real_gradient(D, real, "bce", noise_generator=torch.Generator().manual_seed(4), **kw)
+    softplus = torch.nn.functional.softplus
+    ref_fake, n_fake = _clipped_mean_of_single_image_grads(D, fake, softplus, C)
+    ref_neg, n_neg = _clipped_mean_of_single_image_grads(D, neg, softplus, C)
+    assert n_fake > 0 and n_neg > 0                 # the bound bites on some of them
+    for (name, _), f, n in zip(D.named_parameters(), ref_fake, ref_neg):
+        torch.testing.assert_close(got[name], private[name] + f + n, atol=1e-6, rtol=1e-5)
+    _, s_plain = dp_discriminator_gradient(D, real, fake, "bce", negatives=neg,
+                                           noise_generator=torch.Generator().manual_seed(4), **kw)
+    assert s_got == s_plain                         # same forward statistics either way
+
+
+def test_clip_fakes_reaches_every_dp_step_of_a_client(monkeypatch):
+    """run config dp-clip-fakes -> DPConfig.clip_public -> each DP step a client takes."""
+    assert dp_settings(parse_config({"dp": True, "dp-clip-fakes": True})).clip_public is True
+    assert dp_settings(parse_config({"dp": True})).clip_public is False
+    seen = []
+    real_step, real_train = base.dp_discriminator_step, base.dp_train_gan_step
+
+    def step(*a, **k):
+        seen.append(("step", k["clip_public"]))
+        return real_step(*a, **k)
+
+    def train(*a, **k):
+        seen.append(("train", k["clip_public"]))
+        return real_train(*a, **k)
+    monkeypatch.setattr(base, "dp_discriminator_step", step)
+    monkeypatch.setattr(base, "dp_train_gan_step", train)
+    dp = DPConfig(noise_multiplier=1.3, max_grad_norm=1.0, delta=1e-3, clip_public=True)
+    K, B = 2, 8
+    content = RecordDict({
+        wire.FAKES: wire.tensor_record(**{wire.FAKES: wire.encode_fakes(torch.randn(K, B, DIM), "float32")}),
+        wire.CONFIG: ConfigRecord({"round": 1, "loss": "bce", "fakes-dtype": "float32", "feedback-dtype": "float32",
+                                   "client-disc-steps": 1})})
+    privacygan.client_discriminate(content, RecordDict(), sample_real=_no_sampling, build_discriminator=mlp_d,
+                                   disc_lr=1e-3, betas=(0.5, 0.999), device="cpu", seed=0, partition_id=0, dp=dp,
+                                   real_data=DATA)
+    ls = local.Local(local.LocalSettings(latent_dim=NZ, batch_size=B, local_steps=1), recorder=NullRecorder())
+    local.client_alone(ls.train_content(1), RecordDict(), sample_real=_no_sampling, build_generator=mlp_g,
+                       build_discriminator=mlp_d, device="cpu", seed=0, partition_id=0, dp=dp, real_data=DATA)
+    assert seen == [("step", True)] * K + [("train", True)]
 
 
 # ---------------------------------------------------------------------------------------------
