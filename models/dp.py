@@ -213,8 +213,9 @@ def public_gradient(D: nn.Module, images: Tensor, kind: str, term: Callable[[str
     """The mean over ``images`` of each image's gradient of ``term(kind, D(image))`` clipped to
     L2 norm ``max_grad_norm`` — the public terms' counterpart of the real term's clipping, with
     no noise: the images are fakes or the server's own, so nothing here is counted. Without it a
-    fake's gradient may be many times C while every real record's is at most C, and D learns
-    "everything is fake" (``d_real_acc`` 0, docs/PRIVACY.md "Clipped fakes")."""
+    fake's gradient is not bounded by C while every real record's is, and under DP's noise D
+    settles on "everything is fake" (``d_real_acc`` 0; docs/PRIVACY.md "Clipped fakes and a
+    faster D_i", which also shows that the students' gain comes from ``client-disc-lr``)."""
     clipped, _ = clip_per_example(per_example_grads(D, images.detach(), kind, term), max_grad_norm)
     return {k: g.mean(0) for k, g in clipped.items()}
 
