@@ -281,7 +281,7 @@ def dp_discriminator_gradient(D: nn.Module, real: Tensor, fake: Tensor, kind: st
         public = [public_gradient(D, fake, kind, fake_term, max_grad_norm)]
         if negatives is not None:
             public.append(public_gradient(D, negatives, kind, negative_loss, max_grad_norm))
-        f_grads = [sum(part[k] for part in public) if k in public[0] else None for k, _ in named]
+        f_grads = [sum(part[k] for part in public) for k, _ in named]   # same keys: D's trainable parameters
     else:
         f_grads = torch.autograd.grad(f_loss, [p for _, p in named], allow_unused=True)
     for (k, p), g in zip(named, f_grads):
