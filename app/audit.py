@@ -18,7 +18,10 @@ Convention: a higher score means "more likely a member" (a record the client tra
 * :func:`learned_attack_scores` -- a black-box learned attack on samples in the spirit of LOGAN
   (Hayes et al., 2019): a classifier trained to tell a generator's samples from reference images
   of the same kind scores each candidate; images the generator memorised look like its samples;
-* :func:`own_class_share` -- the share of generated samples labelled as one of a client's classes.
+* :func:`own_class_share` -- the share of generated samples labelled as one of a client's classes;
+* :func:`chance_tpr_pmf`, :func:`chance_tpr` -- what TPR at a low FPR an attack *at chance* reads
+  with a given number of members and non-members (with ~100 of each, 1 % FPR admits one false
+  positive, so a scorer that knows nothing still reads 1-2 % on average and more on some clients).
 """
 
 from __future__ import annotations
@@ -53,6 +56,52 @@ def bootstrap_auc(members: np.ndarray, nonmembers: np.ndarray, *, resamples: int
         aucs[r] = roc_auc_score(labels, np.r_[m, n])
     lo, hi = np.percentile(aucs, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def chance_tpr_pmf(members: int, nonmembers: int, fpr: float) -> np.ndarray:
+    """P(TPR at ``fpr`` = x / ``members``), x = 0..members, for scores that carry no information
+    (every order of members and non-members equally likely, no ties), as :func:`tpr_at_fpr`
+    reads it.
+
+    At most j = floor(fpr * nonmembers) false positives fit, so the TPR counts the members ranked
+    above the (j + 1)-th highest non-member: a negative hypergeometric count,
+    P(X = x) = C(x + j, x) C(members - x + nonmembers - j - 1, members - x) / C(members + nonmembers, members),
+    mean (j + 1) members / (nonmembers + 1)."""
+    if members < 1 or nonmembers < 1:
+        raise ValueError(f"chance TPR needs members and non-members, got {members} and {nonmembers}")
+    k = math.floor(fpr * nonmembers + 1e-9) + 1          # the k-th highest non-member bounds the threshold
+    pmf = np.zeros(members + 1)
+    if k > nonmembers:                                   # every non-member may be a false positive
+        pmf[members] = 1.0
+        return pmf
+    total = math.comb(members + nonmembers, members)
+    for x in range(members + 1):
+        pmf[x] = math.comb(x + k - 1, x) * math.comb(members - x + nonmembers - k, members - x) / total
+    return pmf
+
+
+def chance_tpr(counts, fpr: float = 0.01, q: float = 0.95) -> dict:
+    """TPR at ``fpr`` of an attack at chance, for clients with ``counts`` = [(members, non-members)]:
+    the mean over clients of each one's expected TPR (compare a per-run mean), each client's
+    ``q``-quantile, and the ``q``-quantile of the largest over the clients (compare the worst client:
+    a worst client above it is unlikely at chance)."""
+    counts = [(int(m), int(n)) for m, n in counts]
+    if not counts:
+        raise ValueError("chance TPR needs at least one client")
+    pmfs = [chance_tpr_pmf(m, n, fpr) for m, n in counts]
+    grid = np.unique(np.concatenate([np.arange(m + 1) / m for m, _ in counts]))   # every TPR a client can read
+    # P(TPR <= t) for each client at each t of the grid; the largest over independent clients is
+    # <= t when every client is
+    per_client = [np.cumsum(pmf)[np.floor(grid * m + 1e-9).astype(int).clip(max=m)]
+                  for pmf, (m, _) in zip(pmfs, counts)]
+    worst = np.prod(per_client, axis=0)
+
+    def quantile(cdf):
+        return float(grid[np.argmax(cdf >= q - 1e-12)])
+
+    means = [float(np.arange(m + 1) @ pmf / m) for pmf, (m, _) in zip(pmfs, counts)]
+    return {"fpr": fpr, "q": q, "mean": float(np.mean(means)), "client_quantile": [quantile(c) for c in per_client],
+            "max_quantile": quantile(worst)}
 
 
 def attack_report(member_scores, nonmember_scores, *, resamples: int = 1000, seed: int = 0) -> dict:
@@ -162,4 +211,4 @@ def own_class_share(histogram, classes) -> float:
 
 
 __all__ = ["tpr_at_fpr", "bootstrap_auc", "attack_report", "roc_points", "dcr_scores", "probe_batches",
-           "discriminator_scores", "learned_attack_scores", "own_class_share"]
+           "discriminator_scores", "learned_attack_scores", "own_class_share", "chance_tpr_pmf", "chance_tpr"]

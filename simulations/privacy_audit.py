@@ -56,8 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from app.audit import (attack_report, dcr_scores, discriminator_scores, learned_attack_scores,  # noqa: E402
-                       own_class_share, roc_points)
+from app.audit import (attack_report, chance_tpr, dcr_scores, discriminator_scores,  # noqa: E402
+                       learned_attack_scores, own_class_share, roc_points)
 from app.config import Config, ConfigError  # noqa: E402
 from app.data import client_dataset, partition_summary  # noqa: E402
 from app.generators import load_generator  # noqa: E402
@@ -299,6 +299,7 @@ def run_cell(args, clients: int, cell: dict, share, images, evaluator: list, rep
                                       "client_images": sizes[pid], "epsilon": spent.get(pid), **u})
     for (attack, pid), (mem, non) in attacks.items():
         rep = attack_report(mem, non, resamples=args.bootstrap, seed=args.seed_attack)
+        rep["tpr_at_1pct_fpr_chance"] = chance_tpr([(rep["members"], rep["nonmembers"])], 0.01)["mean"]
         report["results"].append({"cell": index, "strategy": strategy, "attack": attack, "client": pid,
                                   "epsilon_target": eps, "epsilon": spent.get(pid), "client_images": sizes[pid],
                                   "probed_after_round": cfg.num_rounds, "run": str(run),
@@ -340,7 +341,10 @@ def _eps(target: float, spent: float | None) -> str:
 def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> str:
     """One row per (client size, strategy, epsilon): means over clients (the worst client's TPR and
     own-class share in brackets). "D attack": PrivacyGAN's probe (D_i's labels) or, for the
-    servers that hold the global D, that D's scores; DCR and learned: the sample attacks."""
+    servers that hold the global D, that D's scores; DCR and learned: the sample attacks. "At
+    chance": the TPR at 1 % FPR a scorer that knows nothing reads with the same candidate counts
+    (its mean over the clients, and the 95th percentile of the largest over them), the yardstick
+    for the two numbers before it (app/audit.py, chance_tpr)."""
     def mean(xs):
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
@@ -349,14 +353,16 @@ def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> s
         return "–" if x is None else format(x, spec)
 
     lines = ["| client images | strategy | ε target (max spent) | D attack AUC | D attack TPR@1%FPR mean (max) | "
-             "DCR AUC | learned AUC | own-class share (min) | FID own |", "|---|---|---|---|---|---|---|---|---|"]
+             "at chance: mean (max, 95 %) | DCR AUC | learned AUC | own-class share (min) | FID own |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if "error" in c:
             lines.append(f"| – | {c['strategy']} | {_eps(c['epsilon_target'], None)} | FAILED: {c['error'][:80]} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         rows = [r for r in results if r["cell"] == c["cell"]]
         probe = [r for r in rows if r["attack"] in ("probe (labels)", "D weights")]
+        chance = chance_tpr([(r["members"], r["nonmembers"]) for r in probe], 0.01) if probe else None
         dcr = [r for r in rows if r["attack"].startswith("samples (DCR")]
         learned = [r for r in rows if r["attack"].startswith("samples (learned")]
         util = [u for u in utility if u["cell"] == c["cell"]]
@@ -367,6 +373,7 @@ def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> s
                      f"{fmt(mean([r['auc'] for r in probe]))} | "
                      f"{fmt(mean([r['tpr_at_1pct_fpr'] for r in probe]))} "
                      f"({fmt(max([r['tpr_at_1pct_fpr'] for r in probe], default=None))}) | "
+                     f"{fmt(chance and chance['mean'])} ({fmt(chance and chance['max_quantile'])}) | "
                      f"{fmt(mean([r['auc'] for r in dcr]))} | {fmt(mean([r['auc'] for r in learned]))} | "
                      f"{fmt(mean(shares), '.2f')} ({fmt(min(shares, default=None), '.2f')}) | "
                      f"{fmt(mean([u.get('fid_own') for u in util]), '.1f')} |")

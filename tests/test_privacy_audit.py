@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.audit import (attack_report, bootstrap_auc, dcr_scores, discriminator_scores, learned_attack_scores,
-                       own_class_share, probe_batches, tpr_at_fpr)
+from app.audit import (attack_report, bootstrap_auc, chance_tpr, chance_tpr_pmf, dcr_scores, discriminator_scores,
+                       learned_attack_scores, own_class_share, probe_batches, tpr_at_fpr)
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,62 @@ def test_tpr_at_fpr_on_a_hand_made_roc():
     assert tpr_at_fpr(labels, scores, 0.001) == pytest.approx(0.30)
     assert tpr_at_fpr(labels, scores, 0.49) == pytest.approx(1.0)    # threshold 50.5: 49 non-members above
     assert tpr_at_fpr(labels, scores, 0.48) == pytest.approx(0.30)
+
+
+def test_chance_tpr_enumerated_by_hand():
+    # 2 members, 2 non-members, FPR 0 (no false positive fits): the members above the highest
+    # non-member, over the 6 equally likely orders MMNN MNMN MNNM NMMN NMNM NNMM -> 2 1 1 0 0 0
+    assert chance_tpr_pmf(2, 2, 0.0) == pytest.approx([3 / 6, 2 / 6, 1 / 6])
+    # FPR 0.5 admits one of the two non-members: the members above the second one, by order:
+    # MMNN 2, MNMN 2, MNNM 1, NMMN 2, NMNM 1, NNMM 0
+    assert chance_tpr_pmf(2, 2, 0.5) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert chance_tpr_pmf(3, 1, 1.0).tolist() == [0, 0, 0, 1]          # every non-member may be above
+    # the largest of two such clients: P(max <= t) = F(t)^2 = 1/4, 25/36, 1 at TPR 0, 1/2, 1
+    two = chance_tpr([(2, 2), (2, 2)], fpr=0.0, q=0.5)
+    assert two["max_quantile"] == 0.5 and two["client_quantile"] == [0.0, 0.0]   # one client: F(0) = 1/2
+    assert chance_tpr([(2, 2), (2, 2)], fpr=0.0, q=0.25)["max_quantile"] == 0.0
+    assert chance_tpr([(2, 2), (2, 2)], fpr=0.0, q=0.7)["max_quantile"] == 1.0
+    assert two["mean"] == pytest.approx((2 / 6 * 0.5 + 1 / 6 * 1.0))   # = 1 / 3 = k / (n + 1), k = 1
+    # clients of different sizes: (1, 1) reads 0 or 1 with 1/2 each; P(max <= t) = 1/4, 5/12, 1 at 0, 1/2, 1
+    assert chance_tpr([(2, 2), (1, 1)], fpr=0.0, q=0.4)["max_quantile"] == 0.5
+    assert chance_tpr([(2, 2), (1, 1)], fpr=0.0, q=0.42)["max_quantile"] == 1.0
+    with pytest.raises(ValueError):
+        chance_tpr_pmf(0, 5, 0.01)
+
+
+@pytest.mark.parametrize("members,nonmembers", [(100, 100), (144, 144), (60, 250)])
+def test_chance_tpr_matches_random_scores_read_by_tpr_at_fpr(members, nonmembers):
+    """The closed form is what :func:`tpr_at_fpr` reads off scores that carry no information: the
+    mean (j + 1) / (n + 1) with j = floor(0.01 n) false positives allowed, and the whole
+    distribution, against 4,000 random draws."""
+    pmf = chance_tpr_pmf(members, nonmembers, 0.01)
+    assert pmf.sum() == pytest.approx(1.0)
+    k = int(0.01 * nonmembers) + 1
+    assert chance_tpr([(members, nonmembers)])["mean"] == pytest.approx(k / (nonmembers + 1))
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(members), np.zeros(nonmembers)]
+    draws = np.array([tpr_at_fpr(labels, rng.random(members + nonmembers), 0.01) for _ in range(4000)])
+    counts = np.bincount(np.rint(draws * members).astype(int), minlength=members + 1)
+    assert np.abs(counts / 4000 - pmf).max() < 0.03                       # each probability, sd <= 0.008
+    q = chance_tpr([(members, nonmembers)] * 5)
+    assert q["max_quantile"] > q["client_quantile"][0] > q["mean"] > 0
+    assert np.mean(draws <= q["client_quantile"][0]) >= 0.95 - 0.02        # the quantile of one client
+    worst = draws.reshape(800, 5).max(axis=1)                               # ... and of the worst of five
+    assert np.mean(worst <= q["max_quantile"]) >= 0.95 - 0.03
+    assert np.mean(worst < q["max_quantile"]) < 0.95
+
+
+def test_the_grid_puts_the_chance_level_next_to_the_probe_tpr():
+    from simulations.privacy_audit import grid_table
+
+    cells = [{"cell": 0, "strategy": "privacygan", "epsilon_target": 10.0, "epsilon_spent_max": 9.99,
+              "client_images": [100, 100]}]
+    results = [{"cell": 0, "attack": "probe (labels)", "auc": 0.5, "tpr_at_1pct_fpr": t, "members": 100,
+                "nonmembers": 100} for t in (0.01, 0.03)]
+    row = grid_table(cells, results, []).splitlines()[2]
+    chance = chance_tpr([(100, 100), (100, 100)])
+    assert f"| 0.020 (0.030) | {chance['mean']:.3f} ({chance['max_quantile']:.3f}) |" in row
+    assert f"{chance['mean']:.3f}" == "0.020"                              # 2 / 101: one false positive fits
 
 
 def test_bootstrap_is_seeded():
