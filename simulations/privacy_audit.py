@@ -341,10 +341,10 @@ def _eps(target: float, spent: float | None) -> str:
 def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> str:
     """One row per (client size, strategy, epsilon): means over clients (the worst client's TPR and
     own-class share in brackets). "D attack": PrivacyGAN's probe (D_i's labels) or, for the
-    servers that hold the global D, that D's scores; DCR and learned: the sample attacks. "At
-    chance": the TPR at 1 % FPR a scorer that knows nothing reads with the same candidate counts
-    (its mean over the clients, and the 95th percentile of the largest over them), the yardstick
-    for the two numbers before it (app/audit.py, chance_tpr)."""
+    servers that hold the global D, that D's scores; DCR and learned: the sample attacks. "95 % at
+    chance": the 95th percentiles of the mean over the clients and of the largest of the TPRs at
+    1 % FPR that a scorer knowing nothing reads with the same candidate counts, the yardstick for
+    the two numbers before it (app/audit.py, chance_tpr)."""
     def mean(xs):
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
@@ -353,7 +353,7 @@ def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> s
         return "–" if x is None else format(x, spec)
 
     lines = ["| client images | strategy | ε target (max spent) | D attack AUC | D attack TPR@1%FPR mean (max) | "
-             "at chance: mean (max, 95 %) | DCR AUC | learned AUC | own-class share (min) | FID own |",
+             "95 % at chance: mean (max) | DCR AUC | learned AUC | own-class share (min) | FID own |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if "error" in c:
@@ -373,7 +373,7 @@ def grid_table(cells: list[dict], results: list[dict], utility: list[dict]) -> s
                      f"{fmt(mean([r['auc'] for r in probe]))} | "
                      f"{fmt(mean([r['tpr_at_1pct_fpr'] for r in probe]))} "
                      f"({fmt(max([r['tpr_at_1pct_fpr'] for r in probe], default=None))}) | "
-                     f"{fmt(chance and chance['mean'])} ({fmt(chance and chance['max_quantile'])}) | "
+                     f"{fmt(chance and chance['mean_quantile'])} ({fmt(chance and chance['max_quantile'])}) | "
                      f"{fmt(mean([r['auc'] for r in dcr]))} | {fmt(mean([r['auc'] for r in learned]))} | "
                      f"{fmt(mean(shares), '.2f')} ({fmt(min(shares, default=None), '.2f')}) | "
                      f"{fmt(mean([u.get('fid_own') for u in util]), '.1f')} |")

@@ -57,6 +57,10 @@ def test_chance_tpr_enumerated_by_hand():
     assert chance_tpr([(2, 2), (2, 2)], fpr=0.0, q=0.25)["max_quantile"] == 0.0
     assert chance_tpr([(2, 2), (2, 2)], fpr=0.0, q=0.7)["max_quantile"] == 1.0
     assert two["mean"] == pytest.approx((2 / 6 * 0.5 + 1 / 6 * 1.0))   # = 1 / 3 = k / (n + 1), k = 1
+    # the average of two (1, 1) clients is 0, 1/2, 1 with 1/4, 1/2, 1/4 (Monte Carlo, 200,000 draws)
+    assert chance_tpr([(1, 1), (1, 1)], fpr=0.0, q=0.7)["mean_quantile"] == 0.5
+    assert chance_tpr([(1, 1), (1, 1)], fpr=0.0, q=0.8)["mean_quantile"] == 1.0
+    assert chance_tpr([(1, 1), (1, 1)], fpr=0.0, q=0.2)["mean_quantile"] == 0.0
     # clients of different sizes: (1, 1) reads 0 or 1 with 1/2 each; P(max <= t) = 1/4, 5/12, 1 at 0, 1/2, 1
     assert chance_tpr([(2, 2), (1, 1)], fpr=0.0, q=0.4)["max_quantile"] == 0.5
     assert chance_tpr([(2, 2), (1, 1)], fpr=0.0, q=0.42)["max_quantile"] == 1.0
@@ -84,6 +88,9 @@ def test_chance_tpr_matches_random_scores_read_by_tpr_at_fpr(members, nonmembers
     worst = draws.reshape(800, 5).max(axis=1)                               # ... and of the worst of five
     assert np.mean(worst <= q["max_quantile"]) >= 0.95 - 0.03
     assert np.mean(worst < q["max_quantile"]) < 0.95
+    average = draws.reshape(800, 5).mean(axis=1)                          # ... and of their average
+    assert q["max_quantile"] > q["mean_quantile"] > q["mean"]
+    assert abs(np.mean(average <= q["mean_quantile"]) - 0.95) < 0.04
 
 
 def test_the_grid_puts_the_chance_level_next_to_the_probe_tpr():
@@ -95,7 +102,7 @@ def test_the_grid_puts_the_chance_level_next_to_the_probe_tpr():
                 "nonmembers": 100} for t in (0.01, 0.03)]
     row = grid_table(cells, results, []).splitlines()[2]
     chance = chance_tpr([(100, 100), (100, 100)])
-    assert f"| 0.020 (0.030) | {chance['mean']:.3f} ({chance['max_quantile']:.3f}) |" in row
+    assert f"| 0.020 (0.030) | {chance['mean_quantile']:.3f} ({chance['max_quantile']:.3f}) |" in row
     assert f"{chance['mean']:.3f}" == "0.020"                              # 2 / 101: one false positive fits
 
 
