@@ -63,7 +63,7 @@ from app.data import client_dataset, partition_summary  # noqa: E402
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.probe import candidates, load_probe  # noqa: E402
-from simulations.common import add_common_flags, build_config, simulate  # noqa: E402
+from simulations.common import add_common_flags, build_config, read_experiment, simulate  # noqa: E402
 from strategies.base import RunFailed  # noqa: E402
 
 STRATEGIES = ("privacygan", "local", "fedavg", "bpgan", "dataparallel")
@@ -206,12 +206,23 @@ def main(argv=None) -> int:
     p.add_argument("--seed-attack", type=int, default=0, help="seed of the candidate draw, probes and bootstrap")
     p.add_argument("--out", help="folder for audit.json, grid.md and roc.png (default: <output-dir>/audit/<UTC time>)")
     args = p.parse_args(argv)
+    try:
+        args.experiment = read_experiment(args.config) if args.config else {}
+        return audit(args)
+    except ConfigError as exc:   # a bad --config, --set or --client-images: one line, before any training
+        print(f"[fedgan] error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def audit(args: argparse.Namespace) -> int:
+    """The grid: every (client size, strategy, epsilon) cell trained, attacked and reported."""
     clients = args.clients or 5
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     report: dict = {"setup": {}, "cells": [], "results": [], "utility": []}
     curves: dict = {}
     started = time.monotonic()
-    base = build_config({}, argparse.Namespace(**{**vars(args), "set": [*args.set, f"min-nodes={clients}"]}), {})
+    base = build_config(args.experiment,
+                        argparse.Namespace(**{**vars(args), "set": [*args.set, f"min-nodes={clients}"]}), {})
     out_dir = Path(args.out) if args.out else Path(base.output_dir).expanduser() / "audit" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     report["setup"] = {"dataset": base.dataset, "partition": base.partition, "clients": clients,
@@ -263,9 +274,9 @@ def run_cell(args, clients: int, cell: dict, share, images, evaluator: list, rep
     strategy, eps, index = cell["strategy"], cell["epsilon_target"], cell["cell"]
     sets = [*args.set, f"strategy={strategy}", "client-eval=false", f"min-nodes={nodes_for(strategy, clients)}",
             *([f"server-share={share}"] if share is not None else [])]
-    cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets}), {})
+    cfg = build_config(args.experiment, argparse.Namespace(**{**vars(args), "set": sets}), {})
     dp, sigma = dp_sets(cfg, clients, args.candidates, eps)
-    cfg = build_config({}, argparse.Namespace(**{**vars(args), "set": sets + dp}), {})
+    cfg = build_config(args.experiment, argparse.Namespace(**{**vars(args), "set": sets + dp}), {})
     if not evaluator and strategy in GENERATOR_OF:
         evaluator.append(utility_evaluator(cfg))
     sizes = [p["size"] for p in partition_summary(cfg.data_spec(), clients)]

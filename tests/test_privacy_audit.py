@@ -209,15 +209,31 @@ def test_the_roc_plot_draws_every_panel_and_nothing_when_no_cell_was_attacked(tm
     assert (tmp_path / "roc.png").stat().st_size > 0
 
 
+def test_the_audit_reads_its_experiment_file_and_stops_at_start_on_a_bad_one(tmp_path, capsys):
+    """--config is the cells' base (a key in it is validated like any run-config key); a missing
+    or bad file is one line naming it, exit code 1, before anything trains."""
+    from simulations.privacy_audit import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num-rounds: 0\n")
+    assert main(["--config", str(bad), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("[fedgan] error: ") and "num-rounds" in err and len(err.strip().splitlines()) == 1
+    assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "b")]) == 1
+    assert "missing.yaml" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("a", "b"))
+
+
 @pytest.mark.e2e
 def test_the_audit_script_probes_through_the_clientapp_and_writes_its_report(tmp_path):
     from simulations.privacy_audit import main
 
     out = tmp_path / "audit"
-    rc = main(["--clients", "2", "--rounds", "2", "--output-dir", str(tmp_path), "--strategies", "privacygan",
-               "local", "--candidates", "24", "--samples", "64", "--bootstrap", "20", "--out", str(out),
-               "--set", "teacher-steps=10", "--set", "gen-features=8", "--set", "disc-features=8",
-               "--set", "batch-size=16", "--set", "steps-per-round=1", "--set", "local-steps=2"])
+    experiment = tmp_path / "tiny.yaml"   # the run's keys from an experiment file, as --config gives them
+    experiment.write_text("num-rounds: 2\nteacher-steps: 10\ngen-features: 8\ndisc-features: 8\nbatch-size: 16\n"
+                          "steps-per-round: 1\nlocal-steps: 2\n")
+    rc = main(["--clients", "2", "--config", str(experiment), "--output-dir", str(tmp_path), "--strategies",
+               "privacygan", "local", "--candidates", "24", "--samples", "64", "--bootstrap", "20", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "audit.json").read_text())
     rows = report["results"]
