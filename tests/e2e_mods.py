@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import os
 import pickle
 import shutil
 import tempfile
@@ -54,10 +55,21 @@ def simulate(cfg, num_clients: int, app: str | None = None, *, spread: bool = Fa
     return RunFolder.open(folder)
 
 
-def simulation_processes(since: float) -> set[int]:
+RUN_TAG = "FEDGAN_TEST_RUN"   # set in a test script's environment; everything the script starts inherits it
+
+
+def tagged_env(tag: str) -> dict[str, str]:
+    """This environment plus ``RUN_TAG=tag``, for a script whose processes a test will look for."""
+    return {**os.environ, RUN_TAG: tag}
+
+
+def simulation_processes(since: float, tag: str | None = None) -> set[int]:
     """Processes of a simulation started after ``since`` (epoch s): its SuperLink runs detached,
     so they are not descendants of the script -- the SuperLink and its warm launcher, the
-    ServerApp, the simulation process, Ray, the watchdog (app/simulation.py)."""
+    ServerApp, the simulation process, Ray, the watchdog (app/simulation.py). ``tag``: only those
+    whose environment has ``RUN_TAG=tag`` (the script was started with :func:`tagged_env`), so
+    that another simulation on the machine (a second test run, an experiment) is neither counted
+    nor killed."""
     import psutil
 
     names = ("flower-superlink", "fedgan-superlink", "warm.py serve", "flwr-serverapp", "flwr-simulation",
@@ -67,6 +79,12 @@ def simulation_processes(since: float) -> set[int]:
     for p in psutil.process_iter(["cmdline", "create_time"]):
         line = " ".join(p.info.get("cmdline") or [])
         if (p.info.get("create_time") or 0) >= since and any(n in line for n in names):
+            if tag is not None:
+                try:
+                    if p.environ().get(RUN_TAG) != tag:
+                        continue
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
             out.add(p.pid)
     return out
 

@@ -33,7 +33,7 @@ from strategies.base import (NodeBook, NullRecorder, RunFailed, _last_line, appl
                              guarded_update)
 from strategies.privacygan import PrivacyGAN, PrivacyGANSettings, client_discriminate
 
-from e2e_mods import scaled_feedback, simulate, simulation_processes
+from e2e_mods import scaled_feedback, simulate, simulation_processes, tagged_env
 
 PROJECT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -571,7 +571,7 @@ def start_run(out_dir: Path, *extra: str) -> subprocess.Popen:
     sets = [a for k, v in {**TINY, "checkpoint-every": 1}.items() for a in ("--set", f"{k}={v}")]
     return subprocess.Popen([PY, "simulations/run.py", "--clients", "2", "--output-dir", str(out_dir), *sets, *extra],
                             cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=tagged_env(str(out_dir)))
 
 
 def wait_for_rounds(out_dir: Path, proc: subprocess.Popen, n: int, timeout: float = 240) -> Path:
@@ -592,8 +592,9 @@ def test_a_signal_stops_the_run_within_seconds_leaves_nothing_running_and_it_res
     out_dir = tmp_path / "out"
     proc = start_run(out_dir, "--rounds", "400")
     run = wait_for_rounds(out_dir, proc, 3)
-    family = descendants(proc.pid) | simulation_processes(psutil.Process(proc.pid).create_time())
-    assert any("flower-superlink" in _cmdline(p) for p in family)
+    family = descendants(proc.pid) | simulation_processes(psutil.Process(proc.pid).create_time(), tag=str(out_dir))
+    assert any("flower-superlink" in _cmdline(p) for p in family)   # the tag reaches the detached SuperLink
+    assert any("raylet" in _cmdline(p) for p in family)             # ... and the Ray cluster it runs on
     sent = time.monotonic()
     if to_group:
         os.killpg(proc.pid, sig)          # what Ctrl-C in a terminal does

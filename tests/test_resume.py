@@ -20,7 +20,7 @@ from app.config import ConfigError, parse_config
 from app.runs import RunFolder, run_folders
 from app.server_app import open_for_resume
 
-from e2e_mods import simulation_processes
+from e2e_mods import simulation_processes, tagged_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "gen-features=8", "--set", "disc-features=8", "--set", "batch-size=8", "--set", "teacher-steps=5",
@@ -32,7 +32,7 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "simulations" / "run.py"), "--clients", "3", "--output-dir", str(out), *TINY,
            *extra]
     return subprocess.Popen(cmd, cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=tagged_env(str(out)))
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -71,7 +71,8 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
         time.sleep(0.2)
     # the script and, at the same moment, its simulation: the SuperLink runs detached (in its own
     # session), with the ServerApp, Ray and its actors under it
-    victims = simulation_processes(psutil.Process(proc.pid).create_time())
+    victims = simulation_processes(psutil.Process(proc.pid).create_time(), tag=str(out))
+    assert any("flower-superlink" in " ".join(psutil.Process(p).cmdline()) for p in victims), victims
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
