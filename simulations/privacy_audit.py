@@ -59,7 +59,7 @@ import torch  # noqa: E402
 from app.audit import (attack_report, chance_tpr, dcr_scores, discriminator_scores,  # noqa: E402
                        learned_attack_scores, own_class_share, roc_points)
 from app.config import Config, ConfigError  # noqa: E402
-from app.data import client_dataset, partition_summary  # noqa: E402
+from app.data import DataError, client_dataset, partition_summary  # noqa: E402
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.probe import candidates, load_probe  # noqa: E402
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     try:
         args.experiment = read_experiment(args.config) if args.config else {}
         return audit(args)
-    except ConfigError as exc:   # a bad --config, --set or --client-images: one line, before any training
+    except (ConfigError, DataError) as exc:   # a bad --config, --set, --client-images or data set: one line
         print(f"[fedgan] error: {exc}", file=sys.stderr, flush=True)
         return 1
 

@@ -221,6 +221,11 @@ def test_the_audit_reads_its_experiment_file_and_stops_at_start_on_a_bad_one(tmp
     assert err.startswith("[fedgan] error: ") and "num-rounds" in err and len(err.strip().splitlines()) == 1
     assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "b")]) == 1
     assert "missing.yaml" in capsys.readouterr().err
+    nodata = tmp_path / "nodata.yaml"
+    nodata.write_text(f"dataset: cifar10\ndata-dir: {tmp_path / 'no-cifar'}\n")
+    assert main(["--config", str(nodata), "--client-images", "100", "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "no-cifar") in err and len(err.strip().splitlines()) == 1
     assert not any((tmp_path / d).exists() for d in ("a", "b"))
 
 
