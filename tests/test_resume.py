@@ -72,7 +72,12 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
     # the script and, at the same moment, its simulation: the SuperLink runs detached (in its own
     # session), with the ServerApp, Ray and its actors under it
     victims = simulation_processes(psutil.Process(proc.pid).create_time(), tag=str(out))
-    assert any("flower-superlink" in " ".join(psutil.Process(p).cmdline()) for p in victims), victims
+    def cmdline(pid: int) -> str:
+        try:
+            return " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:   # gone since it was listed
+            return ""
+    assert any("flower-superlink" in cmdline(p) for p in victims), victims   # the tag reached the SuperLink
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
