@@ -19,7 +19,7 @@ Convention: a higher score means "more likely a member" (a record the client tra
   (Hayes et al., 2019): a classifier trained to tell a generator's samples from reference images
   of the same kind scores each candidate; images the generator memorised look like its samples;
 * :func:`own_class_share` -- the share of generated samples labelled as one of a client's classes;
-* :func:`chance_tpr_pmf`, :func:`chance_tpr` -- what TPR at a low FPR an attack *at chance* reads
+* :func:`chance_tpr_pmf`, :func:`chance_tpr_mean`, :func:`chance_tpr` -- what TPR at a low FPR an attack *at chance* reads
   with a given number of members and non-members (with ~100 of each, 1 % FPR admits one false
   positive, so a scorer that knows nothing still reads 1-2 % on average and more on some clients).
 """
@@ -80,6 +80,13 @@ def chance_tpr_pmf(members: int, nonmembers: int, fpr: float) -> np.ndarray:
     return pmf
 
 
+def chance_tpr_mean(members: int, nonmembers: int, fpr: float) -> float:
+    """The expected TPR at ``fpr`` of scores that carry no information: (j + 1) / (nonmembers + 1)
+    with j = floor(fpr * nonmembers) false positives allowed (the mean of :func:`chance_tpr_pmf`
+    over ``members``; 1 when every non-member may be a false positive)."""
+    return (math.floor(fpr * nonmembers + 1e-9) + 1) / (nonmembers + 1)
+
+
 def chance_tpr(counts, fpr: float = 0.01, q: float = 0.95, *, draws: int = 200_000, seed: int = 0) -> dict:
     """TPR at ``fpr`` of an attack at chance, for independent clients with ``counts`` =
     [(members, non-members)]: ``mean``, the expected TPR averaged over the clients;
@@ -102,10 +109,9 @@ def chance_tpr(counts, fpr: float = 0.01, q: float = 0.95, *, draws: int = 200_0
     def quantile(cdf):
         return float(grid[np.argmax(cdf >= q - 1e-12)])
 
-    means = [float(np.arange(m + 1) @ pmf / m) for pmf, (m, _) in zip(pmfs, counts)]
     rng = np.random.default_rng(seed)
     average = sum(rng.choice(m + 1, size=draws, p=pmf / pmf.sum()) / m for pmf, (m, _) in zip(pmfs, counts))
-    return {"fpr": fpr, "q": q, "mean": float(np.mean(means)),
+    return {"fpr": fpr, "q": q, "mean": float(np.mean([chance_tpr_mean(m, n, fpr) for m, n in counts])),
             "mean_quantile": float(np.quantile(average / len(counts), q, method="inverted_cdf")),
             "client_quantile": [quantile(c) for c in per_client], "max_quantile": quantile(worst)}
 
@@ -217,4 +223,5 @@ def own_class_share(histogram, classes) -> float:
 
 
 __all__ = ["tpr_at_fpr", "bootstrap_auc", "attack_report", "roc_points", "dcr_scores", "probe_batches",
-           "discriminator_scores", "learned_attack_scores", "own_class_share", "chance_tpr_pmf", "chance_tpr"]
+           "discriminator_scores", "learned_attack_scores", "own_class_share", "chance_tpr_pmf", "chance_tpr_mean",
+           "chance_tpr"]

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from app.audit import (attack_report, chance_tpr, dcr_scores, discriminator_scores,  # noqa: E402
+from app.audit import (attack_report, chance_tpr, chance_tpr_mean, dcr_scores, discriminator_scores,  # noqa: E402
                        learned_attack_scores, own_class_share, roc_points)
 from app.config import Config, ConfigError  # noqa: E402
 from app.data import DataError, client_dataset, partition_summary  # noqa: E402
@@ -221,8 +221,7 @@ def audit(args: argparse.Namespace) -> int:
     report: dict = {"setup": {}, "cells": [], "results": [], "utility": []}
     curves: dict = {}
     started = time.monotonic()
-    base = build_config(args.experiment,
-                        argparse.Namespace(**{**vars(args), "set": [*args.set, f"min-nodes={clients}"]}), {})
+    base = config_with(args, [*args.set, f"min-nodes={clients}"])
     out_dir = Path(args.out) if args.out else Path(base.output_dir).expanduser() / "audit" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     report["setup"] = {"dataset": base.dataset, "partition": base.partition, "clients": clients,
@@ -269,14 +268,19 @@ def write_report(out_dir: Path, report: dict) -> None:
     (out_dir / "grid.md").write_text(grid_table(report["cells"], report["results"], report["utility"]) + "\n")
 
 
+def config_with(args: argparse.Namespace, sets: list[str]) -> Config:
+    """The run config of the experiment file (``--config``) and flags, with ``sets`` as its --set."""
+    return build_config(args.experiment, argparse.Namespace(**{**vars(args), "set": sets}), {})
+
+
 def run_cell(args, clients: int, cell: dict, share, images, evaluator: list, report: dict, curves: dict) -> None:
     """Train one (client size, strategy, epsilon) cell, attack it, and add its rows to ``report``."""
     strategy, eps, index = cell["strategy"], cell["epsilon_target"], cell["cell"]
     sets = [*args.set, f"strategy={strategy}", "client-eval=false", f"min-nodes={nodes_for(strategy, clients)}",
             *([f"server-share={share}"] if share is not None else [])]
-    cfg = build_config(args.experiment, argparse.Namespace(**{**vars(args), "set": sets}), {})
+    cfg = config_with(args, sets)
     dp, sigma = dp_sets(cfg, clients, args.candidates, eps)
-    cfg = build_config(args.experiment, argparse.Namespace(**{**vars(args), "set": sets + dp}), {})
+    cfg = config_with(args, sets + dp)
     if not evaluator and strategy in GENERATOR_OF:
         evaluator.append(utility_evaluator(cfg))
     sizes = [p["size"] for p in partition_summary(cfg.data_spec(), clients)]
@@ -310,7 +314,7 @@ def run_cell(args, clients: int, cell: dict, share, images, evaluator: list, rep
                                       "client_images": sizes[pid], "epsilon": spent.get(pid), **u})
     for (attack, pid), (mem, non) in attacks.items():
         rep = attack_report(mem, non, resamples=args.bootstrap, seed=args.seed_attack)
-        rep["tpr_at_1pct_fpr_chance"] = chance_tpr([(rep["members"], rep["nonmembers"])], 0.01)["mean"]
+        rep["tpr_at_1pct_fpr_chance"] = chance_tpr_mean(rep["members"], rep["nonmembers"], 0.01)
         report["results"].append({"cell": index, "strategy": strategy, "attack": attack, "client": pid,
                                   "epsilon_target": eps, "epsilon": spent.get(pid), "client_images": sizes[pid],
                                   "probed_after_round": cfg.num_rounds, "run": str(run),

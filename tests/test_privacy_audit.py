@@ -77,6 +77,7 @@ def test_chance_tpr_matches_random_scores_read_by_tpr_at_fpr(members, nonmembers
     assert pmf.sum() == pytest.approx(1.0)
     k = int(0.01 * nonmembers) + 1
     assert chance_tpr([(members, nonmembers)])["mean"] == pytest.approx(k / (nonmembers + 1))
+    assert np.arange(members + 1) @ pmf / members == pytest.approx(k / (nonmembers + 1))   # the pmf's own mean
     rng = np.random.default_rng(0)
     labels = np.r_[np.ones(members), np.zeros(nonmembers)]
     draws = np.array([tpr_at_fpr(labels, rng.random(members + nonmembers), 0.01) for _ in range(4000)])

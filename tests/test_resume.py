@@ -17,6 +17,7 @@ import torch
 
 from app.comparison import analytic_bytes, read_run
 from app.config import ConfigError, parse_config
+from app.loopback import _cmdline
 from app.runs import RunFolder, run_folders
 from app.server_app import open_for_resume
 
@@ -72,12 +73,7 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
     # the script and, at the same moment, its simulation: the SuperLink runs detached (in its own
     # session), with the ServerApp, Ray and its actors under it
     victims = simulation_processes(psutil.Process(proc.pid).create_time(), tag=str(out))
-    def cmdline(pid: int) -> str:
-        try:
-            return " ".join(psutil.Process(pid).cmdline())
-        except psutil.Error:   # gone since it was listed
-            return ""
-    assert any("flower-superlink" in cmdline(p) for p in victims), victims   # the tag reached the SuperLink
+    assert any("flower-superlink" in _cmdline(p) for p in victims), victims   # the tag reached the SuperLink
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
