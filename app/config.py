@@ -159,6 +159,7 @@ class Config:
     # --- the curious-server audit (simulations/privacy_audit.py, docs/PRIVACY.md) ---------------
     audit_probe: int = 0                # > 0 (PrivacyGAN): after training, probe each D_i with this many members
     audit_seed: int = 0                 # and as many non-members, drawn with this seed; audit_probe.pt
+    audit_nonmembers: int = 0           # > 0: this many non-members per client instead (at most the pool)
 
     # ---------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
@@ -416,6 +417,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
            f"empty: resuming is implemented for strategies {', '.join(map(repr, RESUMABLE))}")
     validate_dp(cfg)
     _check(cfg.audit_probe >= 0, k("audit-probe"), cfg.audit_probe, ">= 0 (0 = no probe)")
+    _check(cfg.audit_nonmembers >= 0, k("audit-nonmembers"), cfg.audit_nonmembers,
+           "an integer >= 0 (0 = as many non-members as members)")
     _check(cfg.audit_probe == 0 or cfg.strategy == "privacygan", k("audit-probe"), cfg.audit_probe,
            "0 unless strategy = privacygan (the probe asks D_i for labels and feedback on chosen inputs)")
     _check(cfg.cohort_size >= 1, k("cohort-size"), cfg.cohort_size, "an integer >= 1 (1 = a SuperNode per client)")

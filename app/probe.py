@@ -4,7 +4,7 @@ Run by the ServerApp after the last round when run config ``audit-probe`` > 0 (w
 ``simulations/privacy_audit.py`` sets): the server sends each client one more
 ``train.discriminate`` message -- through the real ClientApp handler -- whose "fakes" are real
 candidates, the client's own training images (members) and as many images of its classes that
-no client holds (non-members), and keeps D_i's labels and feedback norms on them in
+no client holds (non-members; ``audit-nonmembers`` > 0: that many), and keeps D_i's labels and feedback norms on them in
 ``audit_probe.pt`` in the run folder. The members are known to the audit because it is a
 simulation on a public dataset: a real server would not know them, which only makes the
 measured leak an upper bound for this attack.
@@ -25,9 +25,11 @@ PROBE_FILE = "audit_probe.pt"
 
 
 def candidates(cfg: Config, pid: int, num_clients: int, limit: int, seed: int):
-    """(members, non-members, classes, pool): client ``pid``'s training images and as many
-    images of its classes that no client holds (the server's share and the test split), each
-    at most ``limit``, drawn with a seeded generator; ``pool`` is every such non-member image."""
+    """(members, non-members, classes, pool): at most ``limit`` of client ``pid``'s training
+    images and as many images of its classes that no client holds (the server's share and the
+    test split) -- or, with run config ``audit-nonmembers`` > 0, that many of those (at most the
+    pool), which makes a TPR at a low FPR finer (1 % of 100 non-members is a single image) --
+    drawn with a seeded generator; ``pool`` is every such non-member image."""
     spec = cfg.data_spec()
     own = client_dataset(spec, pid, num_clients)
     classes = sorted({int(c) for c in own.y.tolist()})
@@ -36,9 +38,10 @@ def candidates(cfg: Config, pid: int, num_clients: int, limit: int, seed: int):
     pool_y = torch.cat([server.y, test.y]) if len(server) else test.y
     others = pool_x[torch.isin(pool_y, torch.tensor(classes))]
     n = min(len(own), len(others), limit)
+    n_non = min(len(others), cfg.audit_nonmembers) if cfg.audit_nonmembers > 0 else n
     gen = torch.Generator().manual_seed(seed * 1009 + pid)
     members = own.x[torch.randperm(len(own), generator=gen)[:n]]
-    nonmembers = others[torch.randperm(len(others), generator=gen)[:n]]
+    nonmembers = others[torch.randperm(len(others), generator=gen)[:n_non]]
     return members, nonmembers, classes, others
 
 

@@ -732,7 +732,9 @@ def make_server_app(config: Config | None = None) -> ServerApp:
                 from app.probe import probe, save_probe
 
                 nodes = len(list(grid.get_node_ids()))
-                say(f"audit probe: {cfg.audit_probe} member and non-member candidates per client sent as fakes")
+                non = cfg.audit_nonmembers or "as many"
+                say(f"audit probe: up to {cfg.audit_probe} member and {non} non-member candidates per client "
+                    "sent as fakes")
                 save_probe(folder, probe(grid, cfg, nodes, cfg.audit_probe, cfg.audit_seed))
 
     return app

@@ -199,6 +199,32 @@ def test_grid_sizes_and_dp_budgets_are_derived_from_the_data():
     assert spent == pytest.approx(3.0, abs=0.05) and spent <= 3.0 + 1e-3
 
 
+def test_audit_nonmembers_sets_the_non_member_count_and_the_probe_budget():
+    """audit-nonmembers = N: N non-members of the client's classes that no client holds (at most
+    the pool), members unchanged; the probe's D steps (and so the derived sigma) count them."""
+    import math
+
+    from app.config import ConfigError, parse_config
+    from app.probe import candidates
+    from simulations.privacy_audit import probe_steps, share_for
+
+    cfg = parse_config({"min-nodes": 5})
+    cfg = cfg.replace(server_share=share_for(cfg, 5, 100))
+    mem, non, classes, pool = candidates(cfg, 0, 5, 1000, 0)
+    assert len(non) == len(mem) and len(pool) > 2 * len(mem)       # default: as many as members
+    wide = cfg.replace(audit_nonmembers=250)
+    mem2, non2, _, pool2 = candidates(wide, 0, 5, 1000, 0)
+    assert torch.equal(mem2, mem) and len(non2) == 250 and torch.equal(pool2, pool)
+    pool_rows = {tuple(r.tolist()) for r in pool.reshape(len(pool), -1)}
+    assert {tuple(r.tolist()) for r in non2.reshape(250, -1)} <= pool_rows      # unseen images of its classes
+    assert len(candidates(cfg.replace(audit_nonmembers=10**6), 0, 5, 1000, 0)[1]) == len(pool)   # capped
+    counts = [candidates(wide, pid, 5, 1000, 0) for pid in range(5)]
+    per_client = [math.ceil((len(m) + min(250, len(p))) / cfg.batch_size) for m, _, _, p in counts]
+    assert probe_steps(wide, 5, 1000) == max(per_client) * cfg.client_disc_steps > probe_steps(cfg, 5, 1000)
+    with pytest.raises(ConfigError, match="audit-nonmembers"):
+        parse_config({"audit-nonmembers": -1})
+
+
 def test_the_roc_plot_draws_every_panel_and_nothing_when_no_cell_was_attacked(tmp_path):
     """A grid whose cells all failed has no curves: no plot and no crash (the report still ends
     the run, with exit code 1 for the failed cells)."""
@@ -284,10 +310,16 @@ def test_the_audit_trains_with_dp_at_the_asked_budget_and_attacks_the_global_d(t
                "fedavg", "--epsilons", "3", "--client-images", "60", "--candidates", "24", "--samples", "64",
                "--bootstrap", "20", "--out", str(out), "--set", "teacher-steps=10", "--set", "gen-features=8",
                "--set", "disc-features=8", "--set", "batch-size=16", "--set", "steps-per-round=1",
-               "--set", "local-steps=2", "--set", "dp-delta=1e-3"])
+               "--set", "local-steps=2", "--set", "dp-delta=1e-3", "--nonmembers", "40"])
     assert rc == 0
     report = json.loads((out / "audit.json").read_text())
     assert [(c["strategy"], c["epsilon_target"]) for c in report["cells"]] == [("privacygan", 3.0), ("fedavg", 3.0)]
+    # --nonmembers 40: 24 members against 40 non-members in the probe, the D-weights and DCR attacks
+    # (the learned attack pairs its halves of the pool), and the probe's 4 batches (64 / 16) are in
+    # the budget: epsilon_spent_max below stays <= 3
+    assert report["setup"]["nonmembers_per_client"] == 40
+    assert {(r["members"], r["nonmembers"]) for r in report["results"] if "learned" not in r["attack"]} == {(24, 40)}
+    assert {r["probe_batches"] for r in report["results"] if r["attack"].startswith("probe")} == {4}
     for c in report["cells"]:
         assert all(abs(n - 60) <= 2 for n in c["client_images"]) and c["noise_multiplier"] > 0
         assert 2.9 < c["epsilon_spent_max"] <= 3.0 + 1e-6
