@@ -63,7 +63,7 @@ from app.data import DataError, client_dataset, partition_summary  # noqa: E402
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.probe import candidates, load_probe  # noqa: E402
-from simulations.common import add_common_flags, build_config, read_experiment, simulate  # noqa: E402
+from simulations.common import SHARED_CIFAR, add_common_flags, build_config, read_experiment, simulate  # noqa: E402
 from strategies.base import RunFailed  # noqa: E402
 
 STRATEGIES = ("privacygan", "local", "fedavg", "bpgan", "dataparallel")
@@ -108,13 +108,15 @@ def sample_attacks(run: Path, cfg: Config, clients: int, limit: int, seed: int, 
     each client that the server holds or gets samples of."""
     attacks, utility = {}, {}
     for pid in range(clients):
+        say(f"{cfg.strategy}: sample attacks on client {pid}'s generator ({pid + 1} of {clients})")
         x, meta = generator_samples(run, GENERATOR_OF[cfg.strategy].format(pid=pid), num_samples, seed)
         mem, non, classes, pool = candidates(cfg, pid, clients, limit, seed)
         attacks[(f"samples (DCR, {meta['name']})", pid)] = (dcr_scores(mem, x), dcr_scores(non, x))
-        # learned attack: half of the non-member pool is the attacker's reference set, the other
-        # half the non-member candidates, members subsampled to as many
+        # learned attack: half of the non-member pool is the attacker's reference set (at most
+        # ``limit`` images: a CIFAR-10 pool holds thousands, and the attack trains full-batch), the
+        # other half the non-member candidates, members subsampled to as many
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7 + pid))
-        ref, held = pool[perm[: len(pool) // 2]], pool[perm[len(pool) // 2:]]
+        ref, held = pool[perm[: len(pool) // 2]][:limit], pool[perm[len(pool) // 2:]]
         k = min(len(held), len(mem))
         scores = learned_attack_scores(x, ref, torch.cat([mem[:k], held[:k]]), seed=seed)
         attacks[(f"samples (learned, {meta['name']})", pid)] = (scores[:k], scores[k:])
@@ -226,6 +228,9 @@ def audit(args: argparse.Namespace) -> int:
     curves: dict = {}
     started = time.monotonic()
     base = config_with(args, [*args.set, f"min-nodes={clients}"])
+    if base.dataset == "cifar10" and not base.data_dir and SHARED_CIFAR.is_file():
+        args.set = [*args.set, f"data-dir={SHARED_CIFAR}"]   # the offline copy beside the project
+        base = config_with(args, [*args.set, f"min-nodes={clients}"])
     out_dir = Path(args.out) if args.out else Path(base.output_dir).expanduser() / "audit" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     report["setup"] = {"dataset": base.dataset, "partition": base.partition, "clients": clients,
