@@ -112,11 +112,7 @@ def sample_attacks(run: Path, cfg: Config, clients: int, limit: int, seed: int, 
         x, meta = generator_samples(run, GENERATOR_OF[cfg.strategy].format(pid=pid), num_samples, seed)
         mem, non, classes, pool = candidates(cfg, pid, clients, limit, seed)
         attacks[(f"samples (DCR, {meta['name']})", pid)] = (dcr_scores(mem, x), dcr_scores(non, x))
-        # learned attack: half of the non-member pool is the attacker's reference set (at most
-        # ``limit`` images: a CIFAR-10 pool holds thousands, and the attack trains full-batch), the
-        # other half the non-member candidates, members subsampled to as many
-        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 7 + pid))
-        ref, held = pool[perm[: len(pool) // 2]][:limit], pool[perm[len(pool) // 2:]]
+        ref, held = split_pool(pool, limit, seed * 7 + pid)
         k = min(len(held), len(mem))
         scores = learned_attack_scores(x, ref, torch.cat([mem[:k], held[:k]]), seed=seed)
         attacks[(f"samples (learned, {meta['name']})", pid)] = (scores[:k], scores[k:])
@@ -129,6 +125,15 @@ def sample_attacks(run: Path, cfg: Config, clients: int, limit: int, seed: int, 
                             **({"own_share": own_class_share(sc["label_histogram"], classes),
                                 "tv_own": sc.get("tv_own")} if "label_histogram" in sc else {})}
     return attacks, utility
+
+
+def split_pool(pool: torch.Tensor, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The learned attack's (reference, held-out) images from a client's pool of unseen images:
+    a seeded half of the pool is the attacker's reference set, at most ``limit`` of it (a CIFAR-10
+    pool holds thousands and the attack trains full-batch); the other half are its non-member
+    candidates (members are then subsampled to as many)."""
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+    return pool[perm[: len(pool) // 2]][:limit], pool[perm[len(pool) // 2:]]
 
 
 def d_weights_attack(run: Path, cfg: Config, clients: int, limit: int, seed: int) -> dict:

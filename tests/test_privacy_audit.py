@@ -164,6 +164,22 @@ def test_learned_attack_flags_what_the_generator_memorised():
         learned_attack_scores(samples[:0], reference, members)
 
 
+def test_the_learned_attack_splits_the_pool_in_disjoint_halves_and_caps_the_reference_set():
+    """Half the unseen pool is the attacker's reference set, capped at the candidate limit; the
+    other half its non-members, whole; a pool smaller than twice the limit (digits) is split as before."""
+    from simulations.privacy_audit import split_pool
+
+    pool = torch.arange(3000, dtype=torch.float32).reshape(3000, 1)
+    ref, held = split_pool(pool, 1000, seed=7)
+    assert len(ref) == 1000 and len(held) == 1500
+    assert not set(ref[:, 0].tolist()) & set(held[:, 0].tolist())
+    small = pool[:263]
+    ref, held = split_pool(small, 1000, seed=7)
+    perm = torch.randperm(263, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ref, small[perm[:131]]) and torch.equal(held, small[perm[131:]])
+    assert torch.equal(split_pool(pool, 1000, seed=7)[0], split_pool(pool, 1000, seed=7)[0])   # seeded
+
+
 def test_own_class_share_by_hand():
     assert own_class_share([10, 30, 0, 60], [1, 3]) == pytest.approx(0.9)
     assert own_class_share([5, 0, 5], [2]) == 0.5
