@@ -33,6 +33,15 @@ CONFIGS = PROJECT / "simulations" / "configs"
 SHARED_CIFAR = (PROJECT.parent / "shared" / "data" / "cifar10_jpeg.zip")
 
 
+def default_data_dir(dataset: str, data_dir: str = "") -> str:
+    """Where a script reads ``dataset`` from: ``data_dir`` when given; for CIFAR-10 without one,
+    the offline copy beside the project (:data:`SHARED_CIFAR`) when it is there; else "" (the
+    dataset's own default: the embedded digits, or torchvision's root for CIFAR-10)."""
+    if data_dir or dataset != "cifar10" or not SHARED_CIFAR.is_file():
+        return data_dir
+    return str(SHARED_CIFAR)
+
+
 def read_experiment(path: str | Path) -> dict[str, Any]:
     """Run-config keys from a YAML experiment file (a flat mapping); ConfigError in one line
     naming the file when it is missing, a folder, not UTF-8 text or not YAML."""
@@ -126,7 +135,9 @@ def add_common_flags(p: argparse.ArgumentParser, *, config_default: str = "none,
 
 
 def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
-    """Experiment file < flags < --set; ``flag_keys`` maps argparse names to run-config keys."""
+    """Experiment file < flags < --set; ``flag_keys`` maps argparse names to run-config keys.
+    CIFAR-10 without a ``data-dir`` reads the offline copy beside the project when it is there
+    (:func:`default_data_dir`)."""
     raw = dict(base)
     for attr, key in {**flag_keys, "rounds": "num-rounds", "device": "device", "output_dir": "output-dir"}.items():
         value = getattr(args, attr, None)
@@ -134,6 +145,8 @@ def build_config(base: dict[str, Any], args: argparse.Namespace, flag_keys: dict
             raw[key] = value
     raw.setdefault("output-dir", str(Path.cwd() / "fedgan-output"))
     raw.update(parse_sets(args.set))
+    if found := default_data_dir(str(raw.get("dataset", "")), str(raw.get("data-dir") or "")):
+        raw["data-dir"] = found
     cfg = parse_config(raw)
     check_tracking(cfg)   # the simulation's ServerApp runs in this process
     return cfg

@@ -41,7 +41,7 @@ from app.config import STRATEGIES, ConfigError, parse_config  # noqa: E402
 from app import comparison as cmp  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.runs import run_folders  # noqa: E402
-from simulations.common import CONFIGS, SHARED_CIFAR, parse_sets, read_experiment  # noqa: E402
+from simulations.common import CONFIGS, default_data_dir, parse_sets, read_experiment  # noqa: E402
 
 DEFAULT_CONFIG = CONFIGS / "compare_digits.yaml"
 #: Named variants (issue #6 item 2): (strategy, run-config changes, label).
@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         base.update(parse_sets(args.set))
         strategies = parse_strategies(args.strategies)
         dataset = str(base.get("dataset", "digits"))
-        if dataset == "cifar10" and not base.get("data-dir") and SHARED_CIFAR.is_file():
-            base["data-dir"] = str(SHARED_CIFAR)   # the offline copy beside the project
+        if found := default_data_dir(dataset, str(base.get("data-dir") or "")):
+            base["data-dir"] = found   # CIFAR-10: the offline copy beside the project when none is given
         clients = args.clients if args.clients is not None else int(base.get("min-nodes", 4))
         if clients < 1:
             raise UsageError(f"--clients {clients}: must be >= 1")

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from app.data import load_dataset  # noqa: E402
 from app.metrics import ImageEvaluator, describe_scores, load_feature_net  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
-from simulations.common import SHARED_CIFAR  # noqa: E402
+from simulations.common import SHARED_CIFAR, default_data_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn images")
     args = p.parse_args(argv)
 
-    data_dir = args.data_dir or (str(SHARED_CIFAR) if args.dataset == "cifar10" and SHARED_CIFAR.is_file() else "")
+    data_dir = default_data_dir(args.dataset, args.data_dir)
     train = load_dataset(args.dataset, data_dir=data_dir, split="train")
     test = load_dataset(args.dataset, data_dir=data_dir, split="test")
     net = load_feature_net(args.extractor, dataset=args.dataset, image_size=train.x.shape[-1],

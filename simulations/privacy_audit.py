@@ -63,7 +63,7 @@ from app.data import DataError, client_dataset, partition_summary  # noqa: E402
 from app.generators import load_generator  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
 from app.probe import candidates, load_probe  # noqa: E402
-from simulations.common import SHARED_CIFAR, add_common_flags, build_config, read_experiment, simulate  # noqa: E402
+from simulations.common import add_common_flags, build_config, read_experiment, simulate  # noqa: E402
 from strategies.base import RunFailed  # noqa: E402
 
 STRATEGIES = ("privacygan", "local", "fedavg", "bpgan", "dataparallel")
@@ -232,10 +232,7 @@ def audit(args: argparse.Namespace) -> int:
     report: dict = {"setup": {}, "cells": [], "results": [], "utility": []}
     curves: dict = {}
     started = time.monotonic()
-    base = config_with(args, [*args.set, f"min-nodes={clients}"])
-    if base.dataset == "cifar10" and not base.data_dir and SHARED_CIFAR.is_file():
-        args.set = [*args.set, f"data-dir={SHARED_CIFAR}"]   # the offline copy beside the project
-        base = config_with(args, [*args.set, f"min-nodes={clients}"])
+    base = config_with(args, [*args.set, f"min-nodes={clients}"])   # CIFAR-10: ../shared/data when no data-dir
     out_dir = Path(args.out) if args.out else Path(base.output_dir).expanduser() / "audit" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     report["setup"] = {"dataset": base.dataset, "partition": base.partition, "clients": clients,

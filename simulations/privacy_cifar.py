@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[fedgan] experiment file: {config_path}", flush=True)
 
     def load_base() -> dict:
-        base = read_experiment(config_path)
-        if args.data is None and not base.get("data-dir") and SHARED_CIFAR.is_file():
-            args.data = str(SHARED_CIFAR)
+        base = read_experiment(config_path)   # no --data and no data-dir: build_config finds ../shared/data
         if args.data is not None:
             args.data = str(Path(args.data).expanduser().resolve())
         return base

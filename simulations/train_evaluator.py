@@ -30,7 +30,7 @@ from app.data import load_dataset  # noqa: E402
 from app.metrics import classifier_path, save_classifier  # noqa: E402
 from models.classifier import Classifier, accuracy, predict, train_epoch  # noqa: E402
 from app.launch import HelpFormatter  # noqa: E402
-from simulations.common import SHARED_CIFAR  # noqa: E402
+from simulations.common import SHARED_CIFAR, default_data_dir  # noqa: E402
 
 # Per dataset: epochs, batch size, peak learning rate, flips, shift (pixels), accuracy target.
 RECIPES = {
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.min_accuracy if args.min_accuracy is not None else recipe["target"]
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_dir = args.data_dir
-    if kind == "cifar10" and not data_dir and SHARED_CIFAR.is_file():
-        data_dir = str(SHARED_CIFAR)
+    data_dir = default_data_dir(kind, args.data_dir)
     device = resolve_device(args.device)
     bf16 = use_bf16(args.bf16, device)
 

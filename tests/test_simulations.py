@@ -29,6 +29,30 @@ def test_flags_override_the_file_and_set_overrides_flags(tmp_path):
         build_config({}, p.parse_args(["--set", "alpha=3"]), {})
 
 
+def test_cifar10_without_a_data_dir_reads_the_shared_copy_when_it_is_there(tmp_path, monkeypatch):
+    """One rule for every script (build_config, and default_data_dir for those that load data
+    themselves): CIFAR-10 with no data-dir -> the copy beside the project if present; a given
+    data-dir, another dataset or a missing copy -> unchanged."""
+    from simulations import common
+
+    copy = tmp_path / "cifar10_jpeg.zip"
+    copy.write_bytes(b"zip")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    p = argparse.ArgumentParser()
+    add_common_flags(p)
+    monkeypatch.setattr(common, "SHARED_CIFAR", copy)
+    assert common.default_data_dir("cifar10") == str(copy)
+    assert common.default_data_dir("cifar10", str(mine)) == str(mine)
+    assert common.default_data_dir("digits") == ""
+    assert build_config({"dataset": "cifar10"}, p.parse_args([]), {}).data_dir == str(copy)
+    assert build_config({"dataset": "cifar10", "data-dir": str(mine)}, p.parse_args([]), {}).data_dir == str(mine)
+    assert build_config({}, p.parse_args([]), {}).data_dir == ""
+    monkeypatch.setattr(common, "SHARED_CIFAR", tmp_path / "absent.zip")
+    assert common.default_data_dir("cifar10") == ""
+    assert build_config({"dataset": "cifar10"}, p.parse_args([]), {}).data_dir == ""
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="the shared CIFAR-10 copy is not on this machine")
 def test_privacy_cifar_runs_on_the_shared_zip_with_4_clients(tmp_path):
