@@ -132,8 +132,8 @@ def split_pool(pool: torch.Tensor, limit: int, seed: int) -> tuple[torch.Tensor,
     a seeded half of the pool is the attacker's reference set, at most ``limit`` of it (a CIFAR-10
     pool holds thousands and the attack trains full-batch); the other half are its non-member
     candidates (members are then subsampled to as many)."""
-    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-    return pool[perm[: len(pool) // 2]][:limit], pool[perm[len(pool) // 2:]]
+    perm, half = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)), len(pool) // 2
+    return pool[perm[:min(half, limit)]], pool[perm[half:]]   # the cap indexes, not copies, the first half
 
 
 def d_weights_attack(run: Path, cfg: Config, clients: int, limit: int, seed: int) -> dict:

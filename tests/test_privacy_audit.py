@@ -173,6 +173,8 @@ def test_the_learned_attack_splits_the_pool_in_disjoint_halves_and_caps_the_refe
     ref, held = split_pool(pool, 1000, seed=7)
     assert len(ref) == 1000 and len(held) == 1500
     assert not set(ref[:, 0].tolist()) & set(held[:, 0].tolist())
+    perm = torch.randperm(3000, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ref, pool[perm[:1000]]) and torch.equal(held, pool[perm[1500:]])   # the first half, capped
     small = pool[:263]
     ref, held = split_pool(small, 1000, seed=7)
     perm = torch.randperm(263, generator=torch.Generator().manual_seed(7))
