@@ -756,21 +756,41 @@ def _array_source_pixels(images: np.ndarray, image_size: int, channels: int) -> 
 # ---------------------------------------------------------------------------
 
 
-def _digits(split: str, image_size: int, channels: int) -> ArrayDataset:
+def _digits_split_raw(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's digits, one split (80/20, stratified, seed 0): the raw grey levels 0..16
+    as uint8 ``(N, 8, 8, 1)`` in index order, and the labels."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = bunch.images.astype(np.float32) / 16.0
     labels = bunch.target.astype(np.int64)
     train_idx, test_idx = train_test_split(
         np.arange(labels.size), test_size=0.2, stratify=labels, random_state=0
     )
     idx = np.sort(train_idx if split == "train" else test_idx)
-    x01 = torch.from_numpy(images[idx]).unsqueeze(1)
+    raw = bunch.images[idx]
+    if raw.min() < 0 or raw.max() > 16 or not np.array_equal(raw, np.round(raw)):
+        raise DataError("digits: scikit-learn's grey levels are not the integers 0..16 this loader stores")
+    return raw.astype(np.uint8)[..., None], labels[idx], []
+
+
+def _digits(split: str, image_size: int, channels: int) -> ArrayDataset:
+    # The split is kept in the machine's cache (raw grey levels, exact): importing scikit-learn
+    # costs ~1.2 s in every process that loads digits (each actor of each simulation run).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sklearn_version = version("scikit-learn")   # its split is the one cached
+    except PackageNotFoundError:
+        sklearn_version = "unknown"
+    key = _entry_key(["digits", split, sklearn_version], [])
+    raw, labels, _ = _cached(key, lambda: _digits_split_raw(split))
+    images = np.asarray(raw[..., 0], dtype=np.float32) / 16.0
+    x01 = torch.from_numpy(images).unsqueeze(1)
+    labels = np.asarray(labels, dtype=np.int64)
     return ArrayDataset(
         x=_prepare_array_images(x01, image_size, channels),
-        y=torch.from_numpy(labels[idx]),
+        y=torch.from_numpy(labels),
         num_classes=10,
         name="digits",
     )

@@ -687,3 +687,44 @@ def test_data_memory_script_reports_uint8_storage_shared_by_its_processes(tmp_pa
     assert sum(r["rows"] for r in rows) == 4                     # the clients' half of 8 images, split in two
     assert len(list((tmp_path / "cache").glob("*.images.npy"))) == 1
     assert "sum of PSS" in done.stdout
+
+
+_DIGITS_FROM_CACHE = """
+import sys
+import torch
+from app import data
+ds = data._digits(sys.argv[1], 16, 1)
+torch.save({"x": ds.x, "y": ds.y}, sys.argv[2])
+print("sklearn imported:", "sklearn" in sys.modules)
+"""
+
+
+def test_digits_come_from_the_machines_cache_equal_to_scikit_learns_split_without_importing_it(tmp_path):
+    """A process that finds the digits split in the cache never imports scikit-learn (~1.2 s in each
+    simulation actor), and gets exactly the tensors scikit-learn's 80/20 stratified split gives."""
+    import subprocess
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    import app.data as data
+
+    bunch = load_digits()
+    train_idx, test_idx = train_test_split(np.arange(bunch.target.size), test_size=0.2, stratify=bunch.target,
+                                           random_state=0)
+    root = Path(__file__).resolve().parent.parent
+    env = {**__import__("os").environ, "FEDGAN_IMAGE_CACHE": str(tmp_path / "cache")}
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        idx = np.sort(idx)
+        want_x = data._prepare_array_images(torch.from_numpy(bunch.images[idx].astype(np.float32) / 16.0).unsqueeze(1),
+                                            16, 1)
+        imported = []
+        for attempt in range(2):   # the first process fills the cache, the second reads it
+            out = tmp_path / f"{split}{attempt}.pt"
+            proc = subprocess.run([sys.executable, "-c", _DIGITS_FROM_CACHE, split, str(out)], cwd=root, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            imported.append(proc.stdout.strip())
+            got = torch.load(out)
+            assert torch.equal(got["x"], want_x) and torch.equal(got["y"], torch.from_numpy(bunch.target[idx]))
+        assert imported == ["sklearn imported: True", "sklearn imported: False"], (split, imported)
