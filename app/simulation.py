@@ -336,7 +336,9 @@ class LocalFederation:
         ray = self._start_ray()
         home = self.flwr_home / "local-superlink"
         home.mkdir(parents=True, exist_ok=True)
-        cmd = [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation", "--isolation",
+        # through the warm launcher (app/warm.py, role "simulation"): each run's flwr-simulation process
+        # (the ServerApp's) is forked from a parent that has torch, Ray and Flower imported
+        cmd = [sys.executable, str(PROJECT / "app" / "warm.py"), "wrap", "simulation", "--insecure", "--simulation", "--isolation",
                "subprocess", "--control-api-address", f"127.0.0.1:{self.control_port}", "--host", "127.0.0.1", "--port", self.port,
                "--database", str(home / "state.db"), "--log-file", str(home / "superlink.log")]
         with open(home / "launcher.log", "ab") as log:

@@ -49,6 +49,10 @@ ROLES = {   # role: (the wrapped Flower program, the app program it launches, it
                   (*_COMMON, "flwr.supernode.runtime.run_clientapp", "app.client_app")),
     "superlink": ("flower-superlink", "flwr-serverapp", "flwr.superlink.cli.flwr_serverapp:flwr_serverapp",
                   (*_COMMON, "flwr.superlink.cli.flwr_serverapp", "app.server_app")),
+    # the Simulation Engine's SuperLink (app/simulation.py): one flwr-simulation process per run,
+    # which runs the ServerApp and drives the Ray actors of the virtual clients
+    "simulation": ("flower-superlink", "flwr-simulation", "flwr.simulation.app:flwr_simulation",
+                   (*_COMMON, "ray", "flwr.simulation.app", "app.server_app")),
 }
 PRELOAD = ROLES["supernode"][3]
 ENTRY = ROLES["supernode"][2]
@@ -61,14 +65,29 @@ READY_TIMEOUT = 120.0
 
 SHIM = """#!{python} -S
 # fedgan-supernode / fedgan-superlink: runs Flower's {command} in a child forked from a warm
-# parent (app/warm.py); falls back to the real {command} when the parent is gone.
-import os, socket, sys
+# parent (app/warm.py); waits while that parent is still starting (importing), and falls back to
+# the real {command} when the parent is gone or was not ready within {wait:.0f} s.
+import os, socket, sys, time
 REAL = {real!r}
-try:
+SOCK = {sock!r}
+PARENT = {parent!r}
+deadline = time.monotonic() + {wait!r}
+while True:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect({sock!r})
-except OSError:
-    os.execv(REAL, [REAL] + sys.argv[1:])
+    try:
+        s.connect(SOCK)
+        break
+    except OSError:
+        s.close()
+    starting = PARENT > 0 and not os.path.exists(SOCK) and time.monotonic() < deadline
+    if starting:
+        try:
+            os.kill(PARENT, 0)
+        except OSError:
+            starting = False
+    if not starting:
+        os.execv(REAL, [REAL] + sys.argv[1:])
+    time.sleep(0.05)
 s.sendall(("\\0".join(sys.argv[1:]) + "\\n").encode())
 data = b""
 while True:
@@ -179,10 +198,13 @@ def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD) -> None:
 
 # --- the wrapper -----------------------------------------------------------------------------
 def write_shim(directory: str, sock_path: str, real: str, python: str = sys.executable,
-               command: str = "flwr-clientapp") -> str:
+               command: str = "flwr-clientapp", parent: int = 0, wait: float = READY_TIMEOUT) -> str:
+    """Write the shim named ``command`` into ``directory``. ``parent``: the warm parent's pid, for
+    which the shim waits (up to ``wait`` s) while its socket does not exist yet (0: never wait)."""
     path = os.path.join(directory, command)
     with open(path, "w") as fh:
-        fh.write(SHIM.format(python=python, real=real, sock=sock_path, command=command))
+        fh.write(SHIM.format(python=python, real=real, sock=sock_path, command=command, parent=int(parent),
+                             wait=float(wait)))
     os.chmod(path, 0o755)
     return path
 
@@ -194,26 +216,31 @@ def _real(command: str) -> str:
 
 
 def start_warm(directory: str, env: dict | None = None, role: str = "supernode",
-               timeout: float = READY_TIMEOUT) -> tuple[subprocess.Popen, str]:
-    """Start the warm parent and write the shim into ``directory``; returns (process, socket)."""
+               timeout: float = READY_TIMEOUT, wait: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start the warm parent and write the shim into ``directory``; returns (process, socket).
+    The parent imports for a few seconds: by default this returns at once, so that Flower's
+    program starts meanwhile (an app process started before the parent is ready waits for it in
+    the shim); ``wait=True`` returns once it is ready (RuntimeError if it exits or is not ready
+    within ``timeout`` s)."""
     command = ROLES[role][1]
     sock = os.path.join(directory, f"{command}.sock")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", role, sock],
                             stdin=subprocess.DEVNULL, env=env)
+    write_shim(directory, sock, _real(command), command=command, parent=proc.pid, wait=timeout)
     deadline = time.monotonic() + timeout
-    while not os.path.exists(sock):
+    while wait and not os.path.exists(sock):
         if proc.poll() is not None:
-            raise RuntimeError(f"the warm ClientApp parent exited with code {proc.returncode}")
+            raise RuntimeError(f"the warm {command} parent exited with code {proc.returncode}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the warm ClientApp parent was not ready within {timeout:.0f} s")
+            raise RuntimeError(f"the warm {command} parent was not ready within {timeout:.0f} s")
         time.sleep(0.05)
-    write_shim(directory, sock, _real(command), command=command)
     return proc, sock
 
 
 def main(argv: list[str] | None = None, role: str = "supernode") -> int:
-    """Run Flower's SuperNode (``role="supernode"``) or SuperLink with warm app processes."""
+    """Run Flower's SuperNode (``role="supernode"``) or SuperLink (``"superlink"``; ``"simulation"``
+    for one started with ``--simulation``) with warm app processes."""
     args = list(sys.argv[1:] if argv is None else argv)
     wrapped, command = ROLES[role][0], ROLES[role][1]
     program = _real(wrapped)
@@ -239,7 +266,15 @@ def main(argv: list[str] | None = None, role: str = "supernode") -> int:
                 node.send_signal(sig)
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
-        return node.wait()
+        while node.poll() is None:
+            # reap a warm parent that died (a zombie would look alive to the shims, which would
+            # wait for it): from then on app processes start cold
+            if warm is not None and warm.poll() is not None:
+                print(f"fedgan-{role}: the warm {command} parent exited with code {warm.returncode}; "
+                      f"{command} processes start cold", file=sys.stderr, flush=True)
+                warm = None
+            time.sleep(0.2)
+        return node.returncode
     finally:
         for proc in (node, warm):   # the SuperNode first: it stops launching ClientApps
             _stop(proc)
@@ -267,6 +302,11 @@ def superlink_main() -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "wrap" and sys.argv[2] in ROLES:
+        # ``python warm.py wrap <role> <Flower program's arguments>`` (app/simulation.py: role simulation)
+        here = os.path.dirname(os.path.abspath(__file__))
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+        sys.exit(main(sys.argv[3:], role=sys.argv[2]))
     if len(sys.argv) >= 4 and sys.argv[1] == "serve":
         # run as a script: never import this folder's modules as top-level names
         here = os.path.dirname(os.path.abspath(__file__))

@@ -2,6 +2,7 @@
 staged app) and the stop request that crosses from the script to the ServerApp's process. The
 runs themselves go through ``flwr run`` in every end-to-end test (tests/e2e_mods.py)."""
 
+import sys
 import threading
 import time
 import tomllib
@@ -256,12 +257,13 @@ def test_a_federations_ray_cluster_binds_no_fixed_port_and_close_stops_all_of_it
     outcome = []
     run = threading.Thread(target=lambda: outcome.append(last_status(simulate(cfg, 2).path)), daemon=True)
     run.start()
-    listening, seen, workers = {}, {}, False
+    listening, seen, workers, lines = {}, {}, False, {}
     while run.is_alive():   # the driver and the actors live only while the run does: look meanwhile
         for p in shared_processes():
             try:
                 line = " ".join(p.cmdline())
                 seen[p.pid] = p
+                lines[p.pid] = line
                 workers |= "ClientAppActor" in line
                 for c in p.net_connections(kind="tcp"):
                     if c.status == psutil.CONN_LISTEN:
@@ -272,6 +274,13 @@ def test_a_federations_ray_cluster_binds_no_fixed_port_and_close_stops_all_of_it
     run.join()
     assert outcome == ["success"]
     assert workers, "no ClientApp actor seen while the run went on"
+    # the run's flwr-simulation process (its ServerApp) was forked from the warm parent (app/warm.py):
+    # the SuperExec started the shim, and the real program, a cold start, never ran
+    assert sum("warm.py serve simulation" in line for line in lines.values()) >= 2, lines   # parent and child
+    assert any(line.startswith(f"{sys.executable} -S ") and line.split()[2].endswith("/flwr-simulation")
+               for line in lines.values()), lines
+    assert not any(line.split()[1:2] == [str(Path(sys.executable).parent / "flwr-simulation")]
+                   for line in lines.values()), lines
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     fixed = {10001, 8265, 52365} | set(range(10002, 20000))
     assert listening

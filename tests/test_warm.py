@@ -102,3 +102,35 @@ def test_both_roles_name_flowers_programs_and_entry_points():
         assert callable(getattr(importlib.import_module(module), func)), entry   # Flower's own entry point
         assert os.path.exists(warm._real(wrapped)) and os.path.exists(warm._real(command)), role
         assert "torch._dynamo" in modules and any(m.startswith("app.") for m in modules)
+
+
+def test_a_shim_started_while_the_parent_still_imports_waits_for_it_and_one_whose_parent_died_starts_cold(tmp_path):
+    """Flower's program starts at once, beside the warm parent's imports (fedgan-supernode /
+    fedgan-superlink no longer wait for them): an app process launched meanwhile waits in the
+    shim and still runs forked; if the parent dies before it is ready, the shim runs the real program."""
+    (tmp_path / "probe_entry.py").write_text(PROBE)
+    out = tmp_path / "probe.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PROBE_OUT": str(out)}
+    real = tmp_path / "real-clientapp"
+    real.write_text(f"#!/bin/sh\necho \"real $*\" >> {tmp_path / 'real.txt'}\nexit 7\n")
+    real.chmod(0o755)
+    sock = str(tmp_path / "warm.sock")
+    parent = subprocess.Popen([sys.executable, warm.__file__, "serve", "supernode", sock, "probe_entry:main"], env=env)
+    try:
+        shim = warm.write_shim(str(tmp_path), sock, str(real), parent=parent.pid)
+        assert not os.path.exists(sock)                          # still importing torch
+        done = subprocess.run([shim, "--token", "t", "4"], env=env, timeout=120)
+        assert done.returncode == 4 and not (tmp_path / "real.txt").exists()
+        assert [r["ppid"] for r in rows(out)] == [parent.pid]   # forked by the parent it waited for
+    finally:
+        parent.terminate()
+        parent.wait(10)
+    # a parent that died while importing: no socket, no process -> a cold start at once
+    (tmp_path / "gone").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(10)
+    shim = warm.write_shim(str(tmp_path / "gone"), str(tmp_path / "gone" / "warm.sock"), str(real), parent=dead.pid)
+    started = time.monotonic()
+    done = subprocess.run([shim, "--token", "u", "0"], env=env, timeout=60)
+    assert done.returncode == 7 and (tmp_path / "real.txt").read_text().strip() == "real --token u 0"
+    assert time.monotonic() - started < 10                     # not the 120 s it would wait for a live parent
