@@ -120,8 +120,9 @@ def preload(modules=PRELOAD, purge=PROJECT_PACKAGES) -> list[str]:
     return dropped
 
 
-def _run_child(conn: socket.socket, entry: str) -> None:
-    """In the forked child: run ``entry`` with the shim's arguments; report its exit code."""
+def _run_child(conn: socket.socket, entry: str, program: str | None = None) -> None:
+    """In the forked child: run ``entry`` with the shim's arguments (``sys.argv[0]`` the name of
+    Flower's ``program``, which Flower reads, e.g. for its exit events); report its exit code."""
     code = 1
     os.environ[FORKED_AT_ENV] = repr(time.time())   # the timing trace's "process start" (app/client_app.py)
     try:
@@ -144,7 +145,7 @@ def _run_child(conn: socket.socket, entry: str) -> None:
         module, _, func = entry.partition(":")
         import importlib
         fn = getattr(importlib.import_module(module), func)
-        sys.argv = [module.rsplit(".", 1)[-1].replace("_", "-"), *args]
+        sys.argv = [program or module.rsplit(".", 1)[-1].replace("_", "-"), *args]
         try:
             fn()
             code = 0
@@ -164,7 +165,7 @@ def _run_child(conn: socket.socket, entry: str) -> None:
             os._exit(code)
 
 
-def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD) -> None:
+def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD, program: str | None = None) -> None:
     """The warm parent: preload (the entry point's module too), then fork one child per shim
     connection, forever."""
     preload((*modules, entry.partition(":")[0]))
@@ -192,7 +193,7 @@ def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD) -> None:
         pid = os.fork()
         if pid == 0:
             srv.close()
-            _run_child(conn, entry)
+            _run_child(conn, entry, program)
         conn.close()
 
 
@@ -312,6 +313,6 @@ if __name__ == "__main__":
         here = os.path.dirname(os.path.abspath(__file__))
         sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
         _, _, role_, sock_, *entry_ = sys.argv
-        serve(sock_, entry_[0] if entry_ else ROLES[role_][2], ROLES[role_][3])
+        serve(sock_, entry_[0] if entry_ else ROLES[role_][2], ROLES[role_][3], None if entry_ else ROLES[role_][1])
     else:
         sys.exit(main())

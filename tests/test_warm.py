@@ -24,7 +24,7 @@ def main():
     out = os.environ["PROBE_OUT"]
     with open(out, "a") as fh:
         fh.write(json.dumps({
-            "argv": sys.argv[1:], "pid": os.getpid(), "ppid": os.getppid(),
+            "argv": sys.argv[1:], "argv0": sys.argv[0], "pid": os.getpid(), "ppid": os.getppid(),
             "torch_loaded": "torch" in sys.modules,
             "project_loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("app", "models", "strategies")),
             "random": float(np.random.rand()),
@@ -134,3 +134,25 @@ def test_a_shim_started_while_the_parent_still_imports_waits_for_it_and_one_whos
     done = subprocess.run([shim, "--token", "u", "0"], env=env, timeout=60)
     assert done.returncode == 7 and (tmp_path / "real.txt").read_text().strip() == "real --token u 0"
     assert time.monotonic() - started < 10                     # not the 120 s it would wait for a live parent
+
+
+def test_a_forked_child_runs_under_the_name_of_flowers_program(tmp_path):
+    """Flower reads sys.argv[0] (e.g. which exit event a process sends): a role's child is named
+    after the program it stands in for -- flwr-simulation, whose entry module is flwr.simulation.app."""
+    (tmp_path / "probe_entry.py").write_text(PROBE)
+    out = tmp_path / "probe.jsonl"
+    code = ("import os, socket, sys\n"
+            "from app import warm\n"
+            "a, b = socket.socketpair()\n"
+            "a.sendall(b'--token\\0t\\x000\\n')\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    warm._run_child(b, 'probe_entry:main', warm.ROLES['simulation'][1])\n"
+            "os.waitpid(pid, 0)\n"
+            "print(a.recv(64).decode().strip())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(warm.__file__).parent.parent)]),
+           "PROBE_OUT": str(out)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "0", done.stdout + done.stderr    # the child's exit code, reported back
+    (row,) = rows(out)
+    assert row["argv0"] == "flwr-simulation" and row["argv"] == ["--token", "t", "0"]
