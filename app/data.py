@@ -787,7 +787,6 @@ def _digits(split: str, image_size: int, channels: int) -> ArrayDataset:
     raw, labels, _ = _cached(key, lambda: _digits_split_raw(split))
     images = np.asarray(raw[..., 0], dtype=np.float32) / 16.0
     x01 = torch.from_numpy(images).unsqueeze(1)
-    labels = np.asarray(labels, dtype=np.int64)
     return ArrayDataset(
         x=_prepare_array_images(x01, image_size, channels),
         y=torch.from_numpy(labels),

@@ -120,7 +120,7 @@ def preload(modules=PRELOAD, purge=PROJECT_PACKAGES) -> list[str]:
     return dropped
 
 
-def _run_child(conn: socket.socket, entry: str, program: str | None = None) -> None:
+def _run_child(conn: socket.socket, entry: str, program: str) -> None:
     """In the forked child: run ``entry`` with the shim's arguments (``sys.argv[0]`` the name of
     Flower's ``program``, which Flower reads, e.g. for its exit events); report its exit code."""
     code = 1
@@ -145,7 +145,7 @@ def _run_child(conn: socket.socket, entry: str, program: str | None = None) -> N
         module, _, func = entry.partition(":")
         import importlib
         fn = getattr(importlib.import_module(module), func)
-        sys.argv = [program or module.rsplit(".", 1)[-1].replace("_", "-"), *args]
+        sys.argv = [program, *args]
         try:
             fn()
             code = 0
@@ -165,9 +165,9 @@ def _run_child(conn: socket.socket, entry: str, program: str | None = None) -> N
             os._exit(code)
 
 
-def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD, program: str | None = None) -> None:
+def serve(sock_path: str, entry: str = ENTRY, modules=PRELOAD, program: str = ROLES["supernode"][1]) -> None:
     """The warm parent: preload (the entry point's module too), then fork one child per shim
-    connection, forever."""
+    connection, forever; each child runs ``entry`` as Flower's ``program``."""
     preload((*modules, entry.partition(":")[0]))
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     if os.path.exists(sock_path):
@@ -217,25 +217,15 @@ def _real(command: str) -> str:
 
 
 def start_warm(directory: str, env: dict | None = None, role: str = "supernode",
-               timeout: float = READY_TIMEOUT, wait: bool = False) -> tuple[subprocess.Popen, str]:
-    """Start the warm parent and write the shim into ``directory``; returns (process, socket).
-    The parent imports for a few seconds: by default this returns at once, so that Flower's
-    program starts meanwhile (an app process started before the parent is ready waits for it in
-    the shim); ``wait=True`` returns once it is ready (RuntimeError if it exits or is not ready
-    within ``timeout`` s)."""
+               timeout: float = READY_TIMEOUT) -> tuple[subprocess.Popen, str]:
+    """Start the warm parent and write the shim into ``directory``; returns (process, socket) at
+    once: the parent imports for a few seconds while Flower's program starts, and an app process
+    launched before it is ready waits for it in the shim (up to ``timeout`` s)."""
     command = ROLES[role][1]
     sock = os.path.join(directory, f"{command}.sock")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", role, sock],
                             stdin=subprocess.DEVNULL, env=env)
     write_shim(directory, sock, _real(command), command=command, parent=proc.pid, wait=timeout)
-    deadline = time.monotonic() + timeout
-    while wait and not os.path.exists(sock):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the warm {command} parent exited with code {proc.returncode}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the warm {command} parent was not ready within {timeout:.0f} s")
-        time.sleep(0.05)
     return proc, sock
 
 
@@ -303,16 +293,14 @@ def superlink_main() -> int:
 
 
 if __name__ == "__main__":
+    # run as a script: never import this folder's modules as top-level names
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     if len(sys.argv) >= 3 and sys.argv[1] == "wrap" and sys.argv[2] in ROLES:
         # ``python warm.py wrap <role> <Flower program's arguments>`` (app/simulation.py: role simulation)
-        here = os.path.dirname(os.path.abspath(__file__))
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
         sys.exit(main(sys.argv[3:], role=sys.argv[2]))
-    if len(sys.argv) >= 4 and sys.argv[1] == "serve":
-        # run as a script: never import this folder's modules as top-level names
-        here = os.path.dirname(os.path.abspath(__file__))
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    elif len(sys.argv) >= 4 and sys.argv[1] == "serve":
         _, _, role_, sock_, *entry_ = sys.argv
-        serve(sock_, entry_[0] if entry_ else ROLES[role_][2], ROLES[role_][3], None if entry_ else ROLES[role_][1])
+        serve(sock_, entry_[0] if entry_ else ROLES[role_][2], ROLES[role_][3], ROLES[role_][1])
     else:
         sys.exit(main())
