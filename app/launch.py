@@ -29,17 +29,52 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 import psutil
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_HTTP_PORT = "39191"
 DEFAULT_CONTROL_PORT = "39193"
+APP_PACKAGES = ("app", "models", "strategies")   # what the ServerApp and ClientApp import
+APP_FILES = ("pyproject.toml", "README.md", ".gitignore")
+
+
+def stage_app(dest: Path, *, source: Path = PROJECT, clientapp: str | None = None,
+              extra: Mapping[str, Path] | None = None) -> Path:
+    """A slim copy of the Flower app in ``dest`` for ``flwr run`` to bundle: pyproject.toml and
+    the packages the two apps import. ``flwr run <project>`` builds its FAB by first walking
+    every file under the project (flwr/cli/utils.py ``collect_files``: ``.venv`` included, 45,000
+    files here) and only then filtering them: 5-10 s per ``flwr run`` on 2 cores, against
+    ~0.1 s for this copy. ``clientapp`` replaces ``[tool.flwr.app.components] clientapp`` (e.g.
+    ``"e2e_mods:tap_app"``, a ClientApp with Flower mods); ``extra`` maps names inside the copy
+    to files copied there."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in APP_PACKAGES:
+        shutil.copytree(source / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in APP_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+    if clientapp is not None:
+        text = (dest / "pyproject.toml").read_text()
+        new, n = re.subn(r'(?m)^clientapp = ".*"$', f'clientapp = "{clientapp}"', text)
+        if n != 1:
+            raise ValueError(f"{source / 'pyproject.toml'}: no single [tool.flwr.app.components] clientapp line "
+                             "to replace")
+        (dest / "pyproject.toml").write_text(new)
+    for name, path in (extra or {}).items():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / name)
+    return dest
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -178,11 +213,12 @@ def log_command(run_id: str, connection: str) -> list[str]:
     return ["flwr", "log", str(run_id), connection, "--stream"]
 
 
-def build_command(run_config: str, num_supernodes: int, cpus_per_client: int, gpus_per_client: float) -> list[str]:
-    """The ``flwr run`` command line (JSON output: the run id is read from it)."""
+def build_command(run_config: str, num_supernodes: int, cpus_per_client: int, gpus_per_client: float,
+                  app_dir: Path = PROJECT) -> list[str]:
+    """The ``flwr run`` command line for the app in ``app_dir`` (JSON output: the run id is read from it)."""
     federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
                   f"client-resources-num-gpus={gpus_per_client}")
-    cmd = ["flwr", "run", str(PROJECT), "local", "--format", "json", "--federation-config", federation]
+    cmd = ["flwr", "run", str(app_dir), "local", "--format", "json", "--federation-config", federation]
     if run_config:
         cmd += ["--run-config", run_config]
     return cmd
@@ -259,16 +295,24 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:   # Flower would only say "[code: 15] Invalid run configuration."
         print(f"[fedgan-run] error: {problem}", file=sys.stderr, flush=True)
         return 2
-    cmd = build_command(run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client)
+    # flwr run bundles a slim copy of the app, not the project folder itself (stage_app: ~0.1 s
+    # against 5-10 s walking .venv); the copy is only needed until the SuperLink has the FAB
+    staging = Path(tempfile.mkdtemp(prefix="fedgan-run-app-"))
+    app_dir = stage_app(staging / PROJECT.name)
+    cmd = build_command(run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client, app_dir)
     if deployed:  # a SuperLink someone else runs: no federation (simulation) settings, nothing to stop
-        cmd = ["flwr", "run", str(PROJECT), args.connection, "--format", "json"] + (
+        cmd = ["flwr", "run", str(app_dir), args.connection, "--format", "json"] + (
             ["--run-config", run_config] if run_config else [])
         args.keep_superlink = True
-    print("[fedgan-run] " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    print("[fedgan-run] " + " ".join(shlex.quote(c) for c in cmd)
+          + f"  (the app staged from {PROJECT}: {', '.join(APP_FILES[:1] + APP_PACKAGES)})", flush=True)
 
     run_id, folder = None, None
     try:
-        run_id, why, rc = start_run(cmd, env)
+        try:
+            run_id, why, rc = start_run(cmd, env)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if run_id is None:
             print(f"[fedgan-run] FAILED: flwr run exited with code {rc} before starting a run: {why}", flush=True)
             return rc or 1

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import psutil
 
-from app.launch import HelpFormatter, log_command, run_status, start_run
+from app.launch import HelpFormatter, log_command, run_status, stage_app, start_run
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -76,14 +76,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def process_alive(pid: int) -> bool:
@@ -339,6 +331,7 @@ class Loopback:
         self.node_logs: list[Path] = []
         self.node_ports: list[int] = []
         self._pgids: list[int] = []     # every process group this object created
+        self._app: Path | None = None   # the slim copy of the project that run() submits (app_dir())
 
     # --- environment -----------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -400,26 +393,27 @@ class Loopback:
         self.superlink = self._spawn(cmd, self.dir / "superlink.log")
         self.wait_ready()
 
+    def healthy(self) -> bool:
+        """The SuperLink answers ``GET /health`` on its one HTTP port (over TLS, verified against
+        the deployment's CA)."""
+        import httpx
+
+        scheme, verify = ("https", str(self.certs["ca"])) if self.tls else ("http", True)
+        try:
+            return httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success
+        except httpx.HTTPError:
+            return False
+
     def wait_ready(self) -> None:
-        """Bounded wait until the port accepts connections and ``flwr ls`` answers."""
+        """Bounded wait until the SuperLink answers its health check (:meth:`healthy`; a ``flwr
+        ls`` poll would start the CLI each time, ~1.5 s)."""
         deadline = time.monotonic() + self.ready_timeout
-        while not port_open(self.port):
+        while not self.healthy():
             self._check_alive(self.superlink, "SuperLink", self.dir / "superlink.log")
             if time.monotonic() > deadline:
-                raise LoopbackError(f"SuperLink did not open port {self.port} within {self.ready_timeout:.0f} s")
-            time.sleep(0.3)
-        while True:
-            out = self.flwr(["ls", self.name, "--format", "json"], timeout=60)
-            try:
-                if out.returncode == 0 and json.loads(out.stdout).get("success"):
-                    return
-            except ValueError:
-                pass
-            last = (out.stdout + out.stderr).strip()[-500:]
-            self._check_alive(self.superlink, "SuperLink", self.dir / "superlink.log")
-            if time.monotonic() > deadline:
-                raise LoopbackError(f"`flwr ls {self.name}` did not answer within {self.ready_timeout:.0f} s: {last}")
-            time.sleep(1.0)
+                raise LoopbackError(f"SuperLink on {self.address} did not answer its health check within "
+                                    f"{self.ready_timeout:.0f} s (see {self.dir / 'superlink.log'})")
+            time.sleep(0.2)
 
     @staticmethod
     def _check_alive(proc: subprocess.Popen | None, what: str, log: Path) -> None:
@@ -476,10 +470,19 @@ class Loopback:
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
 
-    def run_command(self, run_config: str, output_format: str = "stream") -> list[str]:
-        """``flwr run <project> <name> ...``: ``--stream`` (a person's command, logs shown) or,
-        with ``output_format="json"``, ``--format json`` (the run id read from its JSON)."""
-        cmd = [str(bin_dir() / "flwr"), "run", str(self.project), self.name]
+    def app_dir(self) -> Path:
+        """A slim copy of the project (:func:`app.launch.stage_app`, made once, in this
+        deployment's folder) that :meth:`run` submits: ``flwr run <project>`` would first walk
+        every file under the project, ``.venv`` included (5-10 s per run on 2 cores)."""
+        if self._app is None:
+            self._app = stage_app(self.dir / "app", source=self.project)
+        return self._app
+
+    def run_command(self, run_config: str, output_format: str = "stream", app: Path | None = None) -> list[str]:
+        """``flwr run <app> <name> ...`` (``app``: default the project): ``--stream`` (a person's
+        command, logs shown) or, with ``output_format="json"``, ``--format json`` (the run id
+        read from its JSON)."""
+        cmd = [str(bin_dir() / "flwr"), "run", str(app or self.project), self.name]
         cmd += ["--format", "json"] if output_format == "json" else ["--stream"]
         if run_config:
             cmd += ["--run-config", run_config]
@@ -487,12 +490,12 @@ class Loopback:
 
     def run(self, run_config: str, timeout: float = 600,
             on_line: Callable[[str], None] | None = None) -> tuple[int, str, str | None, str]:
-        """``flwr run <project> <name> --format json --run-config ...`` for the run id, then
+        """``flwr run <app> <name> --format json --run-config ...`` (:meth:`app_dir`) for the run id, then
         ``flwr log <run-id> <name> --stream`` until the run ends; returns
         ``(returncode, output, run_id, status)`` with the status read back by ``flwr ls``
         (e.g. ``finished:completed``). ``on_line`` sees every log line as it arrives."""
         deadline = time.monotonic() + timeout
-        run_id, why, rc = start_run(self.run_command(run_config, "json"), self.env(), cwd=self.project,
+        run_id, why, rc = start_run(self.run_command(run_config, "json", self.app_dir()), self.env(), cwd=self.project,
                                     timeout=max(1.0, min(120.0, timeout)))
         if run_id is None:
             return rc or 1, f"[loopback] flwr run started no run (exit code {rc}): {why}\n", None, "no run"
@@ -695,6 +698,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
     print(f"  export FLWR_HOME={shlex.quote(str(lb.flwr_home))} PATH={shlex.quote(str(bin_dir()))}:$PATH")
     print(f"  {cmd}")
     print(f"  flwr ls {lb.name}")
+    print("or the same run, submitted 5-10 s sooner (a slim copy of the app instead of the project folder, "
+          "whose .venv flwr run would walk), with an exit code that is the run's status:")
+    print(f"  fedgan-run --connection {lb.name} --run-config {shlex.quote(run_config)}")
     print(f"\nstop everything:\n  {shlex.quote(sys.executable)} -m app.loopback stop --dir {shlex.quote(str(directory))}")
     return 0
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 
 import psutil
 
-from app.launch import PROJECT, _env, final_status, log_command, start_run
+from app.launch import PROJECT, _env, final_status, log_command, stage_app, start_run
 
 STOP_REQUESTS = "stop-requests"
 # run-config keys holding a path on this machine: made absolute before the run is submitted,
@@ -127,37 +127,6 @@ def write_run_config(run_config: Mapping[str, Any], path: Path) -> Path:
             raise TypeError(f"run config {key!r} = {value!r}: only str, int, float and bool travel to Flower")
     path.write_text(tomli_w.dumps(dict(run_config)))
     return path
-
-
-APP_PACKAGES = ("app", "models", "strategies")   # what the ServerApp and ClientApp import
-APP_FILES = ("pyproject.toml", "README.md", ".gitignore")
-
-
-def stage_app(dest: Path, *, source: Path = PROJECT, clientapp: str | None = None,
-              extra: Mapping[str, Path] | None = None) -> Path:
-    """A slim copy of the Flower app in ``dest`` for ``flwr run`` to bundle: pyproject.toml and
-    the packages the two apps import. Building the FAB from the project itself would walk
-    every file under it first (``.venv``, run folders), ~4 s per run. ``clientapp`` replaces
-    ``[tool.flwr.app.components] clientapp`` (e.g. ``"e2e_mods:tap_app"``, a ClientApp with
-    Flower mods); ``extra`` maps names inside the copy to files copied there."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for name in APP_PACKAGES:
-        shutil.copytree(source / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in APP_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, dest / name)
-    if clientapp is not None:
-        text = (dest / "pyproject.toml").read_text()
-        new, n = re.subn(r'(?m)^clientapp = ".*"$', f'clientapp = "{clientapp}"', text)
-        if n != 1:
-            raise SimulationError("pyproject.toml: no single [tool.flwr.app.components] clientapp line to replace")
-        (dest / "pyproject.toml").write_text(new)
-    for name, path in (extra or {}).items():
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, dest / name)
-    return dest
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 managed local SuperLink, and its exit code tells the truth about the run."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,12 @@ def test_flwr_run_completes_writes_the_run_folder_and_exits_zero(tmp_path):
         assert (run / name).exists(), name
     assert "status: **success**" in (run / "summary.md").read_text()
     assert superlink_pids(port) == []           # the managed SuperLink was stopped
+    # flwr run bundled a slim copy of the app (not the project folder with its .venv), removed once submitted
+    staged = re.search(r"\[fedgan-run\] flwr run (\S+) local", out).group(1)
+    assert staged != str(ROOT) and not Path(staged).exists()
+    (installed,) = (tmp_path / "flwr" / "apps").iterdir()
+    top = {p.name for p in installed.iterdir()}
+    assert {"app", "models", "strategies", "pyproject.toml"} <= top and not top & {"tests", "simulations", ".venv"}
 
 
 def test_a_run_that_fails_on_the_server_exits_nonzero_and_says_why(tmp_path):

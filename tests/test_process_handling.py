@@ -161,7 +161,9 @@ def fake_flwr(tmp_path, monkeypatch):
         with open({str(calls)!r}, "a") as fh:
             fh.write(json.dumps(sys.argv[1:]) + "\\n")
         cmd = sys.argv[1]
-        if cmd == "run":
+        if cmd == "run":   # what the app folder it was given holds, as it bundles it
+            with open({str(calls)!r} + ".app", "w") as fh:
+                json.dump(sorted(os.listdir(sys.argv[2])), fh)
             print(json.dumps({{"success": True, "run-id": "42", "federation-id": ""}}, indent=2))
         elif cmd == "log":
             print("INFO: round 1/1")
@@ -192,7 +194,12 @@ def test_fedgan_run_gets_the_id_from_json_streams_the_log_and_exits_by_status(
     assert f"[fedgan-run] run 42: {status}; results in /tmp/fedgan-fake/runs/r1" in out
     calls = fake_flwr()
     run = calls[0]
-    assert run[:3] == ["run", str(launch.PROJECT), "fake"] and run[3:5] == ["--format", "json"]
+    assert run[2] == "fake" and run[3:5] == ["--format", "json"]
+    # the app was a slim copy of the project (not the project folder, whose .venv flwr run would walk),
+    # removed once the run was submitted
+    assert run[1] != str(launch.PROJECT) and not Path(run[1]).exists()
+    staged = json.loads((tmp_path / "calls.jsonl.app").read_text())
+    assert staged == sorted([*launch.APP_PACKAGES, *launch.APP_FILES])
     assert "--stream" not in run
     assert calls[1] == ["log", "42", "fake", "--stream"]
     assert calls[2][:4] == ["ls", "fake", "--run-id", "42"]

@@ -104,6 +104,22 @@ def test_both_roles_name_flowers_programs_and_entry_points():
         assert "torch._dynamo" in modules and any(m.startswith("app.") for m in modules)
 
 
+def test_a_forked_serverapp_draws_its_plots_without_importing_matplotlib_again(tmp_path):
+    """The ServerApp's roles preload what its end-of-run plots import (~0.9 s per run otherwise):
+    after that preload, plotting metrics.png imports no matplotlib module."""
+    for role in ("superlink", "simulation"):
+        assert set(warm._PLOTS) <= set(warm.ROLES[role][3]), role
+    code = ("import sys; from app import warm; warm.preload(warm._PLOTS); "
+            "before = {m for m in sys.modules if m.startswith('matplotlib')}; "
+            "from app.runs import RunFolder; run = RunFolder.create(sys.argv[1], 'privacygan', 'digits', {}); "
+            "[run.log_metrics({'round': r, 'g_loss': 1.0 / r, 'd_loss': 0.5}) for r in (1, 2)]; "
+            "assert run.plot_metrics(['g_loss', 'd_loss']).stat().st_size > 0; "
+            "print(sorted(m for m in sys.modules if m.startswith('matplotlib') and m not in before))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          cwd=Path(warm.__file__).parent.parent)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_a_shim_started_while_the_parent_still_imports_waits_for_it_and_one_whose_parent_died_starts_cold(tmp_path):
     """Flower's program starts at once, beside the warm parent's imports (fedgan-supernode /
     fedgan-superlink no longer wait for them): an app process launched meanwhile waits in the
