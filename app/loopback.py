@@ -470,11 +470,12 @@ class Loopback:
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
 
-    def app_dir(self) -> Path:
-        """A slim copy of the project (:func:`app.launch.stage_app`, made once, in this
-        deployment's folder) that :meth:`run` submits: ``flwr run <project>`` would first walk
-        every file under the project, ``.venv`` included (5-10 s per run on 2 cores)."""
-        if self._app is None:
+    def app_dir(self, fresh: bool = False) -> Path:
+        """The slim copy of the project (:func:`app.launch.stage_app`, in this deployment's
+        folder) that :meth:`run` submits, made again when ``fresh`` (each run: ~0.1 s, and code
+        changed since the last run is picked up): ``flwr run <project>`` would first walk every
+        file under the project, ``.venv`` included (5-10 s per run on 2 cores)."""
+        if self._app is None or fresh:
             self._app = stage_app(self.dir / "app", source=self.project)
         return self._app
 
@@ -495,8 +496,8 @@ class Loopback:
         ``(returncode, output, run_id, status)`` with the status read back by ``flwr ls``
         (e.g. ``finished:completed``). ``on_line`` sees every log line as it arrives."""
         deadline = time.monotonic() + timeout
-        run_id, why, rc = start_run(self.run_command(run_config, "json", self.app_dir()), self.env(), cwd=self.project,
-                                    timeout=max(1.0, min(120.0, timeout)))
+        cmd = self.run_command(run_config, "json", self.app_dir(fresh=True))
+        run_id, why, rc = start_run(cmd, self.env(), cwd=self.project, timeout=max(1.0, min(120.0, timeout)))
         if run_id is None:
             return rc or 1, f"[loopback] flwr run started no run (exit code {rc}): {why}\n", None, "no run"
         follow = [str(bin_dir() / "flwr"), *log_command(run_id, self.name)[1:]]
