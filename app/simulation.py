@@ -242,11 +242,14 @@ class LocalFederation:
         proc = subprocess.Popen(log_command(run_id, "local"), env=self.env, cwd=app_dir, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         done = threading.Event()
-        watcher = threading.Thread(target=self._watch, args=(run_id, run_config, stop, proc, done), daemon=True)
+        heard = [time.monotonic()]   # when the stream last gave a line
+        watcher = threading.Thread(target=self._watch, args=(run_id, run_config, stop, proc, done, lambda: heard[0]),
+                                   daemon=True)
         watcher.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                heard[0] = time.monotonic()
                 line = line.rstrip("\n")
                 if _FLOWER_INFO.match(line) or line.startswith("Using SuperLink") or _NOISE in line:
                     continue
@@ -265,9 +268,17 @@ class LocalFederation:
             status = final_status(run_id, self.env, "local", settle=30.0)
         return SimulationResult(run_id=run_id, status=status, seconds=time.monotonic() - started, log=lines)
 
+    #: a log stream silent this long gets its run's status asked (a ``flwr ls``: a CLI start, ~1.5 s
+    #: of CPU), then again every as long; it is ended ``OUTLIVE_S`` after the status was first final
+    QUIET_S = 10.0
+    OUTLIVE_S = 20.0
+
     def _watch(self, run_id: str, run_config: Mapping[str, Any], stop: threading.Event | None,
-               proc: subprocess.Popen, done: threading.Event) -> None:
-        """Forward a stop request; end a log stream that outlives its run (bounded)."""
+               proc: subprocess.Popen, done: threading.Event, heard: Callable[[], float]) -> None:
+        """Forward a stop request; end a log stream that outlives its run (bounded). The stream
+        normally ends with the run; the status is only asked while it is silent (``heard()``: when
+        it last gave a line), so a run that keeps logging costs no ``flwr ls`` calls (it cost one
+        every 10 s of every run before)."""
         asked = False
         checked, finished_at = time.monotonic(), None
         while not done.wait(0.25):
@@ -276,14 +287,14 @@ class LocalFederation:
                 asked = True
             if proc.poll() is not None:
                 return
-            # the stream normally ends with the run; should it not, end it 20 s after the status is final
-            if time.monotonic() - checked > 10:
+            now = time.monotonic()
+            if now - heard() > self.QUIET_S and now - checked > self.QUIET_S:
                 from app.launch import run_status
 
-                checked = time.monotonic()
+                checked = now
                 if run_status(run_id, self.env).startswith("finished"):
                     finished_at = finished_at or checked
-                    if checked - finished_at > 20:
+                    if checked - finished_at >= self.OUTLIVE_S:
                         proc.kill()
                         return
 

@@ -25,6 +25,42 @@ def test_the_run_config_file_holds_every_key_and_reads_back_equal(tmp_path):
         write_run_config({"bad": [1, 2]}, tmp_path / "bad.toml")
 
 
+def test_a_log_stream_is_asked_about_only_while_silent_and_ended_once_it_outlives_its_run(tmp_path, monkeypatch):
+    """The watcher beside a run's ``flwr log --stream``: while the stream gives lines it asks no
+    status (each ``flwr ls`` is a CLI start); once silent it asks every QUIET_S, and a stream still
+    open OUTLIVE_S after its run finished is ended."""
+    import subprocess
+
+    import app.launch
+    from app.simulation import LocalFederation
+
+    asked: list[float] = []
+    monkeypatch.setattr(app.launch, "run_status", lambda run_id, env, *a, **k: asked.append(time.monotonic())
+                        or "finished:completed")
+    fed = LocalFederation(flwr_home=tmp_path / "home")
+    fed.QUIET_S, fed.OUTLIVE_S = 0.5, 1.0
+    stream = subprocess.Popen(["sleep", "120"])   # a log stream that does not end by itself
+    try:
+        done = threading.Event()
+        talking = threading.Thread(target=fed._watch, args=("7", {}, None, stream, done, time.monotonic))
+        talking.start()
+        time.sleep(2.5)                            # five quiet periods, but lines kept coming
+        done.set()
+        talking.join(timeout=5)
+        assert asked == [] and stream.poll() is None
+        silent_since = time.monotonic()
+        quiet = threading.Thread(target=fed._watch, args=("7", {}, None, stream, threading.Event(),
+                                                          lambda: silent_since))
+        quiet.start()
+        quiet.join(timeout=20)
+        assert not quiet.is_alive() and stream.wait(timeout=5) == -9   # ended: its run had finished OUTLIVE_S before
+        assert len(asked) >= 3 and all(b - a >= 0.5 for a, b in zip(asked, asked[1:]))
+        assert asked[-1] - asked[0] >= 1.0
+    finally:
+        stream.kill()
+        stream.wait()
+
+
 def test_paths_are_made_absolute_against_the_callers_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDGAN_HOME", str(tmp_path / "home"))
     out = absolute_paths({"teacher-path": "t/teacher.pt", "resume": "", "dataset": "imagefolder:imgs",
