@@ -14,7 +14,9 @@ What it adds to a bare ``flwr run .``:
   ``flwr log <run-id> <connection> --stream`` until the run ends;
 * the exit code is the run's real status read back with ``flwr ls`` (``flwr run
   --stream`` itself exits 0 even when the run failed): 0 only for
-  ``finished:completed``.
+  ``finished:completed``;
+* ``flwr run`` is handed a slim copy of the app (:func:`stage_app`), not the project
+  folder, whose ``.venv`` the CLI would walk file by file before building the FAB.
 
 Usage::
 
