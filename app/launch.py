@@ -299,8 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # flwr run bundles a slim copy of the app, not the project folder itself (stage_app: ~0.1 s
     # against 5-10 s walking .venv); the copy is only needed until the SuperLink has the FAB
-    staging = Path(tempfile.mkdtemp(prefix="fedgan-run-app-"))
-    app_dir = stage_app(staging / PROJECT.name)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix="fedgan-run-app-"))
+        app_dir = stage_app(staging / PROJECT.name)
+    except OSError as exc:   # e.g. the temporary folder is full or missing: one line naming the path
+        from app.runs import describe_os_error
+
+        where = exc.filename or tempfile.gettempdir()
+        print(f"[fedgan-run] error: could not copy the app for flwr run into {where}: {describe_os_error(exc)} "
+              "(set TMPDIR to a writable folder)", file=sys.stderr, flush=True)
+        return 1
     cmd = build_command(run_config, args.num_supernodes, args.cpus_per_client, args.gpus_per_client, app_dir)
     if deployed:  # a SuperLink someone else runs: no federation (simulation) settings, nothing to stop
         cmd = ["flwr", "run", str(app_dir), args.connection, "--format", "json"] + (

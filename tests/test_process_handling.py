@@ -183,6 +183,21 @@ def fake_flwr(tmp_path, monkeypatch):
     return lambda: [json.loads(line) for line in calls.read_text().splitlines()]
 
 
+def test_fedgan_run_names_the_folder_it_could_not_stage_the_app_in(fake_flwr, monkeypatch, capsys, tmp_path):
+    """The slim copy of the app goes to a temporary folder; when that cannot be written, one line
+    names it and nothing is submitted."""
+    import tempfile
+
+    missing = tmp_path / "no-such-tmp"
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))
+    assert launch.main(["--connection", "fake", "--flwr-home", str(tmp_path / "home"),
+                        "--run-config", "num-rounds=1"]) == 1
+    err = capsys.readouterr().err
+    assert f"could not copy the app for flwr run into {missing}" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "calls.jsonl").exists()   # flwr was never called
+
+
 @pytest.mark.parametrize("status, code", [("finished:completed", 0), ("finished:failed", 1)])
 def test_fedgan_run_gets_the_id_from_json_streams_the_log_and_exits_by_status(
         fake_flwr, monkeypatch, capsys, tmp_path, status, code):
