@@ -107,6 +107,18 @@ def _env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def superlink_healthy(address: str, ca: str | Path | None = None) -> bool:
+    """The SuperLink at ``address`` (host:port) answers ``GET /health`` on its HTTP port; over
+    TLS when ``ca`` (the CA certificate to verify it against) is given."""
+    import httpx
+
+    url = f"{'https' if ca else 'http'}://{address}/health"
+    try:
+        return httpx.get(url, timeout=1.0, verify=str(ca) if ca else True).is_success
+    except httpx.HTTPError:
+        return False
+
+
 def superlink_pids(port: str) -> list[int]:
     """Pids of managed SuperLinks listening on ``port`` (found by their command line through
     psutil, so on macOS as on Linux)."""
@@ -216,7 +228,7 @@ def log_command(run_id: str, connection: str) -> list[str]:
 
 
 def build_command(run_config: str, num_supernodes: int, cpus_per_client: int, gpus_per_client: float,
-                  app_dir: Path = PROJECT) -> list[str]:
+                  app_dir: Path) -> list[str]:
     """The ``flwr run`` command line for the app in ``app_dir`` (JSON output: the run id is read from it)."""
     federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client} "
                   f"client-resources-num-gpus={gpus_per_client}")

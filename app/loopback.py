@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import psutil
 
-from app.launch import HelpFormatter, log_command, run_status, stage_app, start_run
+from app.launch import HelpFormatter, log_command, run_status, stage_app, start_run, superlink_healthy
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -331,7 +331,9 @@ class Loopback:
         self.node_logs: list[Path] = []
         self.node_ports: list[int] = []
         self._pgids: list[int] = []     # every process group this object created
-        self._app: Path | None = None   # the slim copy of the project that run() submits (app_dir())
+        # the slim copy of the project that every run() stages again and submits (app.launch.stage_app):
+        # `flwr run <project>` would first walk every file under it, .venv included (5-10 s per run here)
+        self.app_dir = self.dir / "app"
 
     # --- environment -----------------------------------------------------------------
     def env(self) -> dict[str, str]:
@@ -394,15 +396,8 @@ class Loopback:
         self.wait_ready()
 
     def healthy(self) -> bool:
-        """The SuperLink answers ``GET /health`` on its one HTTP port (over TLS, verified against
-        the deployment's CA)."""
-        import httpx
-
-        scheme, verify = ("https", str(self.certs["ca"])) if self.tls else ("http", True)
-        try:
-            return httpx.get(f"{scheme}://{self.address}/health", timeout=1.0, verify=verify).is_success
-        except httpx.HTTPError:
-            return False
+        """The SuperLink answers ``GET /health`` (over TLS, verified against the deployment's CA)."""
+        return superlink_healthy(self.address, self.certs["ca"] if self.tls else None)
 
     def wait_ready(self) -> None:
         """Bounded wait until the SuperLink answers its health check (:meth:`healthy`; a ``flwr
@@ -470,15 +465,6 @@ class Loopback:
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(exc.cmd, 124, str(exc.stdout or ""), f"timed out after {timeout} s")
 
-    def app_dir(self, fresh: bool = False) -> Path:
-        """The slim copy of the project (:func:`app.launch.stage_app`, in this deployment's
-        folder) that :meth:`run` submits, made again when ``fresh`` (each run: ~0.1 s, and code
-        changed since the last run is picked up): ``flwr run <project>`` would first walk every
-        file under the project, ``.venv`` included (5-10 s per run on 2 cores)."""
-        if self._app is None or fresh:
-            self._app = stage_app(self.dir / "app", source=self.project)
-        return self._app
-
     def run_command(self, run_config: str, output_format: str = "stream", app: Path | None = None) -> list[str]:
         """``flwr run <app> <name> ...`` (``app``: default the project): ``--stream`` (a person's
         command, logs shown) or, with ``output_format="json"``, ``--format json`` (the run id
@@ -491,12 +477,12 @@ class Loopback:
 
     def run(self, run_config: str, timeout: float = 600,
             on_line: Callable[[str], None] | None = None) -> tuple[int, str, str | None, str]:
-        """``flwr run <app> <name> --format json --run-config ...`` (:meth:`app_dir`) for the run id, then
+        """``flwr run <app> <name> --format json --run-config ...`` (``app_dir``) for the run id, then
         ``flwr log <run-id> <name> --stream`` until the run ends; returns
         ``(returncode, output, run_id, status)`` with the status read back by ``flwr ls``
         (e.g. ``finished:completed``). ``on_line`` sees every log line as it arrives."""
         deadline = time.monotonic() + timeout
-        cmd = self.run_command(run_config, "json", self.app_dir(fresh=True))
+        cmd = self.run_command(run_config, "json", stage_app(self.app_dir, source=self.project))
         run_id, why, rc = start_run(cmd, self.env(), cwd=self.project, timeout=max(1.0, min(120.0, timeout)))
         if run_id is None:
             return rc or 1, f"[loopback] flwr run started no run (exit code {rc}): {why}\n", None, "no run"

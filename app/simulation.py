@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 
 import psutil
 
-from app.launch import PROJECT, _env, final_status, log_command, stage_app, start_run
+from app.launch import PROJECT, _env, final_status, log_command, stage_app, start_run, superlink_healthy
 
 STOP_REQUESTS = "stop-requests"
 # run-config keys holding a path on this machine: made absolute before the run is submitted,
@@ -299,12 +299,7 @@ class LocalFederation:
                         return
 
     def healthy(self) -> bool:
-        import httpx
-
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success
-        except httpx.HTTPError:
-            return False
+        return superlink_healthy(f"127.0.0.1:{self.port}")
 
     def start(self, timeout: float = 120.0) -> None:
         """Start the SuperLink unless it is up: Flower's managed local SuperLink, started the way

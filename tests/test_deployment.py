@@ -111,7 +111,7 @@ def test_two_supernodes_run_privacygan_and_leave_no_process(deploy, folders, tmp
     assert "- status: **success**" in (folder / "summary.md").read_text()
     # the FAB was built from the deployment's slim copy of the app, not the project folder (.venv, tests)
     (installed,) = (lb.flwr_home / "apps").iterdir()
-    assert {p.name for p in installed.iterdir()} == {p.name for p in lb.app_dir().iterdir()} - {".gitignore"}
+    assert {p.name for p in installed.iterdir()} == {p.name for p in lb.app_dir.iterdir()} - {".gitignore"}
     assert not {p.name for p in installed.iterdir()} & {"tests", "simulations", ".venv"}
 
     # fedgan-run against the same deployment tells the truth about a run that fails on the server
