@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Sequence
 import psutil
 
 from app.launch import HelpFormatter, log_command, run_status, stage_app, start_run, superlink_healthy
+from app.warm import sweep_stale
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -632,6 +633,9 @@ class Loopback:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        # the temporary folders (socket, shims) of warm launchers that were killed (kill_supernode)
+        for role in ("supernode", "superlink"):
+            sweep_stale(f"fedgan-{role}-")
 
     def __enter__(self) -> "Loopback":
         return self.start()
@@ -719,6 +723,8 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         terminate(nodes, set(nodes) | helpers_of(ports[1:]))
     terminate([link] if link in pgids else [], ({link} if link in pgids else set()) | helpers_of(ports[:1]))
     left = [g for g in rec.get("pgids", []) if _group_members([g])] + sorted(helpers_of(ports))
+    for role in ("supernode", "superlink"):   # folders of warm launchers that were killed
+        sweep_stale(f"fedgan-{role}-")
     (directory / "pids.json").rename(directory / "pids.stopped.json")
     print(f"stopped {len(pgids)} process group(s)" + (f"; still present: {left}" if left else ""))
     return 0 if not left else 1

@@ -30,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,8 +39,10 @@ from typing import Any, Callable, Mapping
 import psutil
 
 from app.launch import PROJECT, _env, final_status, log_command, stage_app, start_run, superlink_healthy
+from app.warm import add_owner, owned_tempdir
 
 STOP_REQUESTS = "stop-requests"
+TMP_PREFIX = "fedgan-flwr-"
 # run-config keys holding a path on this machine: made absolute before the run is submitted,
 # since the ServerApp and the virtual clients do not run in the caller's working directory
 PATH_KEYS = ("data-dir", "teacher-path", "evaluator-dir", "inception-weights", "output-dir", "resume")
@@ -156,7 +157,9 @@ class LocalFederation:
 
     def __init__(self, env: Mapping[str, str] | None = None, flwr_home: Path | None = None,
                  ray_cpus: int | None = None):
-        self._tmp = None if flwr_home is not None else tempfile.mkdtemp(prefix="fedgan-flwr-")
+        # a temporary FLWR_HOME; one whose launcher was killed before close() (SIGKILL, a crash)
+        # goes with that launcher's watchdog, or with the next federation's start on this machine
+        self._tmp = None if flwr_home is not None else owned_tempdir(TMP_PREFIX)
         self.flwr_home = Path(flwr_home or self._tmp)
         self.ray_cpus = ray_cpus or os.cpu_count() or 1
         self.ray_dir = self.flwr_home / "ray"
@@ -323,9 +326,13 @@ class LocalFederation:
         # a caller that dies without closing (SIGKILL, a crash) must not leave the SuperLink, its
         # ServerApp and Ray running: a watchdog outside both stops them when the caller is gone
         self._watchdog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(os.getpid()),
-                                           str(proc.pid), str(self.ray_dir), str(self.gcs_port or 0)],
+                                           str(proc.pid), str(self.ray_dir), str(self.gcs_port or 0),
+                                           self._tmp or ""],
                                           cwd=str(PROJECT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True)
+        if self._tmp is not None:   # the folder is in use while the caller, the SuperLink or the watchdog runs
+            for pid in (proc.pid, self._watchdog.pid):
+                add_owner(self._tmp, pid)
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if proc.poll() is not None:
@@ -571,12 +578,14 @@ __all__ = ["LocalFederation", "stage_app", "SimulationResult", "SimulationError"
            "request_stop", "stop_request_path", "watch_stop_requests", "absolute_paths", "write_run_config",
            "summary_error", "summary_status", "stop_process_tree", "watchdog", "PATH_KEYS", "STOP_REQUESTS"]
 
-def watchdog(caller: int, root: int, marker: str = "", gcs_port: int = 0, every: float = 0.5) -> None:
+def watchdog(caller: int, root: int, marker: str = "", gcs_port: int = 0, scratch: str = "",
+             every: float = 0.5) -> None:
     """Wait until process ``caller`` is gone, then stop process ``root`` and everything under it,
     and the Ray cluster whose command lines name ``marker`` (its folder) or, for its Ray Client
     server, its GCS port ``gcs_port`` (0: none) (:func:`ray_cluster_processes`;
-    :meth:`LocalFederation.start` runs this in a process of its own); returns early when
-    ``root`` ends first."""
+    :meth:`LocalFederation.start` runs this in a process of its own), and remove the folder
+    ``scratch`` (the federation's temporary FLWR_HOME; "": none); returns early when ``root``
+    ends first."""
     try:
         top = psutil.Process(root)
     except psutil.NoSuchProcess:
@@ -596,10 +605,12 @@ def watchdog(caller: int, root: int, marker: str = "", gcs_port: int = 0, every:
     if marker:
         stop_process_tree([p for p in ray_cluster_processes(marker, gcs_port or None) if p.pid != os.getpid()],
                           timeout=RAY_STOP_GRACE_S)
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (4, 5, 6) and sys.argv[1] == "watchdog":
-        watchdog(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5], *map(int, sys.argv[5:6]))
+    if len(sys.argv) in (4, 5, 6, 7) and sys.argv[1] == "watchdog":
+        watchdog(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5], *map(int, sys.argv[5:6]), *sys.argv[6:7])
     else:
         sys.exit("app/simulation.py is a library; run simulations/run.py")

@@ -105,6 +105,71 @@ except ValueError:
 """
 
 
+# --- scratch folders that outlive a killed owner ---------------------------------------------------
+OWNERS_FILE = ".owners"   # one "<pid> <create time>" line per process the folder serves
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def add_owner(directory: str | os.PathLike, pid: int) -> None:
+    """Record process ``pid`` as one the scratch folder ``directory`` serves (see :func:`owned_tempdir`)."""
+    with open(os.path.join(directory, OWNERS_FILE), "a") as f:
+        f.write(f"{pid} {_start_time(pid)!r}\n")
+
+
+def _owners_alive(directory: str) -> bool:
+    """Whether any process recorded in ``directory``'s owners file still runs; True when the file
+    cannot be read (a folder made some other way, or being made right now: not ours to judge)."""
+    try:
+        with open(os.path.join(directory, OWNERS_FILE)) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return True
+    owners = [line.split() for line in lines if line.strip()]
+    if not owners:
+        return True
+    for pid, started in owners:
+        now = _start_time(int(pid))
+        if now is not None and repr(now) == started:   # the same process, not a reused pid
+            return True
+    return False
+
+
+def sweep_stale(prefix: str, root: str | None = None) -> list[str]:
+    """Remove the folders ``<root>/<prefix>*`` (root: the temporary folder) whose owners have all
+    ended: what a SIGKILLed SuperNode wrapper or simulation launcher could not remove itself (its
+    socket and shims; a federation's FLWR_HOME with its Ray session, ~5 MB). Returns those removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.isdir(path) and not os.path.islink(path) and not _owners_alive(path):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                removed.append(path)
+    return removed
+
+
+def owned_tempdir(prefix: str) -> str:
+    """``tempfile.mkdtemp(prefix=prefix)`` owned by this process (:func:`add_owner`), after removing
+    the folders of the same prefix left by owners that were killed (:func:`sweep_stale`)."""
+    sweep_stale(prefix)
+    directory = tempfile.mkdtemp(prefix=prefix)
+    add_owner(directory, os.getpid())
+    return directory
+
+
 # --- the warm parent ----------------------------------------------------------------------------
 def preload(modules=PRELOAD, purge=PROJECT_PACKAGES) -> list[str]:
     """Import ``modules``, then drop the project's own modules from ``sys.modules`` (third-party
@@ -245,7 +310,7 @@ def main(argv: list[str] | None = None, role: str = "supernode") -> int:
         os.execv(program, [program, *args])
     if any(a in ("-h", "--help", "-V", "--version") for a in args):
         os.execv(program, [program, *args])
-    directory = tempfile.mkdtemp(prefix=f"fedgan-{role}-")
+    directory = owned_tempdir(f"fedgan-{role}-")
     warm = node = None
     try:
         env = dict(os.environ)
@@ -254,6 +319,9 @@ def main(argv: list[str] | None = None, role: str = "supernode") -> int:
         env[SOCKET_ENV] = os.path.join(directory, f"{command}.sock")
         warm, _ = start_warm(directory, env, role)   # app processes see the environment Flower's program sees
         node = subprocess.Popen([program, *args], env=env)
+        for proc in (warm, node):   # the folder is in use while any of the three runs
+            if proc is not None:
+                add_owner(directory, proc.pid)
 
         def forward(sig, _frame):
             if node.poll() is None:

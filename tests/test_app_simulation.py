@@ -201,9 +201,10 @@ def test_a_flwr_call_still_running_at_close_cannot_leave_a_superlink_behind():
     assert not left, [" ".join(p.cmdline())[:120] for p in left]
 
 
-def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly():
+def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly(tmp_path):
     """A script SIGKILLed mid-run cannot close its federation: the watchdog process
-    (``python -m app.simulation watchdog <caller> <root>``) stops the root and its children."""
+    (``python -m app.simulation watchdog <caller> <root> <ray dir> <gcs port> <scratch>``) stops
+    the root and its children, and removes the federation's temporary FLWR_HOME."""
     import subprocess
     import sys
 
@@ -218,15 +219,20 @@ def test_the_watchdog_stops_the_superlink_tree_when_its_caller_dies_uncleanly():
         while not psutil.Process(root.pid).children() and time.monotonic() < deadline:
             time.sleep(0.05)
         (child,) = psutil.Process(root.pid).children()
-        dog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(caller.pid), str(root.pid)],
-                               cwd=PROJECT)
+        home = tmp_path / "fedgan-flwr-x"
+        (home / "local-superlink").mkdir(parents=True)
+        (home / "local-superlink" / "state.db").write_bytes(b"x")
+        dog = subprocess.Popen([sys.executable, "-m", "app.simulation", "watchdog", str(caller.pid), str(root.pid),
+                                "", "0", str(home)], cwd=PROJECT)
         time.sleep(1.0)
         assert root.poll() is None and dog.poll() is None          # the caller lives: nothing happens
+        assert (home / "local-superlink" / "state.db").is_file()
         caller.kill()
         caller.wait()
         assert dog.wait(timeout=30) == 0
         assert root.wait(timeout=5) is not None
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        assert not home.exists()
     finally:
         for p in (caller, root):
             if p.poll() is None:

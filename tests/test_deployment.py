@@ -28,8 +28,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from app import warm
 from app.comparison import read_run, training_rows
 from app.loopback import Loopback, export_digits_folders, make_node_key, process_alive
 from strategies.base import TRACE_ENV
@@ -166,6 +168,8 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(deploy, fol
     lb = deploy(folders[:3])
     victim = lb.node_id(2)
     assert victim, lb.node_logs[2].read_text()
+    # the warm launcher's folder (socket, shim): the SIGKILLed wrapper cannot remove it
+    (scratch,) = {Path(p.environ()[warm.SOCKET_ENV]).parent for p in psutil.Process(lb.supernodes[2].pid).children()}
     out = tmp_path / "out"
     killed_after: list[int] = []
 
@@ -201,6 +205,9 @@ def test_a_supernode_killed_mid_run_is_dropped_and_the_run_completes(deploy, fol
     log = (folder / "log.txt").read_text()
     assert f"dropping node {victim} this round:" in log
     assert "- status: **success**" in (folder / "summary.md").read_text()
+    assert scratch.is_dir()
+    lb.stop()                    # the deployment's stop sweeps it (app.warm.sweep_stale)
+    assert not scratch.exists()
 
 
 def test_a_supernode_with_a_missing_data_path_is_reported_and_the_run_completes(deploy, folders, tmp_path):

@@ -78,6 +78,10 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
     # session), with the ServerApp, Ray and its actors under it
     victims = simulation_processes(psutil.Process(proc.pid).create_time(), tag=str(out))
     assert any("flower-superlink" in _cmdline(p) for p in victims), victims   # the tag reached the SuperLink
+    # the federation's temporary FLWR_HOME (Flower's state, Ray's session), which nobody is left to remove
+    (home,) = {psutil.Process(p).environ()["FLWR_HOME"] for p in victims if "flower-superlink" in _cmdline(p)}
+    home = Path(home)
+    assert home.name.startswith("fedgan-flwr-") and home.is_dir()
     os.killpg(proc.pid, signal.SIGKILL)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
@@ -93,6 +97,7 @@ def test_killed_server_resumes_without_losing_or_repeating_rounds(tmp_path):
     total = done + 2
     out_text = finish(start(out, "--set", f"resume={run}", "--rounds", str(total)))
     assert f"resuming from the checkpoint of round {done}" in out_text
+    assert not home.exists()   # removed by the killed run's watchdog or swept by this run's start
     metrics = RunFolder.open(run).read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == list(range(1, total + 1))   # each round once, none lost
     assert len(list((out / "runs").iterdir())) == 1                      # continued in the same folder

@@ -172,3 +172,40 @@ def test_a_forked_child_runs_under_the_name_of_flowers_program(tmp_path):
     assert done.stdout.strip() == "0", done.stdout + done.stderr    # the child's exit code, reported back
     (row,) = rows(out)
     assert row["argv0"] == "flwr-simulation" and row["argv"] == ["--token", "t", "0"]
+
+
+def test_scratch_folders_of_killed_owners_are_swept_and_live_ones_kept(tmp_path):
+    """A SIGKILLed fedgan-supernode (or simulation launcher) cannot remove its temporary folder:
+    the next one's start removes every folder of its prefix whose recorded owners have all ended,
+    and only those (a live owner, a pid reused by another process, a folder without an owners file)."""
+    from app.warm import OWNERS_FILE, add_owner, sweep_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def folder(name: str, *pids: int) -> Path:
+            d = tmp_path / name
+            d.mkdir()
+            (d / "flwr-clientapp.sock").write_text("")
+            for pid in pids:
+                add_owner(d, pid)
+            return d
+
+        gone = folder("fedgan-supernode-a", dead.pid)
+        kept = folder("fedgan-supernode-b", dead.pid, live.pid)   # the wrapper died, its SuperNode runs
+        reused = folder("fedgan-supernode-c")
+        (reused / OWNERS_FILE).write_text(f"{live.pid} 12345.0\n")   # that pid now names another process
+        unowned = folder("fedgan-supernode-d")
+        other = folder("fedgan-superlink-e", dead.pid)
+        removed = sweep_stale("fedgan-supernode-", root=str(tmp_path))
+        assert sorted(removed) == sorted([str(gone), str(reused)])
+        assert not gone.exists() and not reused.exists()
+        assert kept.is_dir() and unowned.is_dir() and other.is_dir()
+        live.kill()
+        live.wait()
+        assert sweep_stale("fedgan-supernode-", root=str(tmp_path)) == [str(kept)]
+        assert unowned.is_dir() and other.is_dir()
+    finally:
+        if live.poll() is None:
+            live.kill()
