@@ -132,11 +132,14 @@ def _owners_alive(directory: str) -> bool:
             lines = f.read().split("\n")
     except OSError:
         return True
-    owners = [line.split() for line in lines if line.strip()]
+    try:
+        owners = [(int(pid), started) for pid, started in (line.split() for line in lines if line.strip())]
+    except ValueError:   # a line torn by a crash while it was written: leave the folder alone
+        return True
     if not owners:
         return True
     for pid, started in owners:
-        now = _start_time(int(pid))
+        now = _start_time(pid)
         if now is not None and repr(now) == started:   # the same process, not a reused pid
             return True
     return False

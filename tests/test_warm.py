@@ -197,11 +197,13 @@ def test_scratch_folders_of_killed_owners_are_swept_and_live_ones_kept(tmp_path)
         reused = folder("fedgan-supernode-c")
         (reused / OWNERS_FILE).write_text(f"{live.pid} 12345.0\n")   # that pid now names another process
         unowned = folder("fedgan-supernode-d")
+        torn = folder("fedgan-supernode-f")
+        (torn / OWNERS_FILE).write_text(f"{dead.pid} 1.5\n{dead.pid}")   # cut short while written
         other = folder("fedgan-superlink-e", dead.pid)
         removed = sweep_stale("fedgan-supernode-", root=str(tmp_path))
         assert sorted(removed) == sorted([str(gone), str(reused)])
         assert not gone.exists() and not reused.exists()
-        assert kept.is_dir() and unowned.is_dir() and other.is_dir()
+        assert kept.is_dir() and unowned.is_dir() and other.is_dir() and torn.is_dir()
         live.kill()
         live.wait()
         assert sweep_stale("fedgan-supernode-", root=str(tmp_path)) == [str(kept)]
