@@ -63,7 +63,7 @@ DP_LOSSES = ("bce", "wgan")
 #: A derived noise multiplier above this is treated as "the target epsilon is unreachable".
 MAX_NOISE_MULTIPLIER = 100.0
 # Renyi orders the accountant minimises over: opacus's defaults (1.1 ... 63) and larger ones. A
-# large sigma over few steps has its best order above 63 (sigma 100, q 0.27, 2-30 steps: ~300-900),
+# large sigma over few steps has its best order above 63 (sigma 100, q 0.27, 2-30 steps: 136-832),
 # where opacus's defaults would overstate epsilon and warn "Optimal order is the largest alpha";
 # wherever the best order is <= 63 (the README's DP cells: 3.4-18) epsilon is unchanged.
 RDP_ORDERS = ([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]

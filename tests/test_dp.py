@@ -228,7 +228,7 @@ def test_epsilon_equals_opacus_rdp_accountant_and_survives_plain_serialisation()
 
 
 def test_a_large_sigma_over_few_steps_is_accounted_past_opacus_default_orders():
-    """sigma 100 over 2 steps has its best Renyi order near 600: over opacus's default orders (up to
+    """sigma 100 over 2 steps has its best Renyi order at 832: over opacus's default orders (up to
     63) epsilon is overstated and opacus warns; the ledger's orders (RDP_ORDERS) find the tighter
     value, the library's own number at those orders. noise_for_target checks sigma 100 first."""
     import warnings
