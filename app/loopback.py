@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Sequence
 import psutil
 
 from app.launch import HelpFormatter, log_command, run_status, stage_app, start_run, superlink_healthy
-from app.warm import sweep_stale
+from app.warm import sweep_launchers
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -633,9 +633,7 @@ class Loopback:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        # the temporary folders (socket, shims) of warm launchers that were killed (kill_supernode)
-        for role in ("supernode", "superlink"):
-            sweep_stale(f"fedgan-{role}-")
+        sweep_launchers()   # the temporary folders (socket, shims) of warm launchers that were killed
 
     def __enter__(self) -> "Loopback":
         return self.start()
@@ -723,8 +721,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         terminate(nodes, set(nodes) | helpers_of(ports[1:]))
     terminate([link] if link in pgids else [], ({link} if link in pgids else set()) | helpers_of(ports[:1]))
     left = [g for g in rec.get("pgids", []) if _group_members([g])] + sorted(helpers_of(ports))
-    for role in ("supernode", "superlink"):   # folders of warm launchers that were killed
-        sweep_stale(f"fedgan-{role}-")
+    sweep_launchers()   # folders of warm launchers that were killed
     (directory / "pids.json").rename(directory / "pids.stopped.json")
     print(f"stopped {len(pgids)} process group(s)" + (f"; still present: {left}" if left else ""))
     return 0 if not left else 1

@@ -164,6 +164,11 @@ def sweep_stale(prefix: str, root: str | None = None) -> list[str]:
     return removed
 
 
+def sweep_launchers() -> list[str]:
+    """:func:`sweep_stale` for the folders of every warm launcher role (``fedgan-<role>-*``)."""
+    return [path for role in ROLES for path in sweep_stale(f"fedgan-{role}-")]
+
+
 def owned_tempdir(prefix: str) -> str:
     """``tempfile.mkdtemp(prefix=prefix)`` owned by this process (:func:`add_owner`), after removing
     the folders of the same prefix left by owners that were killed (:func:`sweep_stale`)."""

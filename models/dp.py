@@ -66,8 +66,15 @@ MAX_NOISE_MULTIPLIER = 100.0
 # large sigma over few steps has its best order above 63 (sigma 100, q 0.27, 2-30 steps: 136-832),
 # where opacus's defaults would overstate epsilon and warn "Optimal order is the largest alpha";
 # wherever the best order is <= 63 (the README's DP cells: 3.4-18) epsilon is unchanged.
-RDP_ORDERS = ([1 + x / 10.0 for x in range(1, 100)] + [float(a) for a in range(12, 64)]
-              + [float(a) for a in range(64, 256, 8)] + [float(a) for a in range(256, 2049, 64)])
+EXTRA_RDP_ORDERS = [float(a) for a in range(64, 256, 8)] + [float(a) for a in range(256, 2049, 64)]
+
+
+def rdp_orders() -> list[float]:
+    """opacus's default orders and :data:`EXTRA_RDP_ORDERS` (opacus is imported here, not at module
+    level: it takes ~4 s)."""
+    from opacus.accountants import RDPAccountant
+
+    return list(RDPAccountant.DEFAULT_ALPHAS) + EXTRA_RDP_ORDERS
 
 
 @dataclass(frozen=True)
@@ -400,7 +407,7 @@ class DPAccount:
         """epsilon at ``delta`` over all steps so far (0 before the first step)."""
         if not self.history:
             return 0.0
-        return float(self._accountant(self.history).get_epsilon(delta=float(delta), alphas=RDP_ORDERS))
+        return float(self._accountant(self.history).get_epsilon(delta=float(delta), alphas=rdp_orders()))
 
     def would_exceed(self, target_eps: float, delta: float, steps_more: int = 1, *,
                      noise_multiplier: float | None = None, sample_rate: float | None = None) -> bool:
@@ -434,7 +441,7 @@ class DPAccount:
         try:
             sigma = float(get_noise_multiplier(target_epsilon=float(target_eps), target_delta=float(delta),
                                                sample_rate=float(q), steps=int(planned_steps), accountant="rdp",
-                                               alphas=RDP_ORDERS))
+                                               alphas=rdp_orders()))
         except ValueError as exc:
             raise ValueError(f"target epsilon {target_eps} is unreachable for {planned_steps} steps at sample rate "
                              f"{q:.4g} and delta {delta:g}: {exc}") from None
@@ -457,7 +464,7 @@ class DPAccount:
         return cls(list(zip(sig, qs, ns)))
 
 
-__all__ = ["DPConfig", "DPAccount", "DP_LOSSES", "MAX_NOISE_MULTIPLIER", "RDP_ORDERS", "check_dp_loss", "check_dp_module",
+__all__ = ["DPConfig", "DPAccount", "DP_LOSSES", "MAX_NOISE_MULTIPLIER", "EXTRA_RDP_ORDERS", "rdp_orders", "check_dp_loss", "check_dp_module",
            "sample_rate", "poisson_sample", "real_term", "fake_term", "per_example_grads", "clip_per_example",
            "private_real_gradient", "public_gradient", "dp_discriminator_gradient", "fill_dp_grad", "dp_discriminator_step",
            "dp_train_gan_step"]

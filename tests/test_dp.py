@@ -229,13 +229,13 @@ def test_epsilon_equals_opacus_rdp_accountant_and_survives_plain_serialisation()
 
 def test_a_large_sigma_over_few_steps_is_accounted_past_opacus_default_orders():
     """sigma 100 over 2 steps has its best Renyi order at 832: over opacus's default orders (up to
-    63) epsilon is overstated and opacus warns; the ledger's orders (RDP_ORDERS) find the tighter
+    63) epsilon is overstated and opacus warns; the ledger's orders (rdp_orders()) find the tighter
     value, the library's own number at those orders. noise_for_target checks sigma 100 first."""
     import warnings
 
     from opacus.accountants import RDPAccountant
 
-    from models.dp import RDP_ORDERS
+    from models.dp import rdp_orders
 
     q, sigma, steps, delta = 16 / 60, 100.0, 2, 1e-5
     ref = RDPAccountant()
@@ -247,7 +247,7 @@ def test_a_large_sigma_over_few_steps_is_accounted_past_opacus_default_orders():
         tight = DPAccount([(sigma, q, steps)]).epsilon(delta)
         DPAccount.noise_for_target(3.0, 1e-3, q, 4)
     assert tight < 0.8 * loose
-    assert tight == pytest.approx(ref.get_epsilon(delta, alphas=RDP_ORDERS), rel=1e-12)
+    assert tight == pytest.approx(ref.get_epsilon(delta, alphas=rdp_orders()), rel=1e-12)
 
 
 def test_noise_for_target_reaches_the_target_and_would_exceed_after_it():
