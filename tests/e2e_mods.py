@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import json
 import os
 import pickle
 import shutil
@@ -230,24 +231,51 @@ def hostile(msg, context, call_next):
     return reply
 
 
+def full_round_logged(out_dir: Path, partitions: int) -> bool:
+    """Whether the run under ``out_dir`` has logged a round in which all ``partitions`` clients
+    answered (metrics.jsonl; a line still being written is skipped)."""
+    for path in out_dir.glob("runs/*/metrics.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                clients = json.loads(line).get("clients") or {}
+            except json.JSONDecodeError:
+                continue
+            if all(any(k.startswith(f"client {p}") for k in clients) for p in range(partitions)):
+                return True
+    return False
+
+
 def slow(msg, context, call_next):
-    """From round 2 on node 1 stops answering in time (it sleeps until the run has ended), node 2
-    is late once, by ``round-timeout`` + 4 s; every other discriminate message takes 1 s."""
+    """Once the run has logged a round in which all three nodes answered, node 1 stops answering in
+    time (it sleeps until the run has ended) and node 2 is late once, by ``round-timeout`` + 4 s;
+    every other discriminate message takes 1 s. That full round is round 1 unless the workers'
+    start-up outlasts ``round-timeout``; until then node 0 waits (until 5 s before the round's
+    timeout) for nodes 1 and 2 to have answered once, so that the rounds before it last as long as
+    the start-up and not 1 s each."""
     pid = int(context.node_config["partition-id"])
-    if msg.metadata.message_type == wire.DISCRIMINATE:
-        out_dir = Path(str(context.run_config["output-dir"]))
-        once = root_of(context) / "slow-once-done"
-        late_round = int(msg.content.config_records[wire.CONFIG]["round"]) >= 2
-        if late_round and pid == 1:
-            deadline = time.monotonic() + 300
-            while not list(out_dir.glob("runs/*/summary.md")) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        elif late_round and pid == 2 and not once.exists():
-            once.write_text("1")
-            time.sleep(float(context.run_config["round-timeout"]) + 4)
-        else:
-            time.sleep(1.0)
-    return call_next(msg, context)
+    if msg.metadata.message_type != wire.DISCRIMINATE:
+        return call_next(msg, context)
+    out_dir = Path(str(context.run_config["output-dir"]))
+    timeout = float(context.run_config["round-timeout"])
+    root = root_of(context)
+    once, answered = root / "slow-once-done", [root / f"slow-answered-{p}" for p in (1, 2)]
+    warm = full_round_logged(out_dir, 3)
+    if not warm and pid == 0:
+        deadline = msg.metadata.created_at + timeout - 5     # epoch s: when the server made the message
+        while not all(f.exists() for f in answered) and time.time() < deadline:
+            time.sleep(0.2)
+    if warm and pid == 1:
+        deadline = time.monotonic() + 300
+        while not list(out_dir.glob("runs/*/summary.md")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    elif warm and pid == 2 and not once.exists():
+        once.write_text("1")
+        time.sleep(timeout + 4)
+    else:
+        time.sleep(1.0)
+    reply = call_next(msg, context)
+    (root / f"slow-answered-{pid}").write_text("1")
+    return reply
 
 
 tap_app = make_client_app(mods=[tap])

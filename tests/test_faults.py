@@ -531,26 +531,30 @@ def test_hostile_replies_are_dropped_and_the_run_succeeds(tmp_path):
 
 @pytest.mark.e2e
 def test_a_straggler_does_not_stall_the_others_and_a_node_slow_once_comes_back(tmp_path):
-    """Row 3, from round 2 on (round 1 absorbs the workers' start-up): node 1 stops answering in
-    time (it sleeps until the run has ended), node 2 is late once, by 4 s."""
+    """Row 3. From the round after the first one in which all three nodes answered (round 1,
+    unless the workers' start-up outlasts the timeout: tests/e2e_mods.py, slow) node 1 stops
+    answering in time (it sleeps until the run has ended) and node 2 is late once, by 4 s."""
     out_dir = tmp_path / "out"
-    timeout = 25.0   # the mod (tests/e2e_mods.py: slow) reads it from the run config; round 1 (3 actors
-    # starting on 2 cores) takes ~10 s, the others ~1 s
-    cfg = parse_config({**TINY, "num-rounds": 9, "min-nodes": 3, "round-timeout": timeout,
+    timeout = 25.0   # the mod reads it from the run config; rounds after the first take ~1 s
+    cfg = parse_config({**TINY, "num-rounds": 12, "min-nodes": 3, "round-timeout": timeout,
                         "output-dir": str(out_dir)})
     folder = simulate(cfg, 3, "slow_app", spread=True)
     assert "status: **success**" in (folder.path / "summary.md").read_text()
     rounds = folder.read_jsonl("metrics.jsonl")
-    assert len(rounds) == 9
+    assert len(rounds) == 12
     label = lambda r, p: [k for k in r["clients"] if k.startswith(f"client {p}")]  # noqa: E731
-    assert all(label(r, 0) for r in rounds)                                        # healthy: every round
-    assert label(rounds[0], 1) and not any(label(r, 1) for r in rounds[1:])       # the straggler: dropped
-    assert label(rounds[0], 2) and not label(rounds[1], 2) and label(rounds[-1], 2)   # late once: back
-    reasons = [why for r in rounds for why in r["dropped_reasons"].values()]
-    assert sum("no reply within 25 s" in w for w in reasons) == 2                  # round 2 only
-    assert sum("still busy" in w for w in reasons) >= 7                            # never re-sent
-    assert any(r["late_replies"] for r in rounds)                                  # node 2's, discarded
-    assert [r["round_time"] < timeout for r in rounds].count(False) == 1           # one slow round only
+    full = [i for i, r in enumerate(rounds) if all(label(r, p) for p in range(3))]
+    assert full and full[0] <= 3, [sorted(r["clients"]) for r in rounds]       # start-up over by round 4
+    warm, after = rounds[full[0]:], rounds[full[0] + 1:]
+    assert all(label(r, 0) for r in warm)                                          # healthy: every round
+    assert not any(label(r, 1) for r in after)                                     # the straggler: dropped
+    assert not label(after[0], 2) and label(rounds[-1], 2)                         # late once: back
+    reasons = lambda rs: [why for r in rs for why in r["dropped_reasons"].values()]  # noqa: E731
+    assert sum("no reply within 25 s" in w for w in reasons(after[:1])) == 2        # its first round only
+    assert not any("no reply within" in w for w in reasons(after[1:]))
+    assert sum("still busy" in w for w in reasons(after[1:])) >= len(after) - 1     # never re-sent
+    assert any(r["late_replies"] for r in after)                                   # node 2's, discarded
+    assert [r["round_time"] < timeout for r in warm].count(False) == 1             # one slow round only
 
 
 # --------------------------------------------------------------------------------------------
