@@ -249,9 +249,10 @@ def slow(msg, context, call_next):
     """Once the run has logged a round in which all three nodes answered, node 1 stops answering in
     time (it sleeps until the run has ended) and node 2 is late once, by ``round-timeout`` + 4 s;
     every other discriminate message takes 1 s. That full round is round 1 unless the workers'
-    start-up outlasts ``round-timeout``; until then node 0 waits (until 5 s before the round's
-    timeout) for nodes 1 and 2 to have answered once, so that the rounds before it last as long as
-    the start-up and not 1 s each."""
+    start-up outlasts ``round-timeout``; in the rounds after round 1 until then, node 0 waits (until
+    half the round's timeout has passed since the server made the message, so that its own reply
+    is never the one held up) for nodes 1 and 2 to have answered once: those rounds last as long as
+    the start-up, not 1 s each."""
     pid = int(context.node_config["partition-id"])
     if msg.metadata.message_type != wire.DISCRIMINATE:
         return call_next(msg, context)
@@ -260,8 +261,8 @@ def slow(msg, context, call_next):
     root = root_of(context)
     once, answered = root / "slow-once-done", [root / f"slow-answered-{p}" for p in (1, 2)]
     warm = full_round_logged(out_dir, 3)
-    if not warm and pid == 0:
-        deadline = msg.metadata.created_at + timeout - 5     # epoch s: when the server made the message
+    if not warm and pid == 0 and int(msg.content.config_records[wire.CONFIG]["round"]) > 1:
+        deadline = msg.metadata.created_at + timeout / 2     # created_at: epoch s, when the server made it
         while not all(f.exists() for f in answered) and time.time() < deadline:
             time.sleep(0.2)
     if warm and pid == 1:
