@@ -294,7 +294,7 @@ def test_a_federations_ray_cluster_binds_no_fixed_port_and_close_stops_all_of_it
     from app.simulation import close_shared, shared_processes
 
     cfg = parse_config({"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 5,
-                        "samples-per-client": 4, "steps-per-round": 1, "num-rounds": 3,
+                        "samples-per-client": 4, "steps-per-round": 1, "num-rounds": 3, "client-eval": False,
                         "output-dir": str(tmp_path / "out")})
     outcome = []
     run = threading.Thread(target=lambda: outcome.append(last_status(simulate(cfg, 2).path)), daemon=True)

@@ -14,7 +14,7 @@ from app.launch import superlink_pids
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("num-rounds=2 teacher-steps=5 gen-features=8 disc-features=8 batch-size=8 steps-per-round=1 "
-        "sample-every=1 samples-per-client=4")
+        "sample-every=1 samples-per-client=4 client-eval=false")   # the end-of-run report: test_client_eval.py
 
 
 def launch(tmp_path, run_config, port="39291"):

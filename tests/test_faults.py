@@ -500,13 +500,14 @@ def test_too_many_unreadable_images_stop_the_load_and_a_few_are_reported(tmp_pat
 # Through Flower's simulation engine: hostile replies, stragglers (rows 1-3, 12)
 # --------------------------------------------------------------------------------------------
 TINY = {"gen-features": 8, "disc-features": 8, "batch-size": 8, "teacher-steps": 5, "samples-per-client": 4,
-        "sample-every": 0, "checkpoint-every": 1, "steps-per-round": 1, "node-wait-timeout": 60.0}
+        "sample-every": 0, "checkpoint-every": 1, "steps-per-round": 1, "node-wait-timeout": 60.0,
+        "client-eval": False}   # the end-of-run report (~7 s a run here) is tested in test_client_eval.py
 
 
 @pytest.mark.e2e
 def test_hostile_replies_are_dropped_and_the_run_succeeds(tmp_path):
-    # client-eval off: the end-of-run report's (good) evaluate replies would identify nodes 1 and 2
-    cfg = parse_config({**TINY, "num-rounds": 2, "min-nodes": 3, "max-reply-mb": 1.0, "client-eval": False,
+    # client-eval off (TINY): the end-of-run report's (good) evaluate replies would identify nodes 1 and 2
+    cfg = parse_config({**TINY, "num-rounds": 2, "min-nodes": 3, "max-reply-mb": 1.0,
                         "output-dir": str(tmp_path / "out")})
     folder = simulate(cfg, 3, "hostile_app")
     assert "status: **success**" in (folder.path / "summary.md").read_text()

@@ -26,7 +26,7 @@ from e2e_mods import simulation_processes, tagged_env
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "gen-features=8", "--set", "disc-features=8", "--set", "batch-size=8", "--set", "teacher-steps=5",
         "--set", "samples-per-client=4", "--set", "sample-every=0", "--set", "steps-per-round=1",
-        "--set", "checkpoint-every=2", "--set", "min-nodes=3", "--device", "cpu"]
+        "--set", "checkpoint-every=2", "--set", "min-nodes=3", "--set", "client-eval=false", "--device", "cpu"]
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
