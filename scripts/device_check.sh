@@ -18,7 +18,6 @@ export PYTHONUNBUFFERED=1
 { command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } \
   2>&1 | tee "$OUT/machine.txt" || true
 nproc >> "$OUT/machine.txt"
-set -o pipefail
 bash scripts/device_run.sh simulations/scale.py --clients "${CLIENTS:-100}" \
   --modes sequential,batched,simulation --device "${DEVICE:-cuda}" --image-size 32 --channels 3 \
   --features 64 --latent-dim 100 --batch-size 32 --rounds "${ROUNDS:-5}" --cohort-size "${COHORTS:-1}" \
