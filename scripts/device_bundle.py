@@ -156,12 +156,17 @@ def install(bundle: Path, venv: Path, image_python: str) -> None:
     if not any(bundle.glob("*.whl")):
         raise SystemExit(f"device_bundle: no wheels in {bundle}: build them with scripts/device_bundle.py "
                          f"and carry that folder")
-    purelib = 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
-    image_site = subprocess.run([image_python, "-c", purelib], check=True, capture_output=True,
-                                text=True).stdout.strip()
+    purelib = 'import sys, sysconfig; print(sysconfig.get_paths()["purelib"], "%d.%d" % sys.version_info[:2])'
+    image_site, version = subprocess.run([image_python, "-c", purelib], check=True, capture_output=True,
+                                         text=True).stdout.split()
+    manifest = bundle / "MANIFEST.txt"
+    built_for = re.search(r"for Python (\d+\.\d+)", manifest.read_text()) if manifest.exists() else None
+    if built_for and built_for.group(1) != version:
+        raise SystemExit(f"device_bundle: {bundle} holds wheels for Python {built_for.group(1)}, but {image_python} "
+                         f"is Python {version}: build it again with --python {version}")
     subprocess.run([image_python, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", purelib], check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(subprocess.run([python, "-c", purelib], check=True, capture_output=True, text=True).stdout.split()[0])
     # .pth files are read in name order and appended: the tree ahead of the image's packages
     (site / "_fedgan-tree.pth").write_text(f"{ROOT}\n")
     (site / "device-image.pth").write_text(f"{image_site}\n")

@@ -99,6 +99,10 @@ def test_install_makes_a_venv_over_the_image_with_the_bundle_ahead_of_it_and_thi
     helped = subprocess.run([venv / "bin" / "fedgan-sample", "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "usage" in helped.stdout.lower(), helped.stderr
     assert not (venv / "ray-wheel").exists()
-    # a bundle folder without wheels is one clear line
+    # a bundle folder without wheels, or one built for another Python, is one clear line
     with pytest.raises(SystemExit, match="no wheels in"):
         bundle.install(tmp_path / "empty", tmp_path / "venv2", sys.executable)
+    (wheels / "MANIFEST.txt").write_text("# built by scripts/device_bundle.py for Python 3.99; ...\n")
+    with pytest.raises(SystemExit, match=r"wheels for Python 3\.99, but .* is Python 3\.\d+: build it again"):
+        bundle.install(wheels, tmp_path / "venv3", sys.executable)
+    assert not (tmp_path / "venv3").exists()
