@@ -107,7 +107,7 @@ def _record_hash(data: bytes) -> str:
 
 def slim_wheel(src: Path, drop: tuple[str, ...]) -> tuple[Path, int, int]:
     """The wheel ``src`` without the files under ``drop``, as ``<wheel name>.tar.xz`` beside it
-    (xz packs Ray's native binaries into ~60 % of the wheel's deflate); its RECORD lists exactly
+    (xz packs Ray's native binaries into about half of what deflate does); its RECORD lists exactly
     what is left. ``src`` is removed. Returns (the archive, files dropped, bytes dropped unpacked).
     :func:`rewheel` turns the archive back into an installable wheel."""
     out = src.with_name(src.name + ".tar.xz")
@@ -175,7 +175,7 @@ def install(bundle: Path, venv: Path, image_python: str) -> None:
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                     "--disable-pip-version-check", *map(str, sorted(bundle.glob("*.whl"))), *map(str, rebuilt)],
                    check=True)
-    shutil.rmtree(wheels)
+    shutil.rmtree(wheels, ignore_errors=True)   # none when the bundle packs no wheel
     import tomllib
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name, target in scripts.items():

@@ -106,3 +106,10 @@ def test_install_makes_a_venv_over_the_image_with_the_bundle_ahead_of_it_and_thi
     with pytest.raises(SystemExit, match=r"wheels for Python 3\.99, but .* is Python 3\.\d+: build it again"):
         bundle.install(wheels, tmp_path / "venv3", sys.executable)
     assert not (tmp_path / "venv3").exists()
+    plain = tmp_path / "plain"          # a bundle with no packed wheel installs as well
+    plain.mkdir()
+    make_wheel(plain, "tinypkg", {"tinypkg/__init__.py": "WHERE = 'plain'\n"})
+    bundle.install(plain, tmp_path / "venv4", sys.executable)
+    out = subprocess.run([tmp_path / "venv4" / "bin" / "python", "-c", "import tinypkg; print(tinypkg.WHERE)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "plain", out.stderr
