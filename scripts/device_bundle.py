@@ -34,6 +34,7 @@ import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,10 +57,6 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 LIMIT_MIB = 60   # of the tool's 64 MiB; the repository itself is ~3 MB
 
 
-def norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def closure(root: str, python: str, skip: set[str]) -> dict[str, str]:
     """``{name: installed version}`` of ``root``'s run-time requirements, transitively, with each
     requirement's extras followed and its markers evaluated for Python ``python`` on Linux."""
@@ -67,7 +64,7 @@ def closure(root: str, python: str, skip: set[str]) -> dict[str, str]:
            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
     found: dict[str, str] = {}
-    todo: list[tuple[str, frozenset[str]]] = [(norm(root), frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(canonicalize_name(root), frozenset())]
     done: set[tuple[str, frozenset[str]]] = set()
     while todo:
         name, extras = todo.pop()
@@ -85,10 +82,10 @@ def closure(root: str, python: str, skip: set[str]) -> dict[str, str]:
             wanted = any(req.marker is None or req.marker.evaluate({**env, "extra": e}) for e in extras or {""})
             if not wanted:
                 continue
-            dep = norm(req.name)
+            dep = canonicalize_name(req.name)
             if dep not in skip:
                 todo.append((dep, frozenset(req.extras)))
-    found.pop(norm(root), None)
+    found.pop(canonicalize_name(root), None)
     return found
 
 

@@ -4,8 +4,6 @@ index to download from)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import subprocess
@@ -34,8 +32,7 @@ def make_wheel(folder: Path, name: str, files: dict[str, str], scripts: dict[str
     with zipfile.ZipFile(path, "w") as z:
         for member, text in files.items():
             z.writestr(member, text)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-            rows.append(f"{member},sha256={digest},{len(text.encode())}")
+            rows.append(f"{member},{bundle._record_hash(text.encode())},{len(text.encode())}")
         z.writestr(f"{info}/RECORD", "\n".join(rows + [f"{info}/RECORD,,"]) + "\n")
     return path
 
